@@ -1,0 +1,209 @@
+//! One client connection: wait out a hold, route, dial with retry, then forward.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use crate::forward::{self, Ended};
+use crate::listener::Shared;
+use crate::route::{BackendState, GenerationGuard, Mode};
+use crate::socket;
+use crate::stats::Counters;
+
+/// Serves one accepted client until both sides are done. The permits are the connection
+/// limit slots it occupies; they are released when it returns.
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    client: TcpStream,
+    peer: SocketAddr,
+    _permits: (Option<OwnedSemaphorePermit>, Option<OwnedSemaphorePermit>),
+) {
+    if let Err(e) = socket::tune(&client, shared.cfg.keepalive) {
+        debug!(listener = %shared.cfg.name, peer = %peer, error = %e, "cannot set client socket options");
+    }
+    let Some((guard, backend, server)) = route(&shared, peer).await else {
+        return;
+    };
+    let generation = guard.generation();
+    let c = &shared.counters;
+    let b = &backend.counters;
+    Counters::add(&c.active, 1);
+    Counters::add(&b.active, 1);
+    // Spread forced closes over the close window by a per-connection offset.
+    let jitter = spread(peer, shared.cfg.close_window);
+    let ended = forward::run(&shared, &backend, generation, &client, &server, jitter).await;
+    Counters::sub(&c.active, 1);
+    Counters::sub(&b.active, 1);
+    match ended {
+        Ended::Done => {}
+        Ended::Broken(e) => {
+            debug!(listener = %shared.cfg.name, peer = %peer, backend = %backend.backend.addr, error = %e, "connection broken");
+            // Tell the healthy side with a reset, so it does not take a truncated stream
+            // for a complete one.
+            socket::set_linger_zero(&client);
+            socket::set_linger_zero(&server);
+        }
+        Ended::Forced => {
+            generation
+                .forced
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Counters::add(&c.forced_closes, 1);
+            Counters::add(&b.forced_closes, 1);
+        }
+        Ended::Killed => {
+            Counters::add(&c.forced_closes, 1);
+            Counters::add(&b.forced_closes, 1);
+        }
+        Ended::Idle => {
+            Counters::add(&c.idle_timeouts, 1);
+            Counters::add(&b.idle_timeouts, 1);
+        }
+    }
+}
+
+/// Counts a connection as held while it waits for a route.
+struct Held<'a>(&'a Counters);
+
+impl<'a> Held<'a> {
+    fn new(c: &'a Counters) -> Self {
+        Counters::add(&c.held, 1);
+        Held(c)
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        Counters::sub(&self.0.held, 1);
+    }
+}
+
+/// Finds the connection a backend: waits while the listener holds, takes a generation
+/// guard, dials, and retries on another backend (re-reading the route) while no byte has
+/// been forwarded and the budget allows. `None` when the client was closed instead.
+async fn route(shared: &Shared, peer: SocketAddr) -> Option<(GenerationGuard, Arc<BackendState>, TcpStream)> {
+    let cfg = &shared.cfg;
+    let c = &shared.counters;
+    let mut held: Option<Held<'_>> = None;
+    let mut attempts = 0u32;
+    let mut started: Option<Instant> = None;
+    loop {
+        let route = shared.route.load_full();
+        if let Mode::Hold(hold) = &route.mode {
+            held.get_or_insert_with(|| Held::new(c));
+            let mut changed = shared.changed.subscribe();
+            // A store between our load and the subscription would otherwise be missed.
+            if !Arc::ptr_eq(&shared.route.load(), &route) {
+                continue;
+            }
+            tokio::select! {
+                _ = changed.changed() => {}
+                () = tokio::time::sleep_until(hold.until) => {}
+                () = shared.kill.cancelled() => return None,
+            }
+            if hold.expired.load(std::sync::atomic::Ordering::SeqCst) || Instant::now() >= hold.until {
+                Counters::add(&c.hold_timeouts, 1);
+                debug!(listener = %cfg.name, peer = %peer, "hold expired; closing held connection");
+                return None;
+            }
+            continue;
+        }
+        drop(held.take());
+
+        let generation = &route.generation;
+        let guard = generation.enter();
+        // Re-check after counting ourselves in: either a drain of this generation sees us,
+        // or we see the route that replaced it (see GenerationGuard).
+        {
+            let now = shared.route.load();
+            if !Arc::ptr_eq(&now.generation, generation) || matches!(now.mode, Mode::Hold(_)) {
+                continue;
+            }
+        }
+        let Some(backend) = generation.pick().cloned() else {
+            Counters::add(&c.failed, 1);
+            warn!(listener = %cfg.name, peer = %peer, generation = generation.id, "route has no backend; closing connection");
+            return None;
+        };
+        let start = *started.get_or_insert_with(Instant::now);
+        let addr = backend.backend.addr;
+        let dialed = match tokio::time::timeout(cfg.connect_timeout, socket::connect(addr)).await {
+            Ok(r) => r,
+            Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
+        };
+        match dialed {
+            Ok(server) => {
+                if let Err(e) = socket::tune(&server, cfg.keepalive) {
+                    debug!(listener = %cfg.name, backend = %addr, error = %e, "cannot set backend socket options");
+                }
+                let took = start.elapsed();
+                shared.connect.record(took);
+                backend.connect.record(took);
+                Counters::add(&backend.counters.accepted, 1);
+                generation.count_accepted();
+                return Some((guard, backend, server));
+            }
+            Err(e) => {
+                Counters::add(&c.dial_errors, 1);
+                Counters::add(&backend.counters.dial_errors, 1);
+                backend.mark_refused();
+                attempts += 1;
+                let spent = start.elapsed();
+                if attempts >= cfg.dial_attempts || spent >= cfg.dial_budget {
+                    Counters::add(&c.failed, 1);
+                    Counters::add(&backend.counters.failed, 1);
+                    warn!(listener = %cfg.name, peer = %peer, backend = %addr, attempts, error = %e, "dial failed; closing client connection");
+                    return None;
+                }
+                Counters::add(&c.retries, 1);
+                Counters::add(&backend.counters.retries, 1);
+                debug!(listener = %cfg.name, backend = %addr, attempt = attempts, error = %e, "dial failed; retrying");
+                drop(guard);
+                let pause = backoff(attempts).min(cfg.dial_budget.saturating_sub(spent));
+                tokio::time::sleep(pause).await;
+            }
+        }
+    }
+}
+
+/// Wait before retry `attempt` (1-based): 10 ms, 20 ms, 40 ms ... up to 500 ms. Short,
+/// because the next try usually goes to another backend or to a route just swapped in.
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis(10u64.saturating_mul(1 << attempt.saturating_sub(1).min(6)))
+        .min(Duration::from_millis(500))
+}
+
+/// A stable offset in `[0, window)` for this connection.
+fn spread(peer: SocketAddr, window: Duration) -> Duration {
+    let seed = u64::from(peer.port()).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let frac = (seed >> 11) as f64 / (1u64 << 53) as f64;
+    window.mul_f64(frac)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        assert_eq!(backoff(1), Duration::from_millis(10));
+        assert_eq!(backoff(2), Duration::from_millis(20));
+        assert_eq!(backoff(30), Duration::from_millis(500));
+    }
+
+    #[test]
+    fn spread_stays_in_window() {
+        let w = Duration::from_secs(1);
+        let offsets: Vec<_> = (1000..1100u16)
+            .map(|p| spread(SocketAddr::from(([127, 0, 0, 1], p)), w))
+            .collect();
+        assert!(offsets.iter().all(|d| *d < w));
+        let distinct: std::collections::BTreeSet<_> = offsets.iter().collect();
+        assert!(distinct.len() > 90, "offsets should differ between connections");
+    }
+}

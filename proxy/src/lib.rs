@@ -1,0 +1,36 @@
+//! `dso-proxy`: the L4 proxy at the heart of dso.
+//!
+//! It owns listening sockets and forwards each accepted connection to a backend chosen
+//! from the listener's current route. A route is replaced whole and atomically
+//! ([`Listener::swap`]); connections keep the generation they were routed under and drain
+//! with a deadline. A listener can hold new connections ([`Listener::pause`]) while its
+//! backend restarts. The crate knows nothing of Docker or secrets.
+//!
+//! Where to start reading: [`Proxy`] (`proxy.rs`) holds the listeners; `listener.rs` owns
+//! a port, its accept loop and the control operations; `route.rs` defines the route value
+//! and its generations; `conn.rs` takes one connection through hold, dial and retry;
+//! `forward.rs` moves the bytes; `stats.rs` has the counters and snapshots; `socket.rs`
+//! keeps socket options (socket2) in one place.
+//!
+//! Signals and process lifetime are the binary's business: [`Proxy::shutdown`] and
+//! [`Proxy::force_close`] are what it calls.
+
+mod config;
+mod conn;
+mod error;
+mod forward;
+mod listener;
+mod proxy;
+mod route;
+mod socket;
+mod stats;
+
+pub use config::{ListenerConfig, ProxyConfig};
+pub use error::Error;
+pub use listener::{DrainReport, DrainStatus, Listener, Swap};
+pub use proxy::{Proxy, ShutdownReport};
+pub use route::Backend;
+pub use stats::{
+    BackendSnapshot, CounterSnapshot, GenerationPhase, GenerationSnapshot, LatencySnapshot, ListenerSnapshot,
+    ProxySnapshot,
+};

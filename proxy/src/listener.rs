@@ -1,0 +1,486 @@
+//! A listener: one owned port, its route, and the control operations on it (swap, pause,
+//! resume, wait for a drain).
+//!
+//! *Invariant*: the listening socket stays open for the listener's whole life; swaps,
+//! pauses and resumes change only the route. Control operations are serialized by a mutex;
+//! the accept path never takes it.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::config::ListenerConfig;
+use crate::conn;
+use crate::error::Error;
+use crate::route::{Backend, BackendState, Generation, Hold, Mode, Route};
+use crate::stats::{Counters, Latency, ListenerSnapshot};
+
+/// How many finished drains each listener remembers for [`Listener::wait_drained`].
+const DRAIN_HISTORY: usize = 32;
+
+/// Result of a swap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Swap {
+    /// The generation now current.
+    pub generation: u64,
+    /// The generation it replaced, now draining (or already drained when it had no
+    /// connection). Equal to `generation` only for a resume that installed nothing new.
+    pub previous: u64,
+}
+
+/// How a replaced generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrainReport {
+    /// The generation that drained.
+    pub generation: u64,
+    /// Milliseconds from the swap to the last connection closing.
+    pub took_ms: u64,
+    /// Connections that were still open at the deadline and closed by the proxy.
+    pub forced: u64,
+}
+
+/// Where a drain stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum DrainStatus {
+    /// Every connection of the generation is closed.
+    Drained(DrainReport),
+    /// Connections are still open.
+    Pending {
+        /// The generation waited on.
+        generation: u64,
+        /// Connections still open.
+        active: u64,
+        /// Milliseconds until the drain deadline.
+        remaining_ms: u64,
+    },
+    /// The generation is still current: it drains after the next swap.
+    Current {
+        /// The generation waited on.
+        generation: u64,
+    },
+}
+
+/// State shared by a listener's accept loop, its connections and its handles.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub cfg: ListenerConfig,
+    pub bind: SocketAddr,
+    pub route: ArcSwap<Route>,
+    /// Bumped at every route store, so held connections wake up and look again.
+    pub changed: watch::Sender<()>,
+    pub counters: Counters,
+    pub connect: Latency,
+    /// Current generation first, then retired ones that still have connections.
+    generations: Mutex<VecDeque<Arc<Generation>>>,
+    reports: Mutex<VecDeque<DrainReport>>,
+    next_generation: AtomicU64,
+    /// Serializes swap, pause and resume so route transitions happen in call order.
+    control: Mutex<Option<CancellationToken>>,
+    pub epoch: Instant,
+    /// Cancelled to stop accepting.
+    pub stop: CancellationToken,
+    /// Cancelled to close every connection at once (forced shutdown).
+    pub kill: CancellationToken,
+    pub limit: Option<Arc<Semaphore>>,
+    pub connections: TaskTracker,
+}
+
+/// A handle on a running listener. Cheap to clone; all handles address the same listener.
+#[derive(Debug, Clone)]
+pub struct Listener(pub(crate) Arc<Shared>);
+
+pub(crate) struct Parent {
+    pub stop: CancellationToken,
+    pub kill: CancellationToken,
+    pub global_limit: Option<Arc<Semaphore>>,
+    pub connections: TaskTracker,
+}
+
+impl Listener {
+    /// Binds the socket and starts accepting. Must run inside a tokio runtime.
+    pub(crate) fn start(cfg: ListenerConfig, parent: Parent) -> Result<Listener, Error> {
+        let socket = crate::socket::listen(cfg.listen, cfg.backlog).map_err(|source| Error::Bind {
+            listener: cfg.name.clone(),
+            addr: cfg.listen,
+            source,
+        })?;
+        let bind = socket.local_addr().map_err(|source| Error::Bind {
+            listener: cfg.name.clone(),
+            addr: cfg.listen,
+            source,
+        })?;
+        let epoch = Instant::now();
+        let backends = cfg
+            .backends
+            .iter()
+            .map(|b| Arc::new(BackendState::new(b.clone(), epoch)))
+            .collect();
+        let first = Arc::new(Generation::new(1, backends, epoch));
+        let route = Route {
+            generation: Arc::clone(&first),
+            mode: Mode::Forward,
+        };
+        let shared = Arc::new(Shared {
+            bind,
+            route: ArcSwap::from_pointee(route),
+            changed: watch::Sender::new(()),
+            counters: Counters::default(),
+            connect: Latency::default(),
+            generations: Mutex::new(VecDeque::from([first])),
+            reports: Mutex::new(VecDeque::new()),
+            next_generation: AtomicU64::new(2),
+            control: Mutex::new(None),
+            epoch,
+            stop: parent.stop.child_token(),
+            kill: parent.kill.child_token(),
+            limit: cfg.max_connections.map(|n| Arc::new(Semaphore::new(n))),
+            connections: parent.connections,
+            cfg,
+        });
+        info!(listener = %shared.cfg.name, bind = %bind, backends = ?shared.cfg.backends.iter().map(|b| b.addr).collect::<Vec<_>>(), "listening");
+        tokio::spawn(accept_loop(Arc::clone(&shared), socket, parent.global_limit));
+        Ok(Listener(shared))
+    }
+
+    /// The listener's name.
+    pub fn name(&self) -> &str {
+        &self.0.cfg.name
+    }
+
+    /// The address the socket is bound to (the real port when `:0` was configured).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.0.bind
+    }
+
+    /// The settings the listener was started with.
+    pub fn config(&self) -> &ListenerConfig {
+        &self.0.cfg
+    }
+
+    /// The current generation number.
+    pub fn generation(&self) -> u64 {
+        self.0.route.load().generation.id
+    }
+
+    /// Whether the listener is paused.
+    pub fn is_paused(&self) -> bool {
+        matches!(self.0.route.load().mode, Mode::Hold(_))
+    }
+
+    /// Installs `backends` as a new generation. When this returns, every connection
+    /// accepted afterwards goes to the new generation, and held connections are being
+    /// dialed to it. Connections of the previous generation keep flowing until they close
+    /// or `drain` (default: the listener's `drain_timeout`) passes. Must run inside a tokio
+    /// runtime (the drain runs as a task).
+    pub fn swap(&self, backends: Vec<Backend>, drain: Option<Duration>) -> Result<Swap, Error> {
+        if backends.is_empty() {
+            return Err(Error::NoBackends {
+                listener: self.0.cfg.name.clone(),
+            });
+        }
+        let mut control = self.lock_control();
+        let old = self.0.route.load_full();
+        let states = backends
+            .into_iter()
+            .map(|b| reuse_backend(&old.generation, b, self.0.epoch))
+            .collect();
+        let id = self.0.next_generation.fetch_add(1, Ordering::Relaxed);
+        let generation = Arc::new(Generation::new(id, states, self.0.epoch));
+        lock(&self.0.generations).push_front(Arc::clone(&generation));
+        self.0.route.store(Arc::new(Route {
+            generation,
+            mode: Mode::Forward,
+        }));
+        cancel_hold_timer(&mut control);
+        self.0.changed.send_replace(());
+        drop(control);
+
+        let drain = drain.unwrap_or(self.0.cfg.drain_timeout);
+        retire(&self.0, old.generation.clone(), drain);
+        info!(listener = %self.0.cfg.name, generation = id, previous = old.generation.id, drain = ?drain, "route swapped");
+        Ok(Swap {
+            generation: id,
+            previous: old.generation.id,
+        })
+    }
+
+    /// Pauses the listener: it keeps accepting but dials nothing until [`resume`] or
+    /// [`swap`]. After `max` (default: the listener's `hold_max`) the hold ends by itself:
+    /// held connections are closed and counted, and the listener forwards to its previous
+    /// route again. Pausing a paused listener restarts the clock.
+    ///
+    /// [`resume`]: Listener::resume
+    /// [`swap`]: Listener::swap
+    pub fn pause(&self, max: Option<Duration>) -> Duration {
+        let max = max.unwrap_or(self.0.cfg.hold_max);
+        let mut control = self.lock_control();
+        let now = Instant::now();
+        let hold = Arc::new(Hold {
+            since: now,
+            until: now + max,
+            expired: Default::default(),
+        });
+        let current = self.0.route.load_full();
+        self.0.route.store(Arc::new(Route {
+            generation: Arc::clone(&current.generation),
+            mode: Mode::Hold(Arc::clone(&hold)),
+        }));
+        cancel_hold_timer(&mut control);
+        let timer = CancellationToken::new();
+        *control = Some(timer.clone());
+        self.0.changed.send_replace(());
+        drop(control);
+        tokio::spawn(expire_hold(Arc::clone(&self.0), hold, timer));
+        info!(listener = %self.0.cfg.name, max = ?max, "paused");
+        max
+    }
+
+    /// Ends a pause. With `backends`, installs them as a new generation (a swap, with
+    /// `drain` as for [`swap`]); without, goes back to forwarding to the current route.
+    /// Resuming a listener that is not paused and giving no backends changes nothing.
+    ///
+    /// [`swap`]: Listener::swap
+    pub fn resume(&self, backends: Option<Vec<Backend>>, drain: Option<Duration>) -> Result<Swap, Error> {
+        if let Some(backends) = backends {
+            return self.swap(backends, drain);
+        }
+        let mut control = self.lock_control();
+        let current = self.0.route.load_full();
+        let id = current.generation.id;
+        if let Mode::Hold(_) = current.mode {
+            self.0.route.store(Arc::new(Route {
+                generation: Arc::clone(&current.generation),
+                mode: Mode::Forward,
+            }));
+            cancel_hold_timer(&mut control);
+            self.0.changed.send_replace(());
+            info!(listener = %self.0.cfg.name, generation = id, "resumed");
+        }
+        Ok(Swap {
+            generation: id,
+            previous: id,
+        })
+    }
+
+    /// Waits up to `timeout` for `generation` to drain and says where it stands.
+    pub async fn wait_drained(&self, generation: u64, timeout: Duration) -> Result<DrainStatus, Error> {
+        let found = lock(&self.0.generations)
+            .iter()
+            .find(|g| g.id == generation)
+            .cloned();
+        let Some(g) = found else {
+            return self.report(generation).map(DrainStatus::Drained);
+        };
+        if !g.is_retired() {
+            return Ok(DrainStatus::Current { generation });
+        }
+        let _ = tokio::time::timeout(timeout, g.drained.cancelled()).await;
+        if g.drained.is_cancelled() {
+            // The drain task files its report just before cancelling `drained`.
+            return self.report(generation).map(DrainStatus::Drained);
+        }
+        let snap = g.snapshot();
+        Ok(DrainStatus::Pending {
+            generation,
+            active: snap.active,
+            remaining_ms: snap.drain_remaining_ms.unwrap_or(0),
+        })
+    }
+
+    fn report(&self, generation: u64) -> Result<DrainReport, Error> {
+        lock(&self.0.reports)
+            .iter()
+            .find(|r| r.generation == generation)
+            .copied()
+            .ok_or_else(|| Error::UnknownGeneration {
+                listener: self.0.cfg.name.clone(),
+                generation,
+                current: self.generation(),
+            })
+    }
+
+    /// Counters and state of the listener, its backends and its live generations.
+    pub fn snapshot(&self) -> ListenerSnapshot {
+        let route = self.0.route.load_full();
+        let generations: Vec<_> = lock(&self.0.generations).iter().map(|g| g.snapshot()).collect();
+        let draining = generations
+            .iter()
+            .filter(|g| g.generation != route.generation.id)
+            .map(|g| g.active)
+            .sum();
+        let (mode, hold_remaining_ms) = match &route.mode {
+            Mode::Forward => ("forward", None),
+            Mode::Hold(h) => {
+                let left = h.until.saturating_duration_since(Instant::now());
+                ("hold", Some(u64::try_from(left.as_millis()).unwrap_or(u64::MAX)))
+            }
+        };
+        ListenerSnapshot {
+            name: self.0.cfg.name.clone(),
+            bind: self.0.bind,
+            mode: mode.to_owned(),
+            hold_remaining_ms,
+            generation: route.generation.id,
+            backends: route.generation.backends.iter().map(|b| b.snapshot()).collect(),
+            draining,
+            counters: self.0.counters.snapshot(),
+            connect: self.0.connect.snapshot(),
+            generations,
+        }
+    }
+
+    /// Stops accepting. The socket closes once the accept loop has ended; live connections
+    /// continue.
+    pub(crate) fn stop_accepting(&self) {
+        self.0.stop.cancel();
+    }
+
+    fn lock_control(&self) -> MutexGuard<'_, Option<CancellationToken>> {
+        lock(&self.0.control)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn cancel_hold_timer(control: &mut Option<CancellationToken>) {
+    if let Some(t) = control.take() {
+        t.cancel();
+    }
+}
+
+/// Keeps the counters of a backend that stays across a swap (same address and label).
+fn reuse_backend(old: &Generation, b: Backend, epoch: Instant) -> Arc<BackendState> {
+    old.backends
+        .iter()
+        .find(|s| s.backend == b)
+        .cloned()
+        .unwrap_or_else(|| Arc::new(BackendState::new(b, epoch)))
+}
+
+/// Marks `generation` replaced and drains it in the background.
+fn retire(shared: &Arc<Shared>, generation: Arc<Generation>, drain: Duration) {
+    let deadline = Instant::now() + drain;
+    generation.retire(deadline);
+    tokio::spawn(drain_generation(Arc::clone(shared), generation, deadline));
+}
+
+/// Waits for a retired generation to empty; at the deadline closes what is left, spread
+/// over the listener's close window; then files a [`DrainReport`].
+async fn drain_generation(shared: Arc<Shared>, generation: Arc<Generation>, deadline: Instant) {
+    let started = Instant::now();
+    let name = &shared.cfg.name;
+    tokio::select! {
+        () = generation.wait_empty() => {}
+        () = tokio::time::sleep_until(deadline) => {
+            let left = generation.active();
+            if left > 0 {
+                warn!(listener = %name, generation = generation.id, connections = left, window = ?shared.cfg.close_window, "drain deadline passed; closing remaining connections");
+                generation.force.cancel();
+                // Closing is spread over the window; give stragglers a little more.
+                let bound = shared.cfg.close_window + Duration::from_secs(5);
+                if tokio::time::timeout(bound, generation.wait_empty()).await.is_err() {
+                    warn!(listener = %name, generation = generation.id, connections = generation.active(), "connections did not close after the drain deadline");
+                }
+            }
+        }
+    }
+    let report = DrainReport {
+        generation: generation.id,
+        took_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        forced: generation.forced.load(Ordering::Relaxed),
+    };
+    {
+        let mut reports = lock(&shared.reports);
+        if reports.len() == DRAIN_HISTORY {
+            reports.pop_front();
+        }
+        reports.push_back(report);
+    }
+    lock(&shared.generations).retain(|g| !Arc::ptr_eq(g, &generation));
+    generation.drained.cancel();
+    info!(listener = %name, generation = report.generation, took_ms = report.took_ms, forced = report.forced, "generation drained");
+}
+
+/// Ends a hold that ran past its maximum: held connections see `expired` and close, and the
+/// listener forwards to the route it had before the pause.
+async fn expire_hold(shared: Arc<Shared>, hold: Arc<Hold>, cancelled: CancellationToken) {
+    tokio::select! {
+        () = cancelled.cancelled() => return,
+        () = tokio::time::sleep_until(hold.until) => {}
+    }
+    let mut control = lock(&shared.control);
+    if cancelled.is_cancelled() {
+        return;
+    }
+    let current = shared.route.load_full();
+    if let Mode::Hold(h) = &current.mode
+        && Arc::ptr_eq(h, &hold)
+    {
+        hold.expired.store(true, Ordering::SeqCst);
+        shared.route.store(Arc::new(Route {
+            generation: Arc::clone(&current.generation),
+            mode: Mode::Forward,
+        }));
+        *control = None;
+        shared.changed.send_replace(());
+        warn!(listener = %shared.cfg.name, held_for = ?hold.until - hold.since, "hold expired; held connections closed, forwarding to the previous route");
+    }
+}
+
+async fn accept_loop(shared: Arc<Shared>, socket: TcpListener, global: Option<Arc<Semaphore>>) {
+    let name = shared.cfg.name.clone();
+    loop {
+        // Past a limit the listener stops accepting: new connections wait in the kernel's
+        // accept queue (up to the backlog) until a slot frees, instead of being refused.
+        let Some(global_permit) = acquire(&global, &shared.stop).await else {
+            break;
+        };
+        let Some(local_permit) = acquire(&shared.limit, &shared.stop).await else {
+            break;
+        };
+        let accepted = tokio::select! {
+            () = shared.stop.cancelled() => break,
+            r = socket.accept() => r,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                Counters::add(&shared.counters.accepted, 1);
+                let permits = (global_permit, local_permit);
+                shared
+                    .connections
+                    .spawn(conn::serve(Arc::clone(&shared), stream, peer, permits));
+            }
+            Err(e) => {
+                // EMFILE, ENFILE, ENOBUFS: back off instead of spinning.
+                warn!(listener = %name, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    debug!(listener = %name, "stopped accepting");
+}
+
+async fn acquire(
+    limit: &Option<Arc<Semaphore>>,
+    stop: &CancellationToken,
+) -> Option<Option<OwnedSemaphorePermit>> {
+    let Some(sem) = limit else { return Some(None) };
+    tokio::select! {
+        () = stop.cancelled() => None,
+        p = Arc::clone(sem).acquire_owned() => p.ok().map(Some),
+    }
+}
