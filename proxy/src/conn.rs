@@ -27,8 +27,13 @@ pub(crate) async fn serve(
     if let Err(e) = socket::tune(&client, shared.cfg.keepalive) {
         debug!(listener = %shared.cfg.name, peer = %peer, error = %e, "cannot set client socket options");
     }
-    let Some((guard, backend, server)) = route(&shared, peer).await else {
-        return;
+    let (guard, backend, server) = match route(&shared, peer).await {
+        Routed::Ready(guard, backend, server) => (guard, backend, server),
+        Routed::HoldExpired => {
+            close_cleanly(&client).await;
+            return;
+        }
+        Routed::Closed => return,
     };
     let generation = guard.generation();
     let c = &shared.counters;
@@ -83,10 +88,45 @@ impl Drop for Held<'_> {
     }
 }
 
+/// Where routing a connection ended.
+enum Routed {
+    /// Dialed: forward through this backend, counted in the guard's generation.
+    Ready(GenerationGuard, Arc<BackendState>, TcpStream),
+    /// The hold ran past its maximum; the client is closed cleanly.
+    HoldExpired,
+    /// No backend could be dialed, or the proxy is closing everything.
+    Closed,
+}
+
+/// Closes a client that never reached a backend with FIN rather than RST: shuts down our
+/// write side, then reads and discards what the client had sent (a Postgres startup
+/// packet, say) until it closes too, for at most a moment. Closing a socket with unread
+/// data in it would send RST.
+async fn close_cleanly(client: &TcpStream) {
+    if socket::shutdown_write(client).is_err() {
+        return;
+    }
+    let mut buf = [0u8; 4096];
+    let drain = async {
+        loop {
+            if client.readable().await.is_err() {
+                return;
+            }
+            match client.try_read(&mut buf) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_millis(500), drain).await;
+}
+
 /// Finds the connection a backend: waits while the listener holds, takes a generation
 /// guard, dials, and retries on another backend (re-reading the route) while no byte has
-/// been forwarded and the budget allows. `None` when the client was closed instead.
-async fn route(shared: &Shared, peer: SocketAddr) -> Option<(GenerationGuard, Arc<BackendState>, TcpStream)> {
+/// been forwarded and the budget allows.
+async fn route(shared: &Shared, peer: SocketAddr) -> Routed {
     let cfg = &shared.cfg;
     let c = &shared.counters;
     let mut held: Option<Held<'_>> = None;
@@ -104,12 +144,12 @@ async fn route(shared: &Shared, peer: SocketAddr) -> Option<(GenerationGuard, Ar
             tokio::select! {
                 _ = changed.changed() => {}
                 () = tokio::time::sleep_until(hold.until) => {}
-                () = shared.kill.cancelled() => return None,
+                () = shared.kill.cancelled() => return Routed::Closed,
             }
             if hold.expired.load(std::sync::atomic::Ordering::SeqCst) || Instant::now() >= hold.until {
                 Counters::add(&c.hold_timeouts, 1);
                 debug!(listener = %cfg.name, peer = %peer, "hold expired; closing held connection");
-                return None;
+                return Routed::HoldExpired;
             }
             continue;
         }
@@ -128,7 +168,7 @@ async fn route(shared: &Shared, peer: SocketAddr) -> Option<(GenerationGuard, Ar
         let Some(backend) = generation.pick().cloned() else {
             Counters::add(&c.failed, 1);
             warn!(listener = %cfg.name, peer = %peer, generation = generation.id, "route has no backend; closing connection");
-            return None;
+            return Routed::Closed;
         };
         let start = *started.get_or_insert_with(Instant::now);
         let addr = backend.backend.addr;
@@ -146,7 +186,7 @@ async fn route(shared: &Shared, peer: SocketAddr) -> Option<(GenerationGuard, Ar
                 backend.connect.record(took);
                 Counters::add(&backend.counters.accepted, 1);
                 generation.count_accepted();
-                return Some((guard, backend, server));
+                return Routed::Ready(guard, backend, server);
             }
             Err(e) => {
                 Counters::add(&c.dial_errors, 1);
@@ -158,7 +198,7 @@ async fn route(shared: &Shared, peer: SocketAddr) -> Option<(GenerationGuard, Ar
                     Counters::add(&c.failed, 1);
                     Counters::add(&backend.counters.failed, 1);
                     warn!(listener = %cfg.name, peer = %peer, backend = %addr, attempts, error = %e, "dial failed; closing client connection");
-                    return None;
+                    return Routed::Closed;
                 }
                 Counters::add(&c.retries, 1);
                 Counters::add(&backend.counters.retries, 1);

@@ -1,0 +1,9 @@
+//! Integration tests of `dso-proxy` over real sockets on loopback.
+
+mod dial;
+mod drain;
+mod forward;
+mod hold;
+mod proxy;
+mod support;
+mod swap;
