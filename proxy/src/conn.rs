@@ -146,7 +146,12 @@ async fn route(shared: &Shared, peer: SocketAddr) -> Routed {
                 () = tokio::time::sleep_until(hold.until) => {}
                 () = shared.kill.cancelled() => return Routed::Closed,
             }
-            if hold.expired.load(std::sync::atomic::Ordering::SeqCst) || Instant::now() >= hold.until {
+            // A later pause replaces this hold with a new clock; only the hold that is
+            // still in force (or one marked expired) closes the connection.
+            let still_in_force = matches!(&shared.route.load().mode, Mode::Hold(h) if Arc::ptr_eq(h, hold));
+            if hold.expired.load(std::sync::atomic::Ordering::SeqCst)
+                || (still_in_force && Instant::now() >= hold.until)
+            {
                 Counters::add(&c.hold_timeouts, 1);
                 debug!(listener = %cfg.name, peer = %peer, "hold expired; closing held connection");
                 return Routed::HoldExpired;
