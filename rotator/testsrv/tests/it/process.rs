@@ -1,0 +1,92 @@
+//! The real binary as a process: startup, SIGHUP, SIGTERM, probe exit codes, usage errors.
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::http;
+
+const BIN: &str = env!("CARGO_BIN_EXE_dso-testsrv");
+
+/// A free loopback port (bound then released; good enough for a test that binds at once).
+fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+/// Runs the binary and waits for its startup line on stderr.
+fn spawn(extra: &[&str]) -> (Child, SocketAddr) {
+    let (echo, web) = (free_addr(), free_addr());
+    let mut child = Command::new(BIN)
+        .args(["--listen", &echo.to_string(), "--http", &web.to_string()])
+        .args(extra)
+        .env("INSTANCE_ID", "proc-1")
+        .env("DSO_TEST_SECRET", "hunter2")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stderr.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.contains("echo on"), "startup line: {line}");
+    (child, web)
+}
+
+/// Sends a signal with kill(1): the workspace forbids unsafe code, so no libc::kill here.
+fn kill(child: &Child, signal: &str) {
+    let ok = Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {signal}");
+}
+
+#[test]
+fn sighup_counts_reloads_and_sigterm_exits_promptly() {
+    let (mut child, web) = spawn(&[]);
+    assert_eq!(http(web, "GET", "/env/DSO_TEST_SECRET"), (200, "hunter2".into()));
+    kill(&child, "-HUP");
+    kill(&child, "-HUP");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while http(web, "GET", "/reloads").1 != "2\n" {
+        assert!(Instant::now() < deadline, "reload counter never reached 2");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let start = Instant::now();
+    kill(&child, "-TERM");
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit status {status}");
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        start.elapsed()
+    );
+}
+
+#[test]
+fn probe_exit_codes() {
+    let (mut child, web) = spawn(&["--unhealthy"]);
+    let probe = |path: &str| {
+        Command::new(BIN)
+            .args(["probe", &format!("{web}{path}")])
+            .output()
+            .unwrap()
+            .status
+            .code()
+    };
+    assert_eq!(probe("/health"), Some(1), "--unhealthy means never healthy");
+    assert_eq!(probe("/id"), Some(0));
+    kill(&child, "-TERM");
+    child.wait().unwrap();
+    assert_eq!(probe("/health"), Some(1), "refused connection is unhealthy");
+}
+
+#[test]
+fn usage_error_exits_2() {
+    let out = Command::new(BIN).arg("--nope").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--nope"));
+}
