@@ -1,0 +1,109 @@
+//! Finding managed containers and grouping them into services.
+//!
+//! A scan lists containers labelled `dso.reloader=true`, groups them by (Compose project,
+//! service), and parses each service's labels. A container whose labels are malformed is
+//! reported and left out, never guessed at. [`crate::Rotator::watch`] follows Docker
+//! events and rescans after each relevant one, and after a reconnect.
+
+use std::collections::BTreeMap;
+
+use tracing::warn;
+
+use crate::engine::{Container, Engine};
+use crate::error::Error;
+use crate::gateway::Member;
+use crate::labels::{self, LabelError, ServiceKey, ServiceSpec};
+use crate::network;
+
+/// A managed service: its settings and containers.
+#[derive(Debug, Clone)]
+pub struct Managed {
+    /// Service key.
+    pub key: ServiceKey,
+    /// Settings, from the first container by name.
+    pub spec: ServiceSpec,
+    /// Its containers, running or not, sorted by name.
+    pub containers: Vec<Container>,
+}
+
+impl Managed {
+    /// Running containers with an address on the chosen network.
+    pub fn members(&self) -> Vec<Member> {
+        self.containers
+            .iter()
+            .filter(|c| c.running)
+            .filter_map(|c| {
+                network::choose(c, self.spec.network.as_deref(), &self.key.project).map(|(_, ip)| Member {
+                    id: c.id.clone(),
+                    name: c.name.clone(),
+                    ip,
+                })
+            })
+            .collect()
+    }
+}
+
+/// The result of a scan: services, and containers left out for bad labels.
+#[derive(Debug, Clone, Default)]
+pub struct Scan {
+    /// Services by key.
+    pub services: BTreeMap<ServiceKey, Managed>,
+    /// Label errors, one per container left out.
+    pub errors: Vec<LabelError>,
+}
+
+/// Lists and groups the managed containers.
+pub async fn scan<E: Engine>(engine: &E) -> Result<Scan, Error> {
+    let mut out = Scan::default();
+    for c in engine.list_managed().await? {
+        if !labels::is_managed(&c.labels) {
+            continue;
+        }
+        let key = ServiceKey::of(&c.name, &c.labels);
+        let spec = match labels::parse(&c.name, &c.labels) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "container left unmanaged");
+                out.errors.push(e);
+                continue;
+            }
+        };
+        if spec.ports.is_empty() {
+            // Managed without ports: rotations still work, the proxy has nothing to own.
+        }
+        out.services
+            .entry(key.clone())
+            .or_insert_with(|| Managed {
+                key,
+                spec,
+                containers: Vec::new(),
+            })
+            .containers
+            .push(c);
+    }
+    Ok(out)
+}
+
+impl Scan {
+    /// The service `target` names: `project/service`, a service name, or a container
+    /// name or ID (prefix of at least 4 characters).
+    pub fn find(&self, target: &str) -> Option<&Managed> {
+        self.services
+            .values()
+            .find(|m| m.key.to_string() == target)
+            .or_else(|| self.services.values().find(|m| m.key.service == target))
+            .or_else(|| {
+                self.services.values().find(|m| {
+                    m.containers
+                        .iter()
+                        .any(|c| c.name == target || (target.len() >= 4 && c.id.starts_with(target)))
+                })
+            })
+    }
+
+    /// Managed service names, comma-separated (for errors).
+    pub fn names(&self) -> String {
+        let v: Vec<String> = self.services.keys().map(ToString::to_string).collect();
+        if v.is_empty() { "(none)".to_owned() } else { v.join(", ") }
+    }
+}

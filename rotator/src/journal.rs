@@ -1,0 +1,323 @@
+//! The rotation journal: one append-only file per service in `STATE/journal/`, one JSON
+//! line per step, fsync'ed before the next action starts.
+//!
+//! *Invariant*: a step is recorded before anything depends on it having happened, and a
+//! container the rotation creates carries the rotation ID as a label, so recovery can find
+//! it even when the agent died between the create call and its record. A file whose last
+//! record is terminal (`done`, `rolled_back`, `recovered`) needs nothing; any other file is
+//! an interrupted rotation for [`crate::recovery`].
+//!
+//! The last finished rotation of each service is kept in `STATE/history/` for status.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::labels::{ServiceKey, Strategy};
+
+/// A step of a rotation, as recorded. Rolling and restart share the names where the
+/// meaning is the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    /// The rotation is about to act; blue and green's planned name are recorded.
+    Begin,
+    /// (restart) The listeners hold new connections.
+    Paused,
+    /// (restart) Blue is stopped.
+    BlueStopped,
+    /// (restart) Blue is renamed aside, freeing its name for green.
+    BlueRenamed,
+    /// Green exists (its ID is recorded).
+    GreenCreated,
+    /// Green is started.
+    GreenStarted,
+    /// Green passed its health check.
+    GreenHealthy,
+    /// (rolling) The routes point to green; blue drains.
+    Swapped,
+    /// (restart) The listeners forward to green again.
+    Resumed,
+    /// (rolling) Blue's connections are closed or the deadline passed.
+    Drained,
+    /// Blue is removed.
+    BlueRemoved,
+    /// (rolling) Green carries the original name.
+    GreenRenamed,
+    /// Finished: green serves under the original name.
+    Done,
+    /// Failed before the point of no return; blue serves, green is removed.
+    RolledBack,
+    /// Finished by recovery after an interruption.
+    Recovered,
+}
+
+impl Step {
+    /// Whether nothing remains to do after this step.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Step::Done | Step::RolledBack | Step::Recovered)
+    }
+}
+
+/// A container as the journal names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Side {
+    /// Container ID, once known.
+    pub id: Option<String>,
+    /// Name the container has (or will get) during the rotation.
+    pub name: String,
+}
+
+/// One line of a journal file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// Rotation ID, unique per agent state directory.
+    pub rotation: String,
+    /// Service rotated.
+    pub service: ServiceKey,
+    /// `rolling` or `restart`.
+    pub strategy: Strategy,
+    /// Step reached.
+    pub step: Step,
+    /// The original name of the service's container.
+    pub original_name: String,
+    /// The container being replaced.
+    pub blue: Side,
+    /// The replacement.
+    pub green: Side,
+    /// Milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// Error that caused a rollback, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The journal directory of an agent.
+#[derive(Debug, Clone)]
+pub struct Journal {
+    dir: PathBuf,
+    history: PathBuf,
+}
+
+/// The open journal file of one rotation in progress.
+#[derive(Debug)]
+pub struct Entry {
+    file: File,
+    path: PathBuf,
+    last: Record,
+}
+
+/// The last finished rotation of a service, for status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct History {
+    /// Rotation ID.
+    pub rotation: String,
+    /// Strategy used.
+    pub strategy: Strategy,
+    /// `done`, `rolled_back`, `recovered`, or `failed`.
+    pub result: String,
+    /// Error message when it did not succeed.
+    pub error: Option<String>,
+    /// Start, milliseconds since the Unix epoch.
+    pub started_at_ms: u64,
+    /// Duration in milliseconds.
+    pub took_ms: u64,
+    /// ID of the container serving afterwards.
+    pub container: Option<String>,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl Journal {
+    /// Opens (creating) `STATE/journal` and `STATE/history`.
+    pub fn open(state_dir: &Path) -> io::Result<Journal> {
+        let dir = state_dir.join("journal");
+        let history = state_dir.join("history");
+        fs::create_dir_all(&dir)?;
+        fs::create_dir_all(&history)?;
+        Ok(Journal { dir, history })
+    }
+
+    fn path(&self, service: &ServiceKey) -> PathBuf {
+        self.dir.join(format!("{}.jsonl", service.file_stem()))
+    }
+
+    /// Starts the journal of a rotation with its `Begin` record (replacing a finished one).
+    pub fn begin(&self, first: Record) -> io::Result<Entry> {
+        let path = self.path(&first.service);
+        let file = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(&path)?;
+        sync_dir(&self.dir)?;
+        let mut e = Entry { file, path, last: first };
+        let rec = e.last.clone();
+        e.append(rec)?;
+        Ok(e)
+    }
+
+    /// Reopens the journal of an interrupted rotation, to append recovery records.
+    pub fn reopen(&self, last: Record) -> io::Result<Entry> {
+        let path = self.path(&last.service);
+        let torn = fs::read(&path)?.last().is_some_and(|b| *b != b'\n');
+        let mut file = OpenOptions::new().append(true).open(&path)?;
+        if torn {
+            // End the torn line so the next record stands on a line of its own.
+            file.write_all(b"\n")?;
+        }
+        Ok(Entry { file, path, last })
+    }
+
+    /// The last record of every rotation that did not reach a terminal step.
+    pub fn interrupted(&self) -> io::Result<Vec<Record>> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&self.dir)? {
+            let path = entry?.path();
+            if path.extension().is_none_or(|e| e != "jsonl") {
+                continue;
+            }
+            // A torn last line (killed mid-write) is ignored: the step before it stands.
+            let last = BufReader::new(File::open(&path)?)
+                .lines()
+                .map_while(Result::ok)
+                .filter_map(|l| serde_json::from_str::<Record>(&l).ok())
+                .last();
+            if let Some(r) = last
+                && !r.step.is_terminal()
+            {
+                out.push(r);
+            }
+        }
+        out.sort_by(|a, b| a.rotation.cmp(&b.rotation));
+        Ok(out)
+    }
+
+    /// Stores the last finished rotation of `service` (atomic rename).
+    pub fn set_history(&self, service: &ServiceKey, h: &History) -> io::Result<()> {
+        let path = self.history.join(format!("{}.json", service.file_stem()));
+        let tmp = path.with_extension("json.tmp");
+        let mut f = File::create(&tmp)?;
+        f.write_all(&serde_json::to_vec_pretty(h).map_err(io::Error::other)?)?;
+        f.sync_all()?;
+        fs::rename(&tmp, &path)?;
+        sync_dir(&self.history)
+    }
+
+    /// The last finished rotation of `service`, if any.
+    pub fn history(&self, service: &ServiceKey) -> Option<History> {
+        let path = self.history.join(format!("{}.json", service.file_stem()));
+        let bytes = fs::read(path).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+}
+
+impl Entry {
+    /// The last record written.
+    pub fn last(&self) -> &Record {
+        &self.last
+    }
+
+    /// Records `step`, with green's ID when it became known, and fsyncs.
+    pub fn step(&mut self, step: Step, green_id: Option<&str>) -> io::Result<()> {
+        let mut r = self.last.clone();
+        r.step = step;
+        if let Some(id) = green_id {
+            r.green.id = Some(id.to_owned());
+        }
+        r.error = None;
+        self.append(r)
+    }
+
+    /// Records a terminal step with the error that led to it.
+    pub fn finish(&mut self, step: Step, error: Option<String>) -> io::Result<()> {
+        let mut r = self.last.clone();
+        r.step = step;
+        r.error = error;
+        self.append(r)
+    }
+
+    fn append(&mut self, mut r: Record) -> io::Result<()> {
+        r.at_ms = now_ms();
+        let mut line = serde_json::to_vec(&r).map_err(io::Error::other)?;
+        line.push(b'\n');
+        self.file.write_all(&line)?;
+        self.file.sync_data()?;
+        self.last = r;
+        Ok(())
+    }
+
+    /// Path of the journal file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(service: &str) -> Record {
+        Record {
+            rotation: "r1".into(),
+            service: ServiceKey {
+                project: "p".into(),
+                service: service.into(),
+            },
+            strategy: Strategy::Rolling,
+            step: Step::Begin,
+            original_name: "p-web-1".into(),
+            blue: Side {
+                id: Some("b".into()),
+                name: "p-web-1".into(),
+            },
+            green: Side {
+                id: None,
+                name: "p-web-1-dso-r1".into(),
+            },
+            at_ms: 0,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn interrupted_rotations_are_found_and_finished_ones_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let mut a = j.begin(record("web")).unwrap();
+        a.step(Step::GreenCreated, Some("g")).unwrap();
+        let mut b = j.begin(record("api")).unwrap();
+        b.finish(Step::Done, None).unwrap();
+        let open = j.interrupted().unwrap();
+        assert_eq!(open.len(), 1);
+        assert_eq!(open[0].step, Step::GreenCreated);
+        assert_eq!(open[0].green.id.as_deref(), Some("g"));
+        assert_eq!(open[0].blue.id.as_deref(), Some("b"));
+    }
+
+    #[test]
+    fn a_torn_last_line_leaves_the_step_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let mut a = j.begin(record("web")).unwrap();
+        a.step(Step::GreenStarted, Some("g")).unwrap();
+        let path = a.path().to_owned();
+        drop(a);
+        let mut f = OpenOptions::new().append(true).open(path).unwrap();
+        f.write_all(b"{\"rotation\":\"r1\",\"ste").unwrap();
+        let open = j.interrupted().unwrap();
+        assert_eq!(open[0].step, Step::GreenStarted);
+    }
+}

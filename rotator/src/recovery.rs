@@ -1,0 +1,107 @@
+//! Finishing rotations an agent did not finish (killed, crashed, or failed after the point
+//! of no return).
+//!
+//! For each interrupted journal, the survivor is green when the rotation had passed its
+//! point of no return (rolling: swapped; restart: green healthy), blue otherwise. The other
+//! one is removed, the survivor carries the original name and runs.
+//!
+//! *Invariants*: only containers recorded in the journal (by ID, or by the rotation-ID
+//! label dso puts on containers it creates) are touched; a container is removed only when
+//! the survivor exists, so the last copy of a service is never removed.
+
+use tracing::{info, warn};
+
+use crate::engine::{Container, Engine, short};
+use crate::error::Error;
+use crate::journal::{History, Journal, Record, Step, now_ms};
+use crate::labels::{ROTATION_ID, Strategy};
+
+/// What recovery did with one interrupted rotation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recovered {
+    /// The journal record it started from.
+    pub from: Record,
+    /// ID of the container left serving, if any exists.
+    pub survivor: Option<String>,
+    /// IDs removed.
+    pub removed: Vec<String>,
+}
+
+/// Recovers every interrupted rotation in `journal`.
+pub async fn recover_all<E: Engine>(engine: &E, journal: &Journal) -> Result<Vec<Recovered>, Error> {
+    let mut out = Vec::new();
+    for rec in journal.interrupted().map_err(|e| Error::state("reading journal", e))? {
+        out.push(recover(engine, journal, rec).await?);
+    }
+    Ok(out)
+}
+
+/// Recovers one interrupted rotation.
+pub async fn recover<E: Engine>(engine: &E, journal: &Journal, rec: Record) -> Result<Recovered, Error> {
+    let forward = match rec.strategy {
+        Strategy::Restart => rec.step >= Step::GreenHealthy,
+        _ => rec.step >= Step::Swapped,
+    };
+    let blue = match &rec.blue.id {
+        Some(id) => engine.inspect(id).await?,
+        None => None,
+    };
+    let green = find_green(engine, &rec).await?;
+    info!(service = %rec.service, rotation = %rec.rotation, step = ?rec.step, forward, blue = ?blue.as_ref().map(|c| short(&c.id).to_owned()), green = ?green.as_ref().map(|c| short(&c.id).to_owned()), "recovering interrupted rotation");
+
+    let (survivor, other) = match (forward, blue, green) {
+        (true, b, Some(g)) => (Some(g), b),
+        (false, Some(b), g) => (Some(b), g),
+        // The preferred survivor is gone: keep whatever is left, remove nothing.
+        (_, Some(b), None) | (_, None, Some(b)) => (Some(b), None),
+        (_, None, None) => (None, None),
+    };
+    let mut removed = Vec::new();
+    if let (Some(_), Some(o)) = (&survivor, &other) {
+        engine.remove(&o.id).await?;
+        removed.push(o.id.clone());
+    }
+    if let Some(s) = &survivor {
+        if s.name != rec.original_name {
+            engine.rename(&s.id, &rec.original_name).await?;
+        }
+        if !s.running {
+            engine.start(&s.id).await?;
+        }
+    } else {
+        warn!(service = %rec.service, rotation = %rec.rotation, "neither container of the interrupted rotation exists");
+    }
+    let mut entry = journal.reopen(rec.clone()).map_err(|e| Error::state("journal", e))?;
+    entry
+        .finish(Step::Recovered, None)
+        .map_err(|e| Error::state("journal", e))?;
+    let h = History {
+        rotation: rec.rotation.clone(),
+        strategy: rec.strategy,
+        result: "recovered".to_owned(),
+        error: Some(format!("interrupted at step {:?}", rec.step)),
+        started_at_ms: rec.at_ms,
+        took_ms: now_ms().saturating_sub(rec.at_ms),
+        container: survivor.as_ref().map(|s| s.id.clone()),
+    };
+    journal
+        .set_history(&rec.service, &h)
+        .map_err(|e| Error::state("history", e))?;
+    info!(service = %rec.service, rotation = %rec.rotation, survivor = ?survivor.as_ref().map(|c| short(&c.id).to_owned()), removed = removed.len(), "recovered");
+    Ok(Recovered {
+        from: rec,
+        survivor: survivor.map(|s| s.id),
+        removed,
+    })
+}
+
+/// Green by its recorded ID, else by the rotation label (created, not yet recorded).
+async fn find_green<E: Engine>(engine: &E, rec: &Record) -> Result<Option<Container>, Error> {
+    if let Some(id) = &rec.green.id
+        && let Some(c) = engine.inspect(id).await?
+    {
+        return Ok(Some(c));
+    }
+    let found = engine.list_labeled(ROTATION_ID, &rec.rotation).await?;
+    Ok(found.into_iter().find(|c| Some(&c.id) != rec.blue.id.as_ref()))
+}

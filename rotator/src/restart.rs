@@ -1,0 +1,162 @@
+//! The `restart` strategy: for services that cannot run twice side by side.
+//!
+//! `Begin` → listeners hold new connections → blue stopped → blue renamed aside → green
+//! created under the original name (same volumes) → started → healthy → listeners resume
+//! to green → blue removed → `Done`. Connections made during the hold wait and are
+//! forwarded to green.
+//!
+//! *Invariant*: until green is healthy, blue is kept (stopped, renamed); any failure
+//! removes green, gives blue its name back, starts it and resumes the listeners to it.
+
+use crate::engine::{CloneSpec, Engine, short};
+use crate::error::Error;
+use crate::gateway::Member;
+use crate::health;
+use crate::journal::Step;
+use crate::labels::ROTATION_ID;
+use crate::rotation::{Run, ms};
+
+#[derive(Debug, Default)]
+struct Green {
+    id: Option<String>,
+    member: Option<Member>,
+}
+
+/// The name blue carries while green takes its name.
+pub(crate) fn aside_name(original: &str, rotation: &str) -> String {
+    format!("{original}-dso-old-{rotation}")
+}
+
+/// Runs a restart rotation. Returns green's ID.
+pub(crate) async fn run<E: Engine>(r: &mut Run<'_, E>) -> Result<String, Error> {
+    let mut g = Green::default();
+    let mut step = Step::Begin;
+    loop {
+        match advance(r, &mut g, step).await {
+            Ok(Step::Done) => {
+                r.finish(Step::Done, None, format!("done in {} ms", ms(r.started.elapsed())))?;
+                return Ok(g.id.unwrap_or_default());
+            }
+            Ok(next) => step = next,
+            Err(e) if step < Step::GreenHealthy => {
+                let restored = rollback(r, &g, step).await;
+                let detail = match &restored {
+                    Ok(()) => format!("rolled back: {e}"),
+                    Err(e2) => format!("rolled back with an error: {e}; then {e2}"),
+                };
+                r.finish(Step::RolledBack, Some(e.to_string()), detail)?;
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn advance<E: Engine>(r: &mut Run<'_, E>, g: &mut Green, from: Step) -> Result<Step, Error> {
+    let to = match from {
+        Step::Begin => {
+            r.gateway.pause(r.key, r.timing().hold_max);
+            r.record(Step::Paused, None, "listeners hold new connections".to_owned())
+                .await?;
+            Step::Paused
+        }
+        Step::Paused => {
+            r.engine.stop(&r.blue.id, r.stop_grace).await?;
+            r.record(Step::BlueStopped, None, format!("stopped {}", short(&r.blue.id)))
+                .await?;
+            Step::BlueStopped
+        }
+        Step::BlueStopped => {
+            let aside = aside_name(&r.blue.name, &r.rotation());
+            r.engine.rename(&r.blue.id, &aside).await?;
+            r.record(Step::BlueRenamed, None, format!("renamed {} to {aside}", short(&r.blue.id)))
+                .await?;
+            Step::BlueRenamed
+        }
+        Step::BlueRenamed => {
+            let spec = CloneSpec {
+                from: r.blue.id.clone(),
+                name: r.blue.name.clone(),
+                env: r.env.to_vec(),
+                labels: vec![(ROTATION_ID.to_owned(), r.rotation())],
+                primary_network: r.spec.network.clone(),
+            };
+            let id = r.engine.create_clone(&spec).await?;
+            g.id = Some(id.clone());
+            r.record(Step::GreenCreated, Some(&id), format!("created {} ({})", spec.name, short(&id)))
+                .await?;
+            Step::GreenCreated
+        }
+        Step::GreenCreated => {
+            let id = g.id.clone().unwrap_or_default();
+            r.engine.start(&id).await?;
+            r.record(Step::GreenStarted, None, format!("started {}", short(&id))).await?;
+            Step::GreenStarted
+        }
+        Step::GreenStarted => {
+            let id = g.id.clone().unwrap_or_default();
+            let h = health::wait(r.engine, &id, &r.health_check()).await?;
+            g.member = Some(Member {
+                id,
+                name: r.blue.name.clone(),
+                ip: h.ip,
+            });
+            r.record(Step::GreenHealthy, None, format!("healthy after {} ms", ms(h.waited)))
+                .await?;
+            Step::GreenHealthy
+        }
+        Step::GreenHealthy => {
+            let member = g.member.clone().expect("green is healthy");
+            let held: u64 = r.gateway.listeners(r.key).iter().map(|l| l.snapshot().counters.held).sum();
+            // A swap ends the hold: held connections are dialed to green.
+            r.gateway.replace(r.key, &r.blue.id, member, r.spec.drain_timeout)?;
+            r.serving_after_ms = Some(ms(r.started.elapsed()));
+            r.record(Step::Resumed, None, format!("resumed to green; {held} held connections released"))
+                .await?;
+            Step::Resumed
+        }
+        Step::Resumed => {
+            r.engine.remove(&r.blue.id).await?;
+            r.record(Step::BlueRemoved, None, format!("removed {}", short(&r.blue.id)))
+                .await?;
+            Step::BlueRemoved
+        }
+        Step::BlueRemoved => Step::Done,
+        other => unreachable!("restart rotation has no step {other:?}"),
+    };
+    Ok(to)
+}
+
+/// Before green is healthy: remove green, give blue its name back, start it, and resume
+/// the listeners to it (its IP may have changed).
+async fn rollback<E: Engine>(r: &Run<'_, E>, g: &Green, failed_from: Step) -> Result<(), Error> {
+    let mut ids: Vec<String> = g.id.iter().cloned().collect();
+    if let Ok(found) = r.engine.list_labeled(ROTATION_ID, &r.rotation()).await {
+        ids.extend(found.into_iter().map(|c| c.id));
+    }
+    ids.sort();
+    ids.dedup();
+    for id in ids.iter().filter(|id| **id != r.blue.id) {
+        r.engine.remove(id).await?;
+    }
+    if failed_from >= Step::BlueRenamed {
+        r.engine.rename(&r.blue.id, &r.blue.name).await?;
+    }
+    let result = async {
+        r.engine.start(&r.blue.id).await?;
+        let h = health::wait(r.engine, &r.blue.id, &r.health_check()).await?;
+        let member = Member {
+            id: r.blue.id.clone(),
+            name: r.blue.name.clone(),
+            ip: h.ip,
+        };
+        r.gateway.replace(r.key, &r.blue.id, member, r.spec.drain_timeout)?;
+        Ok(())
+    }
+    .await;
+    if result.is_err() {
+        // Do not leave clients held until hold_max for nothing.
+        let _ = r.gateway.resume(r.key);
+    }
+    result
+}

@@ -1,0 +1,160 @@
+//! The `rolling` strategy: blue-green behind the proxy.
+//!
+//! `Begin` → create green under a temporary name → start → healthy → swap the routes →
+//! blue drained → blue stopped and removed → green renamed to the original name → `Done`.
+//!
+//! *Invariant*: before the swap, blue is untouched and serving; any failure removes green
+//! and leaves blue as it was (`RolledBack`). After the swap green serves; a failure there
+//! is finished forward by recovery, never by removing green.
+
+use std::time::Duration;
+
+use crate::engine::{CloneSpec, Engine, short};
+use crate::error::Error;
+use crate::gateway::Member;
+use crate::health;
+use crate::journal::Step;
+use crate::labels::ROTATION_ID;
+use crate::rotation::{Run, ms};
+
+/// Extra time allowed for a drain beyond the deadline: the proxy closes the remaining
+/// connections over its close window.
+const DRAIN_SLACK: Duration = Duration::from_secs(3);
+
+/// What the run has learned so far.
+#[derive(Debug, Default)]
+struct Green {
+    id: Option<String>,
+    member: Option<Member>,
+    swaps: Vec<(dso_proxy::Listener, dso_proxy::Swap)>,
+}
+
+/// Runs a rolling rotation. Returns green's ID.
+pub(crate) async fn run<E: Engine>(r: &mut Run<'_, E>) -> Result<String, Error> {
+    let mut g = Green::default();
+    let mut step = Step::Begin;
+    loop {
+        match advance(r, &mut g, step).await {
+            Ok(Step::Done) => {
+                r.finish(Step::Done, None, format!("done in {} ms", ms(r.started.elapsed())))?;
+                return Ok(g.id.unwrap_or_default());
+            }
+            Ok(next) => step = next,
+            Err(e) if step < Step::GreenHealthy || (step == Step::GreenHealthy && g.swaps.is_empty()) => {
+                rollback(r, &g).await;
+                r.finish(Step::RolledBack, Some(e.to_string()), format!("rolled back: {e}"))?;
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The one transition function: performs the action leading out of `from`, journals the
+/// step reached, and returns it.
+async fn advance<E: Engine>(r: &mut Run<'_, E>, g: &mut Green, from: Step) -> Result<Step, Error> {
+    let to = match from {
+        Step::Begin => {
+            let spec = CloneSpec {
+                from: r.blue.id.clone(),
+                name: r.green_name(),
+                env: r.env.to_vec(),
+                labels: vec![(ROTATION_ID.to_owned(), r.rotation())],
+                primary_network: r.spec.network.clone(),
+            };
+            let id = r.engine.create_clone(&spec).await?;
+            g.id = Some(id.clone());
+            r.record(Step::GreenCreated, Some(&id), format!("created {} ({})", spec.name, short(&id)))
+                .await?;
+            Step::GreenCreated
+        }
+        Step::GreenCreated => {
+            let id = g.id.clone().unwrap_or_default();
+            r.engine.start(&id).await?;
+            r.record(Step::GreenStarted, None, format!("started {}", short(&id))).await?;
+            Step::GreenStarted
+        }
+        Step::GreenStarted => {
+            let id = g.id.clone().unwrap_or_default();
+            let h = health::wait(r.engine, &id, &r.health_check()).await?;
+            g.member = Some(Member {
+                id: id.clone(),
+                name: r.blue.name.clone(),
+                ip: h.ip,
+            });
+            r.record(Step::GreenHealthy, None, format!("healthy after {} ms", ms(h.waited)))
+                .await?;
+            Step::GreenHealthy
+        }
+        Step::GreenHealthy => {
+            let member = g.member.clone().expect("green is healthy");
+            g.swaps = r.gateway.replace(r.key, &r.blue.id, member, r.spec.drain_timeout)?;
+            r.serving_after_ms = Some(ms(r.started.elapsed()));
+            let draining: u64 = g
+                .swaps
+                .iter()
+                .map(|(l, s)| {
+                    l.snapshot()
+                        .generations
+                        .iter()
+                        .filter(|x| x.generation == s.previous)
+                        .map(|x| x.active)
+                        .sum::<u64>()
+                })
+                .sum();
+            r.record(Step::Swapped, None, format!("swapped; {draining} connections draining from blue"))
+                .await?;
+            Step::Swapped
+        }
+        Step::Swapped => {
+            let started = tokio::time::Instant::now();
+            let mut forced = 0;
+            for (l, s) in &g.swaps {
+                let wait = r.spec.drain_timeout + l.config().close_window + DRAIN_SLACK;
+                if let dso_proxy::DrainStatus::Drained(d) = l.wait_drained(s.previous, wait).await? {
+                    forced += d.forced;
+                }
+            }
+            r.record(
+                Step::Drained,
+                None,
+                format!("drained in {} ms ({forced} closed at the deadline)", ms(started.elapsed())),
+            )
+            .await?;
+            Step::Drained
+        }
+        Step::Drained => {
+            r.engine.stop(&r.blue.id, r.stop_grace).await?;
+            r.engine.remove(&r.blue.id).await?;
+            r.record(Step::BlueRemoved, None, format!("removed {}", short(&r.blue.id)))
+                .await?;
+            Step::BlueRemoved
+        }
+        Step::BlueRemoved => {
+            let id = g.id.clone().unwrap_or_default();
+            r.engine.rename(&id, &r.blue.name).await?;
+            r.record(Step::GreenRenamed, None, format!("renamed {} to {}", short(&id), r.blue.name))
+                .await?;
+            Step::GreenRenamed
+        }
+        Step::GreenRenamed => Step::Done,
+        other => unreachable!("rolling rotation has no step {other:?}"),
+    };
+    Ok(to)
+}
+
+/// Before the swap: removes green; blue was never touched.
+async fn rollback<E: Engine>(r: &Run<'_, E>, g: &Green) {
+    let mut ids: Vec<String> = g.id.iter().cloned().collect();
+    // Green may exist without a recorded ID when the create call failed half-way.
+    if let Ok(found) = r.engine.list_labeled(ROTATION_ID, &r.rotation()).await {
+        ids.extend(found.into_iter().map(|c| c.id));
+    }
+    ids.sort();
+    ids.dedup();
+    for id in ids.into_iter().filter(|id| *id != r.blue.id) {
+        if let Err(e) = r.engine.remove(&id).await {
+            tracing::warn!(container = short(&id), error = %e, "cannot remove green during rollback");
+        }
+    }
+}

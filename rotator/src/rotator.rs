@@ -1,0 +1,419 @@
+//! [`Rotator`]: what the agent holds. It recovers interrupted rotations at start, adopts
+//! the managed containers (listeners and routes, no rotation), follows Docker events, runs
+//! rotations one per service at a time, and reports status.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dso_proxy::Proxy;
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::discovery::{self, Managed, Scan};
+use crate::engine::{Engine, short};
+use crate::error::Error;
+use crate::gateway::Gateway;
+use crate::journal::{History, Journal, Step, now_ms};
+use crate::labels::{PortMap, ServiceKey, Strategy};
+use crate::lock::{Queue, ServiceLock};
+use crate::recovery::{self, Recovered};
+use crate::rotation::{self, ContainerReport, Hooks, Progress, Run, ms};
+use crate::{restart, rolling, strategy};
+
+/// Settings of the rotator.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Directory for the journal, history and lock files (e.g. `/var/lib/dso`).
+    pub state_dir: PathBuf,
+    /// Grace given to a container's main process between SIGTERM and SIGKILL on stop.
+    pub stop_grace: Duration,
+}
+
+impl Config {
+    /// Settings with a 10 s stop grace.
+    pub fn new(state_dir: impl Into<PathBuf>) -> Self {
+        Config {
+            state_dir: state_dir.into(),
+            stop_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A rotation request (`dso rotate TARGET [--strategy S] [--env K=V]...`).
+#[derive(Debug, Clone, Default)]
+pub struct RotateRequest {
+    /// Service (`project/service` or `service`) or container name or ID.
+    pub target: String,
+    /// Strategy overriding the label.
+    pub strategy: Option<Strategy>,
+    /// Environment variables to set in the new container.
+    pub env: Vec<(String, String)>,
+    /// Receives each step as it happens.
+    pub progress: Option<mpsc::UnboundedSender<Progress>>,
+    /// Test hooks.
+    pub hooks: Hooks,
+}
+
+/// The result of a rotation request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RotationReport {
+    /// Service rotated.
+    pub service: ServiceKey,
+    /// One report per container of the service.
+    pub containers: Vec<ContainerReport>,
+    /// Milliseconds for the whole request, including time queued.
+    pub took_ms: u64,
+}
+
+/// A managed service as `dso status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    /// Service key.
+    pub service: ServiceKey,
+    /// Strategy label (`auto` unresolved).
+    pub strategy: Strategy,
+    /// Ports owned, as `IP:HOST:CONTAINER` with the bound host port.
+    pub ports: Vec<String>,
+    /// Containers serving: `name (short id)`.
+    pub containers: Vec<String>,
+    /// Whether a rotation runs now.
+    pub rotating: bool,
+    /// The last finished rotation.
+    pub last: Option<History>,
+}
+
+type Outcome = Result<RotationReport, Error>;
+
+struct Inner<E: Engine> {
+    engine: E,
+    gateway: Gateway,
+    journal: Journal,
+    cfg: Config,
+    queue: Arc<Queue<RotateRequest, Outcome>>,
+    seq: std::sync::atomic::AtomicU64,
+}
+
+/// The rotator. Cheap to clone.
+pub struct Rotator<E: Engine> {
+    inner: Arc<Inner<E>>,
+}
+
+impl<E: Engine> Clone for Rotator<E> {
+    fn clone(&self) -> Self {
+        Rotator {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<E: Engine> std::fmt::Debug for Rotator<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rotator").field("state_dir", &self.inner.cfg.state_dir).finish()
+    }
+}
+
+impl<E: Engine> Rotator<E> {
+    /// Opens the state directory, recovers interrupted rotations, and adopts the managed
+    /// containers: listeners on their ports routing to the running containers. Nothing is
+    /// rotated. Returns the rotator and what recovery did.
+    pub async fn start(engine: E, proxy: Proxy, cfg: Config) -> Result<(Self, Vec<Recovered>), Error> {
+        let journal = Journal::open(&cfg.state_dir).map_err(|e| Error::state("opening state directory", e))?;
+        let recovered = recovery::recover_all(&engine, &journal).await?;
+        let r = Rotator {
+            inner: Arc::new(Inner {
+                engine,
+                gateway: Gateway::new(proxy),
+                journal,
+                cfg,
+                queue: Arc::default(),
+                seq: Default::default(),
+            }),
+        };
+        r.reconcile().await?;
+        Ok((r, recovered))
+    }
+
+    /// The gateway (listeners per service).
+    pub fn gateway(&self) -> &Gateway {
+        &self.inner.gateway
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &E {
+        &self.inner.engine
+    }
+
+    /// Rescans and brings every listener and route in line with the running containers.
+    /// Services with a rotation in progress are left to it.
+    pub async fn reconcile(&self) -> Result<Scan, Error> {
+        let scan = discovery::scan(&self.inner.engine).await?;
+        for m in scan.services.values() {
+            if m.spec.ports.is_empty() || self.inner.queue.is_busy(&m.key) {
+                continue;
+            }
+            let timing = rotation::timing(&m.spec, self.inner.cfg.stop_grace);
+            if let Err(e) = self.inner.gateway.install(&m.key, &m.spec.ports, m.members(), timing) {
+                warn!(service = %m.key, error = %e, "cannot route service");
+            }
+        }
+        Ok(scan)
+    }
+
+    /// Follows Docker events until `stop`, reconciling after each relevant event and
+    /// after each reconnect (with backoff from 200 ms to 10 s while the daemon is away).
+    pub async fn watch(&self, stop: CancellationToken) {
+        let mut backoff = Duration::from_millis(200);
+        while !stop.is_cancelled() {
+            let mut events = self.inner.engine.events();
+            if let Err(e) = self.reconcile().await {
+                warn!(error = %e, retry_in = ?backoff, "docker unreachable");
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+                continue;
+            }
+            backoff = Duration::from_millis(200);
+            loop {
+                let ev = tokio::select! {
+                    () = stop.cancelled() => return,
+                    ev = events.next() => ev,
+                };
+                match ev {
+                    Some(Ok(ev)) if relevant(&ev.action) => {
+                        info!(container = short(&ev.id), action = %ev.action, "docker event");
+                        if let Err(e) = self.reconcile().await {
+                            warn!(error = %e, "reconcile failed");
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => {
+                        warn!(error = %e, "docker event stream broke; reconnecting");
+                        break;
+                    }
+                    None => {
+                        warn!("docker event stream ended; reconnecting");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Rotates the service `req.target` names: every container of it, one after the
+    /// other. Waits behind a rotation of the same service in progress; requests that
+    /// arrive while one already waits are merged into it.
+    pub async fn rotate(&self, req: RotateRequest) -> Result<RotationReport, Error> {
+        let scan = discovery::scan(&self.inner.engine).await?;
+        let key = scan
+            .find(&req.target)
+            .map(|m| m.key.clone())
+            .ok_or_else(|| Error::NotFound {
+                target: req.target.clone(),
+                known: scan.names(),
+            })?;
+        let me = self.clone();
+        let queued_at = tokio::time::Instant::now();
+        let k = key.clone();
+        let mut out = self
+            .inner
+            .queue
+            .submit(key, req, merge, move |req| {
+                let me = me.clone();
+                let k = k.clone();
+                async move { me.run(k, req).await }
+            })
+            .await;
+        if let Ok(r) = &mut out {
+            r.took_ms = ms(queued_at.elapsed());
+        }
+        out
+    }
+
+    async fn run(&self, key: ServiceKey, req: RotateRequest) -> Outcome {
+        let started = tokio::time::Instant::now();
+        let started_at_ms = now_ms();
+        let _lock = ServiceLock::acquire(&self.inner.cfg.state_dir, &key)
+            .await
+            .map_err(|e| Error::state("service lock", e))?;
+        // Fresh state: the service may have changed while the request waited.
+        let scan = discovery::scan(&self.inner.engine).await?;
+        let m = scan.services.get(&key).cloned().ok_or_else(|| Error::NotFound {
+            target: key.to_string(),
+            known: scan.names(),
+        })?;
+        let mut reports = Vec::new();
+        let mut result = Ok(());
+        for c in m.containers.iter().filter(|c| c.running) {
+            match self.rotate_one(&m, c.clone(), &req).await {
+                Ok(r) => reports.push(r),
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        let (res, err) = match &result {
+            Ok(()) => ("done".to_owned(), None),
+            Err(Error::Refused { .. }) => ("refused".to_owned(), result.as_ref().err().map(ToString::to_string)),
+            Err(e) => ("failed".to_owned(), Some(e.to_string())),
+        };
+        let history = History {
+            rotation: reports.last().map(|r| r.rotation.clone()).unwrap_or_default(),
+            strategy: reports.last().map_or(req.strategy.unwrap_or(m.spec.strategy), |r| r.strategy),
+            result: res,
+            error: err,
+            started_at_ms,
+            took_ms: ms(started.elapsed()),
+            container: reports.last().map(|r| r.new_id.clone()),
+        };
+        if let Err(e) = self.inner.journal.set_history(&key, &history) {
+            warn!(service = %key, error = %e, "cannot write rotation history");
+        }
+        result?;
+        Ok(RotationReport {
+            service: key,
+            containers: reports,
+            took_ms: 0,
+        })
+    }
+
+    async fn rotate_one(&self, m: &Managed, blue: crate::engine::Container, req: &RotateRequest) -> Result<ContainerReport, Error> {
+        let inner = &self.inner;
+        let strategy = strategy::resolve(&m.key, &blue, &m.spec, req.strategy)?;
+        let n = inner.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let rotation = format!("{:x}{n}", now_ms());
+        match strategy {
+            Strategy::Rolling | Strategy::Restart => {
+                let mut run = Run::begin(
+                    &inner.engine,
+                    &inner.gateway,
+                    &inner.journal,
+                    &m.key,
+                    &m.spec,
+                    blue,
+                    strategy,
+                    rotation,
+                    &req.env,
+                    inner.cfg.stop_grace,
+                    req.progress.as_ref(),
+                    req.hooks,
+                )?;
+                let result = if strategy == Strategy::Rolling {
+                    rolling::run(&mut run).await
+                } else {
+                    restart::run(&mut run).await
+                };
+                match result {
+                    Ok(green) => Ok(run.into_report(strategy, green)),
+                    Err(e) => {
+                        if !run.entry.last().step.is_terminal() {
+                            // Past the point of no return: finish forward now.
+                            warn!(service = %m.key, error = %e, "rotation failed after its point of no return; recovering");
+                            let rec = run.entry.last().clone();
+                            drop(run);
+                            recovery::recover(&inner.engine, &inner.journal, rec).await?;
+                            self.reconcile().await?;
+                        }
+                        Err(e)
+                    }
+                }
+            }
+            Strategy::Signal => {
+                if !req.env.is_empty() {
+                    warn!(service = %m.key, "signal strategy: new environment values need a new container and are not applied");
+                }
+                inner.engine.signal(&blue.id, &m.spec.signal).await?;
+                let p = Progress {
+                    rotation: rotation.clone(),
+                    step: Step::Done,
+                    elapsed_ms: 0,
+                    detail: format!("sent {} to {}", m.spec.signal, blue.name),
+                };
+                if let Some(tx) = &req.progress {
+                    let _ = tx.send(p.clone());
+                }
+                Ok(ContainerReport {
+                    rotation,
+                    strategy,
+                    name: blue.name.clone(),
+                    old_id: blue.id.clone(),
+                    new_id: blue.id,
+                    steps: vec![p],
+                    took_ms: 0,
+                    serving_after_ms: None,
+                })
+            }
+            Strategy::None | Strategy::Auto => Ok(ContainerReport {
+                rotation,
+                strategy: Strategy::None,
+                name: blue.name.clone(),
+                old_id: blue.id.clone(),
+                new_id: blue.id,
+                steps: Vec::new(),
+                took_ms: 0,
+                serving_after_ms: None,
+            }),
+        }
+    }
+
+    /// Every managed service with its ports, containers and last rotation.
+    pub async fn status(&self) -> Result<Vec<ServiceStatus>, Error> {
+        let scan = discovery::scan(&self.inner.engine).await?;
+        let gw = &self.inner.gateway;
+        Ok(scan
+            .services
+            .values()
+            .map(|m| {
+                let listeners = gw.listeners(&m.key);
+                let ports = m
+                    .spec
+                    .ports
+                    .iter()
+                    .zip(listeners.iter().map(Some).chain(std::iter::repeat(None)))
+                    .map(|(p, l)| {
+                        let bound = l.map_or(p.host, |l| l.local_addr().port());
+                        PortMap { host: bound, ..*p }.to_string()
+                    })
+                    .collect();
+                ServiceStatus {
+                    service: m.key.clone(),
+                    strategy: m.spec.strategy,
+                    ports,
+                    containers: gw
+                        .members(&m.key)
+                        .iter()
+                        .map(|x| format!("{} ({})", x.name, short(&x.id)))
+                        .collect(),
+                    rotating: self.inner.queue.is_busy(&m.key),
+                    last: self.inner.journal.history(&m.key),
+                }
+            })
+            .collect())
+    }
+}
+
+/// Later requests win: their environment values replace earlier ones of the same name,
+/// and a strategy they name replaces the earlier one.
+fn merge(a: &mut RotateRequest, b: RotateRequest) {
+    for (k, v) in b.env {
+        a.env.retain(|(x, _)| *x != k);
+        a.env.push((k, v));
+    }
+    if b.strategy.is_some() {
+        a.strategy = b.strategy;
+    }
+    if a.progress.is_none() {
+        a.progress = b.progress;
+    }
+}
+
+fn relevant(action: &str) -> bool {
+    matches!(action, "start" | "die" | "destroy" | "rename" | "stop" | "kill" | "unpause" | "pause")
+        || action.starts_with("health_status")
+}
