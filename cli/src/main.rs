@@ -1,1 +1,58 @@
-fn main() {}
+//! `dso`: the agent, its control API, and the commands that drive it.
+//!
+//! Where to start reading: `args.rs` is the command line; `main` dispatches to `agent.rs`
+//! (the long-running process), `cmd/` (one module per command group, talking to the agent
+//! through `client.rs`), and `config/` (the file format and its checks). `api/` is the
+//! control API the agent serves.
+//!
+//! Exit codes: 0 success, 1 runtime failure, 2 usage or config error (clap's own usage
+//! errors also exit 2).
+
+mod agent;
+mod api;
+mod args;
+mod client;
+mod cmd;
+mod config;
+mod duration;
+mod plugin;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::args::{Cli, Command};
+
+fn main() -> ExitCode {
+    let argv = match plugin::classify(std::env::args_os().collect()) {
+        plugin::Invocation::Metadata => {
+            println!("{}", plugin::metadata());
+            return ExitCode::SUCCESS;
+        }
+        plugin::Invocation::Run(argv) => argv,
+    };
+    let cli = Cli::parse_from(argv);
+    let result = match cli.command {
+        Command::Agent(a) => agent::main(a, cli.socket),
+        Command::Config(c) => cmd::config::run(c),
+        Command::Proxy(p) => cmd::proxy::run(p, cmd::socket_path(cli.socket)),
+        Command::Debug(d) => cmd::debug::run(d),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(exit_code(&e))
+        }
+    }
+}
+
+/// 2 for errors the user fixes by changing the command or the file, 1 for the rest.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    let usage = e.chain().any(|c| {
+        c.is::<config::FileError>()
+            || c.downcast_ref::<client::ApiFailure>()
+                .is_some_and(|f| f.status.is_client_error())
+    });
+    if usage { 2 } else { 1 }
+}

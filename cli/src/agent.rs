@@ -1,0 +1,100 @@
+//! `dso agent`: the long-running process. Loads the config, binds the listeners, serves the
+//! control API, and maps signals onto the proxy's shutdown.
+//!
+//! Signal contract: the first SIGTERM or SIGINT stops accepting and drains with a deadline,
+//! then exits 0; a second one closes every connection at once and exits 0 as well (the
+//! operator asked for it). The log says which of the two happened.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use dso_proxy::Proxy;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use tracing_subscriber::EnvFilter;
+
+use crate::api::{self, Router, State};
+use crate::args::AgentArgs;
+use crate::config::{self, Config, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_SOCKET};
+
+/// Runs the agent until a signal ends it.
+pub fn main(args: AgentArgs, socket: Option<PathBuf>) -> anyhow::Result<()> {
+    let cfg = config::load(&args.config)?;
+    init_logging();
+    let socket = socket
+        .or_else(|| cfg.agent.socket.clone())
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
+    let shutdown = args
+        .shutdown_timeout
+        .map(|d| d.get())
+        .or(cfg.agent.shutdown_timeout)
+        .unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(run(cfg, &args.config, &socket, shutdown))
+}
+
+fn init_logging() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn run(cfg: Config, path: &Path, socket: &Path, shutdown: Duration) -> anyhow::Result<()> {
+    // Signal streams first, so a signal that arrives during start-up is not lost.
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+
+    let proxy = Proxy::new(cfg.proxy.clone());
+    for l in cfg.listeners {
+        let name = l.name.clone();
+        proxy
+            .add_listener(l)
+            .with_context(|| format!("starting listener {name} from {}", path.display()))?;
+    }
+    let server = api::bind(socket).await?;
+    let stop_api = CancellationToken::new();
+    let state = State {
+        proxy: proxy.clone(),
+        started: Instant::now(),
+    };
+    let api_task = tokio::spawn(server.serve(state, Router::new(), stop_api.clone()));
+    info!(
+        config = %path.display(),
+        socket = %socket.display(),
+        listeners = proxy.listeners().len(),
+        pid = std::process::id(),
+        "agent ready"
+    );
+
+    let first = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    info!(signal = first, deadline = ?shutdown, "shutting down gracefully; send the signal again to force");
+    let graceful = proxy.shutdown(shutdown);
+    tokio::pin!(graceful);
+    tokio::select! {
+        report = &mut graceful => {
+            if report.drained {
+                info!(took_ms = report.took_ms, "every connection finished; exiting");
+            } else {
+                warn!(took_ms = report.took_ms, forced = report.forced, "shutdown deadline passed; remaining connections were closed");
+            }
+        }
+        second = async { tokio::select! { _ = term.recv() => "SIGTERM", _ = int.recv() => "SIGINT" } } => {
+            let open = proxy.snapshot().listeners.iter().map(|l| l.counters.active + l.counters.held).sum::<u64>();
+            warn!(signal = second, connections = open, "second signal: closing every connection now");
+            proxy.force_close();
+        }
+    }
+    stop_api.cancel();
+    let _ = api_task.await;
+    Ok(())
+}

@@ -1,0 +1,183 @@
+//! `/v1/proxy`: snapshots of the listeners and the route operations swap, pause, resume and
+//! wait-for-drain. Bodies are read field by field so that an error names its field.
+
+use std::time::Duration;
+
+use dso_proxy::{Backend, DrainStatus, Listener};
+use hyper::{Method, StatusCode};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+
+use super::{ApiError, ApiRequest, Reply, State, json};
+use crate::config::BackendEntry;
+use crate::duration::HumanDuration;
+
+/// Extra time a waiting swap allows beyond the drain deadline and close window, for the
+/// closes to land.
+const WAIT_SLACK: Duration = Duration::from_secs(10);
+
+/// Answer of swap and resume.
+#[derive(Debug, Serialize)]
+struct SwapReply {
+    listener: String,
+    generation: u64,
+    previous: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    drain: Option<DrainStatus>,
+}
+
+/// Routes `/v1/proxy/...`.
+pub async fn handle(state: State, req: ApiRequest) -> Option<Reply> {
+    let seg = req.segments();
+    let reply = match (&req.method, seg.as_slice()) {
+        (&Method::GET, []) => json(StatusCode::OK, &state.proxy.snapshot()),
+        (&Method::GET, ["listeners"]) => json(StatusCode::OK, &state.proxy.snapshot().listeners),
+        (&Method::GET, ["listeners", name]) => listener(&state, name).and_then(|l| json(StatusCode::OK, &l.snapshot())),
+        (&Method::POST, ["listeners", name, "swap"]) => swap(&state, name, &req).await,
+        (&Method::POST, ["listeners", name, "pause"]) => pause(&state, name, &req),
+        (&Method::POST, ["listeners", name, "resume"]) => resume(&state, name, &req),
+        (&Method::GET, ["listeners", name, "generations", n, "drain"]) => drain(&state, name, n, &req).await,
+        _ => return None,
+    };
+    Some(reply)
+}
+
+async fn swap(state: &State, name: &str, req: &ApiRequest) -> Reply {
+    let body = Body::parse(req, &["backends", "drain", "wait"])?;
+    let backends: Vec<BackendEntry> = body.required("backends")?;
+    let drain: Option<HumanDuration> = body.optional("drain")?;
+    let wait: bool = body.optional("wait")?.unwrap_or(false);
+    let l = listener(state, name)?;
+    let swap = l.swap(to_backends(backends), drain.map(HumanDuration::get)).map_err(proxy_error)?;
+    let drain_status = if wait {
+        let deadline = drain.map_or(l.config().drain_timeout, HumanDuration::get);
+        let timeout = deadline + l.config().close_window + WAIT_SLACK;
+        Some(l.wait_drained(swap.previous, timeout).await.map_err(proxy_error)?)
+    } else {
+        None
+    };
+    json(
+        StatusCode::OK,
+        &SwapReply {
+            listener: name.to_owned(),
+            generation: swap.generation,
+            previous: swap.previous,
+            drain: drain_status,
+        },
+    )
+}
+
+fn pause(state: &State, name: &str, req: &ApiRequest) -> Reply {
+    let body = Body::parse(req, &["max"])?;
+    let max: Option<HumanDuration> = body.optional("max")?;
+    if max.is_some_and(|m| m.get().is_zero()) {
+        return Err(ApiError::bad_request("max: must be longer than 0s"));
+    }
+    let l = listener(state, name)?;
+    let max = l.pause(max.map(HumanDuration::get));
+    json(
+        StatusCode::OK,
+        &serde_json::json!({
+            "listener": name,
+            "mode": "hold",
+            "generation": l.generation(),
+            "max_ms": u64::try_from(max.as_millis()).unwrap_or(u64::MAX),
+        }),
+    )
+}
+
+fn resume(state: &State, name: &str, req: &ApiRequest) -> Reply {
+    let body = Body::parse(req, &["backends", "drain"])?;
+    let backends: Option<Vec<BackendEntry>> = body.optional("backends")?;
+    let drain: Option<HumanDuration> = body.optional("drain")?;
+    if backends.as_ref().is_some_and(Vec::is_empty) {
+        return Err(ApiError::bad_request("backends: give at least one IP:PORT, or leave the field out"));
+    }
+    let l = listener(state, name)?;
+    let swap = l
+        .resume(backends.map(to_backends), drain.map(HumanDuration::get))
+        .map_err(proxy_error)?;
+    json(
+        StatusCode::OK,
+        &SwapReply {
+            listener: name.to_owned(),
+            generation: swap.generation,
+            previous: swap.previous,
+            drain: None,
+        },
+    )
+}
+
+async fn drain(state: &State, name: &str, n: &str, req: &ApiRequest) -> Reply {
+    let generation: u64 = n
+        .parse()
+        .map_err(|_| ApiError::bad_request(format!("generation {n:?} is not a number")))?;
+    let timeout = match req.query.get("timeout") {
+        Some(t) => crate::duration::parse(t).map_err(|e| ApiError::bad_request(format!("timeout: {e}")))?,
+        None => Duration::from_secs(30),
+    };
+    let l = listener(state, name)?;
+    let status = l.wait_drained(generation, timeout).await.map_err(proxy_error)?;
+    json(StatusCode::OK, &status)
+}
+
+fn listener(state: &State, name: &str) -> Result<Listener, ApiError> {
+    state.proxy.listener(name).map_err(proxy_error)
+}
+
+fn to_backends(entries: Vec<BackendEntry>) -> Vec<Backend> {
+    entries
+        .into_iter()
+        .map(|b| Backend {
+            addr: b.addr,
+            label: b.label,
+        })
+        .collect()
+}
+
+fn proxy_error(e: dso_proxy::Error) -> ApiError {
+    use dso_proxy::Error as E;
+    let status = match &e {
+        E::UnknownListener { .. } | E::UnknownGeneration { .. } => StatusCode::NOT_FOUND,
+        E::NoBackends { .. } => StatusCode::BAD_REQUEST,
+        E::ShuttingDown | E::DuplicateListener { .. } => StatusCode::CONFLICT,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    ApiError {
+        status,
+        message: e.to_string(),
+    }
+}
+
+/// A JSON object body whose fields are read one by one.
+struct Body(Map<String, Value>);
+
+impl Body {
+    fn parse(req: &ApiRequest, allowed: &[&str]) -> Result<Body, ApiError> {
+        let Value::Object(map) = req.json::<Value>()? else {
+            return Err(ApiError::bad_request("invalid body: expected a JSON object"));
+        };
+        if let Some(k) = map.keys().find(|k| !allowed.contains(&k.as_str())) {
+            return Err(ApiError::bad_request(format!(
+                "unknown field {k:?}; expected one of: {}",
+                allowed.join(", ")
+            )));
+        }
+        Ok(Body(map))
+    }
+
+    fn optional<T: DeserializeOwned>(&self, field: &str) -> Result<Option<T>, ApiError> {
+        match self.0.get(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => serde_json::from_value(v.clone())
+                .map(Some)
+                .map_err(|e| ApiError::bad_request(format!("{field}: {e}"))),
+        }
+    }
+
+    fn required<T: DeserializeOwned>(&self, field: &str) -> Result<T, ApiError> {
+        self.optional(field)?
+            .ok_or_else(|| ApiError::bad_request(format!("{field}: missing")))
+    }
+}

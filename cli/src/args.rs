@@ -1,0 +1,220 @@
+//! The command line, as clap derive types. Help text is written to teach: each command's
+//! long help says what it does to connections and shows examples.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::duration::HumanDuration;
+
+/// Zero-downtime backend swaps for the TCP ports of a Docker host.
+#[derive(Debug, Parser)]
+#[command(
+    name = "dso",
+    version,
+    about = "Zero-downtime backend swaps for the TCP ports of a Docker host",
+    long_about = "dso owns TCP ports on this host and forwards them to backends (containers, \
+databases, apps). The backend behind a port can be swapped atomically: new connections go \
+to the new backend at once, open ones finish on the old one (drain), and a port can hold new \
+connections while its backend restarts (pause/resume).\n\n\
+Run `dso agent --config dso.yaml` once per host; every other command talks to that agent \
+over its control socket.",
+    after_long_help = "Examples:\n  \
+dso agent --config examples/echo.yaml --socket /tmp/dso.sock\n  \
+dso --socket /tmp/dso.sock proxy status\n  \
+dso proxy swap pg 127.0.0.1:5433 --wait\n  \
+dso config validate dso.yaml"
+)]
+pub struct Cli {
+    /// Control socket of the agent.
+    #[arg(long, global = true, env = "DSO_SOCKET", value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent: own the configured ports and serve the control API.
+    #[command(long_about = "Run the agent in the foreground: bind every listener of the \
+config file's `proxy:` section, forward connections to their backends, and serve the control \
+API on a Unix socket (default /run/dso/dso.sock; --socket, DSO_SOCKET or the file's \
+`agent.socket` change it).\n\n\
+Signals: the first SIGTERM or SIGINT stops accepting, lets open connections finish for up to \
+--shutdown-timeout, closes what is left and exits 0. A second one closes every connection at \
+once. Logs go to stderr; set RUST_LOG (default `info`) to change the level.",
+        after_long_help = "Examples:\n  \
+dso agent --config /etc/dso/dso.yaml\n  \
+dso agent --config examples/echo.yaml --socket /tmp/dso.sock\n  \
+RUST_LOG=debug dso agent --config dso.yaml --shutdown-timeout 2m")]
+    Agent(AgentArgs),
+    /// Check config files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Inspect and steer the proxy of a running agent.
+    #[command(subcommand)]
+    Proxy(ProxyCommand),
+    /// Helpers for trying dso out on a machine with nothing else running.
+    #[command(subcommand)]
+    Debug(DebugCommand),
+}
+
+/// `dso agent` options.
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Config file (YAML).
+    #[arg(long, short, value_name = "FILE")]
+    pub config: PathBuf,
+    /// How long the first SIGTERM/SIGINT lets open connections finish [default: the file's
+    /// `agent.shutdown_timeout`, else 30s].
+    #[arg(long, value_name = "DURATION")]
+    pub shutdown_timeout: Option<HumanDuration>,
+}
+
+/// `dso config ...`.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Check a config file without binding anything; print its listeners.
+    #[command(long_about = "Parse and check a config file exactly as `dso agent` would, \
+without binding any port or socket. On success prints one line per listener; on error \
+prints the key and line at fault and exits with status 2.\n\n\
+`${VAR}` and `${VAR:-default}` are expanded from the environment first.",
+        after_long_help = "Example:\n  dso config validate examples/echo.yaml")]
+    Validate {
+        /// The file to check.
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+}
+
+/// `dso proxy ...`.
+#[derive(Debug, Subcommand)]
+pub enum ProxyCommand {
+    /// Show every listener: route, connections, bytes, errors, connect latency.
+    #[command(long_about = "Show every listener of the agent: bind address, mode (forward or \
+hold), route generation, backends, connections active / held / still draining from older \
+generations, bytes in (client to backend) and out, errors (failed dials plus connections that \
+found no backend) and connect latency p50/p99. Every figure is read from the running proxy.",
+        after_long_help = "Examples:\n  dso proxy status\n  dso proxy status --json | jq '.listeners[].bind'")]
+    Status {
+        /// Print the agent's full snapshot as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send new connections of a listener to other backends.
+    #[command(long_about = "Install ADDR... as the listener's new route (the next generation). \
+When the command returns, every new connection goes to the new backends. Connections already \
+open keep flowing to the old ones until they close or the drain deadline passes; then the \
+proxy closes them, spread over the listener's close_window.\n\n\
+With --wait the command returns only once the old generation has drained, and prints how long \
+that took and how many connections had to be closed.",
+        after_long_help = "Examples:\n  \
+dso proxy swap pg 127.0.0.1:5433\n  \
+dso proxy swap pg 127.0.0.1:5433 --drain 2m --wait\n  \
+dso proxy swap web 10.0.0.5:8080=green-1 10.0.0.6:8080=green-2")]
+    Swap {
+        /// Listener name (see `dso proxy status`).
+        listener: String,
+        /// New backends as IP:PORT, optionally IP:PORT=LABEL.
+        #[arg(required = true, value_name = "ADDR", value_parser = parse_backend)]
+        addrs: Vec<BackendArg>,
+        /// How long old connections may keep flowing [default: the listener's drain_timeout].
+        #[arg(long, value_name = "DURATION")]
+        drain: Option<HumanDuration>,
+        /// Return only when the old generation has drained.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Hold new connections of a listener (accept, do not dial) until resume or swap.
+    #[command(long_about = "Pause a listener: it keeps accepting, but new connections wait in \
+the proxy instead of being dialed. `dso proxy resume` or `dso proxy swap` dials them. Clients \
+see latency, not an error. Connections already forwarding are not affected.\n\n\
+If the pause lasts longer than --max, held connections are closed cleanly and counted, and the \
+listener forwards to its previous route again: a forgotten pause never blocks a port forever.",
+        after_long_help = "Example (restart a database behind port pg):\n  \
+dso proxy pause pg --max 1m\n  systemctl restart postgresql\n  dso proxy resume pg")]
+    Pause {
+        /// Listener name.
+        listener: String,
+        /// Longest the hold may last [default: the listener's hold_max].
+        #[arg(long, value_name = "DURATION")]
+        max: Option<HumanDuration>,
+    },
+    /// End a pause; held connections are dialed now.
+    #[command(long_about = "Resume a paused listener. Without ADDR, held and new connections go \
+to the route the listener had before the pause. With ADDR..., they go to these new backends \
+(a swap: older connections drain as usual).",
+        after_long_help = "Examples:\n  dso proxy resume pg\n  dso proxy resume pg 127.0.0.1:5433")]
+    Resume {
+        /// Listener name.
+        listener: String,
+        /// New backends as IP:PORT (optional).
+        #[arg(value_name = "ADDR", value_parser = parse_backend)]
+        addrs: Vec<BackendArg>,
+    },
+}
+
+/// `dso debug ...`.
+#[derive(Debug, Subcommand)]
+pub enum DebugCommand {
+    /// Run a TCP echo server (a backend for trying dso with no other service).
+    #[command(long_about = "Run a TCP server that echoes every byte back, prefixed by a greeting \
+line naming it, so you can see which backend answered. Runs until interrupted.",
+        after_long_help = "Example:\n  dso debug echo-server 127.0.0.1:7001 --name blue")]
+    EchoServer {
+        /// Address to listen on, IP:PORT.
+        #[arg(value_parser = parse_addr)]
+        addr: SocketAddr,
+        /// Name sent in the greeting line [default: the address].
+        #[arg(long)]
+        name: Option<String>,
+    },
+}
+
+/// A backend given on the command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendArg {
+    /// Address to dial.
+    pub addr: SocketAddr,
+    /// Optional label.
+    pub label: Option<String>,
+}
+
+/// Parses `IP:PORT` with an error that says what was expected.
+pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse()
+        .map_err(|_| format!("invalid address {s:?}; expected IP:PORT, like 127.0.0.1:5432 or [::1]:5432"))
+}
+
+/// Parses `IP:PORT` or `IP:PORT=LABEL`.
+pub fn parse_backend(s: &str) -> Result<BackendArg, String> {
+    let (addr, label) = match s.split_once('=') {
+        Some((a, l)) if !l.is_empty() => (a, Some(l.to_owned())),
+        _ => (s, None),
+    };
+    Ok(BackendArg {
+        addr: parse_addr(addr)?,
+        label,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn backend_args() {
+        let b = parse_backend("127.0.0.1:5432=blue").unwrap();
+        assert_eq!(b.label.as_deref(), Some("blue"));
+        assert!(parse_backend("localhost:5432").unwrap_err().contains("expected IP:PORT"));
+    }
+}

@@ -1,0 +1,104 @@
+//! The `dso proxy status` table, built only from the agent's snapshot.
+
+use dso_proxy::{ListenerSnapshot, ProxySnapshot};
+
+use crate::duration::{format_ms, format_us};
+
+const HEADER: [&str; 13] = [
+    "LISTENER", "BIND", "MODE", "GEN", "BACKENDS", "ACTIVE", "HELD", "DRAINING", "IN", "OUT", "ERRORS", "P50",
+    "P99",
+];
+
+/// Renders the snapshot as an aligned text table, one row per listener.
+pub fn render(snap: &ProxySnapshot) -> String {
+    if snap.listeners.is_empty() {
+        return "no listeners (add some under proxy.listeners in the config file)\n".to_owned();
+    }
+    let rows: Vec<[String; 13]> = snap.listeners.iter().map(row).collect();
+    let mut widths = HEADER.map(str::len);
+    for r in &rows {
+        for (w, cell) in widths.iter_mut().zip(r) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let header = HEADER.map(str::to_owned);
+    for r in std::iter::once(&header).chain(&rows) {
+        let line: Vec<String> = r
+            .iter()
+            .zip(widths)
+            .map(|(cell, w)| format!("{cell}{}", " ".repeat(w - cell.chars().count())))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn row(l: &ListenerSnapshot) -> [String; 13] {
+    let mode = match l.hold_remaining_ms {
+        Some(ms) if l.mode == "hold" => format!("hold ({} left)", format_ms(ms)),
+        _ => l.mode.clone(),
+    };
+    let backends = if l.backends.is_empty() {
+        "-".to_owned()
+    } else {
+        l.backends
+            .iter()
+            .map(|b| match &b.label {
+                Some(label) => format!("{} ({label})", b.addr),
+                None => b.addr.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let latency = |us: u64| if l.connect.count == 0 { "-".to_owned() } else { format_us(us) };
+    [
+        l.name.clone(),
+        l.bind.to_string(),
+        mode,
+        l.generation.to_string(),
+        backends,
+        l.counters.active.to_string(),
+        l.counters.held.to_string(),
+        l.draining.to_string(),
+        bytes(l.counters.bytes_in),
+        bytes(l.counters.bytes_out),
+        (l.counters.dial_errors + l.counters.failed).to_string(),
+        latency(l.connect.p50_us),
+        latency(l.connect.p99_us),
+    ]
+}
+
+/// Bytes in binary units: `512 B`, `1.5 KiB`, `3.2 GiB`.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_bytes() {
+        assert_eq!(bytes(0), "0 B");
+        assert_eq!(bytes(1023), "1023 B");
+        assert_eq!(bytes(1536), "1.5 KiB");
+        assert_eq!(bytes(5 * 1024 * 1024 * 1024), "5.0 GiB");
+    }
+
+    #[test]
+    fn empty_snapshot_says_so() {
+        assert!(render(&ProxySnapshot::default()).contains("no listeners"));
+    }
+}

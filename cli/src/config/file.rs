@@ -1,0 +1,183 @@
+//! The config file format as serde reads it: every key optional, unknown keys rejected.
+//! Defaults and checks live in `validate.rs`, not here.
+//!
+//! To add a top-level section (`services:`, `secrets:`), add an `Option` field to
+//! [`FileConfig`] with its own struct, and a matching field to the validated `Config`.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+
+use crate::duration::HumanDuration;
+
+/// The whole file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Settings of the agent process itself.
+    pub agent: Option<AgentSection>,
+    /// The listeners the agent owns.
+    pub proxy: Option<ProxySection>,
+}
+
+/// `agent:`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSection {
+    /// Control socket path (overridden by `--socket` and `DSO_SOCKET`).
+    pub socket: Option<PathBuf>,
+    /// How long a SIGTERM waits for connections to finish.
+    pub shutdown_timeout: Option<HumanDuration>,
+}
+
+/// `proxy:`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxySection {
+    /// Most connections all listeners together serve at once.
+    pub max_connections: Option<usize>,
+    /// One entry per owned port.
+    pub listeners: Option<Vec<ListenerEntry>>,
+}
+
+/// `proxy.listeners[]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerEntry {
+    /// Unique name.
+    pub name: Option<String>,
+    /// Address to bind, `IP:PORT`.
+    pub listen: Option<Addr>,
+    /// Initial backends.
+    pub backends: Option<Vec<BackendEntry>>,
+    /// Drain deadline after a swap.
+    pub drain_timeout: Option<HumanDuration>,
+    /// Window over which connections left at a drain deadline are closed.
+    pub close_window: Option<HumanDuration>,
+    /// Longest a pause may last.
+    pub hold_max: Option<HumanDuration>,
+    /// Timeout of one dial.
+    pub connect_timeout: Option<HumanDuration>,
+    /// Dial attempts per connection.
+    pub dial_attempts: Option<u32>,
+    /// Time all dial attempts of one connection may take.
+    pub dial_budget: Option<HumanDuration>,
+    /// Idle timeout; off when absent.
+    pub idle_timeout: Option<Switch>,
+    /// Per-listener connection limit.
+    pub max_connections: Option<usize>,
+    /// Listen backlog.
+    pub backlog: Option<u32>,
+    /// TCP keepalive idle time, or `off`.
+    pub keepalive: Option<Switch>,
+}
+
+/// A backend written as `IP:PORT` or as `{addr: IP:PORT, label: TEXT}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendEntry {
+    /// Address to dial.
+    pub addr: SocketAddr,
+    /// What is behind it.
+    pub label: Option<String>,
+}
+
+/// A socket address whose parse error says what was expected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Addr(pub SocketAddr);
+
+impl<'de> Deserialize<'de> for Addr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.trim().parse().map(Addr).map_err(|_| {
+            de::Error::custom(format!(
+                "invalid address {s:?}; expected IP:PORT, like 127.0.0.1:5432 or [::1]:5432"
+            ))
+        })
+    }
+}
+
+/// A duration that can also be switched `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Switch {
+    /// Disabled.
+    Off,
+    /// Enabled with this duration.
+    On(HumanDuration),
+}
+
+impl Switch {
+    /// The duration, when on.
+    pub fn get(self) -> Option<std::time::Duration> {
+        match self {
+            Switch::Off => None,
+            Switch::On(d) => Some(d.get()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Switch {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Switch;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "`off` or {}", crate::duration::EXPECTED)
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Switch, E> {
+                // YAML 1.1 readers may turn a bare `off` into false.
+                if v {
+                    Err(E::custom("expected `off` or a duration like 30s"))
+                } else {
+                    Ok(Switch::Off)
+                }
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Switch, E> {
+                if v == "off" {
+                    return Ok(Switch::Off);
+                }
+                crate::duration::parse(v)
+                    .map(|d| Switch::On(HumanDuration(d)))
+                    .map_err(|e| E::custom(format!("{e}, or `off`")))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackendMap {
+    addr: Addr,
+    label: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for BackendEntry {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = BackendEntry;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a backend as IP:PORT or {addr: IP:PORT, label: TEXT}")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<BackendEntry, E> {
+                let addr = v.trim().parse().map_err(|_| {
+                    E::custom(format!(
+                        "invalid backend {v:?}; expected IP:PORT, like 127.0.0.1:5432"
+                    ))
+                })?;
+                Ok(BackendEntry { addr, label: None })
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<BackendEntry, A::Error> {
+                let m = BackendMap::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(BackendEntry {
+                    addr: m.addr.0,
+                    label: m.label,
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
