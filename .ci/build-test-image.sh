@@ -41,5 +41,10 @@ trap 'rm -rf "$ctx"' EXIT
 cp "$root/rotator/testsrv/Dockerfile" "$ctx/Dockerfile"
 cp "$bin" "$ctx/dso-testsrv"
 log "docker build -t $image (legacy builder, offline)"
-DOCKER_BUILDKIT=0 docker build -q -t "$image" "$ctx" >/dev/null
+# The 28.x client warns that the legacy builder is deprecated: show its output only on failure.
+if ! out=$(DOCKER_BUILDKIT=0 docker build -q -t "$image" "$ctx" 2>&1); then
+    printf '%s\n' "$out" >&2
+    log "ERROR: docker build failed"
+    exit 1
+fi
 log "image $image: $(docker image inspect -f '{{.Id}}' "$image")"
