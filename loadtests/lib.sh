@@ -1,0 +1,206 @@
+# Shared functions of the dso load tests. Sourced by run.sh and smoke.sh; not run alone.
+#
+# Everything listens on 127.0.0.1 only, every loop is bounded, and every process started
+# here is recorded in $LT_PIDS and stopped by lt_cleanup (installed as an EXIT trap).
+
+set -euo pipefail
+
+LT_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+LT_REPO=$(cd "$LT_ROOT/.." && pwd)
+LT_PIDS=()
+LT_PG_DIRS=()
+LT_MY_DIRS=()
+: "${LT_SCRATCH:=$(mktemp -d /tmp/dso-lt.XXXXXX)}"
+chmod 755 "$LT_SCRATCH"
+: "${DSO_LOAD:=$LT_REPO/target/release/dso-load}"
+PG_BIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
+
+lt_log() { printf '%s %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
+
+# Installs what is missing from Debian's packages (uses .ci/services.sh when it exists).
+lt_install() {
+    if [[ -f "$LT_REPO/.ci/services.sh" ]]; then
+        # shellcheck source=/dev/null
+        source "$LT_REPO/.ci/services.sh"
+        declare -F ensure_postgres >/dev/null && ensure_postgres
+        declare -F ensure_loadtools >/dev/null && ensure_loadtools
+        [[ "${1:-}" == all ]] && declare -F ensure_mariadb >/dev/null && ensure_mariadb
+    fi
+    local want=()
+    [[ -n "$PG_BIN" && -x "$PG_BIN/initdb" ]] || want+=(postgresql postgresql-contrib)
+    command -v pgbench >/dev/null || want+=(postgresql-contrib)
+    if [[ "${1:-}" == all ]]; then
+        command -v haproxy >/dev/null || want+=(haproxy)
+        command -v socat >/dev/null || want+=(socat)
+        command -v iperf3 >/dev/null || want+=(iperf3)
+        command -v mariadbd >/dev/null || want+=(mariadb-server)
+        command -v mariadb >/dev/null || want+=(mariadb-client)
+        command -v sysbench >/dev/null || want+=(sysbench)
+    fi
+    if ((${#want[@]})); then
+        lt_log "installing ${want[*]}"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${want[@]}" >/dev/null
+    fi
+    PG_BIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+}
+
+# Builds the load driver (release: every measurement is of an optimized build).
+lt_build() {
+    if [[ -z "${LT_NO_BUILD:-}" ]]; then
+        (cd "$LT_REPO" && cargo build --release -q -p dso-loadtests)
+    fi
+}
+
+lt_cleanup() {
+    local pid
+    for pid in "${LT_PIDS[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${LT_PIDS[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    local d
+    for d in "${LT_PG_DIRS[@]}"; do
+        runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$d" -m immediate stop >/dev/null 2>&1 || true
+    done
+    for d in "${LT_MY_DIRS[@]}"; do
+        [[ -f "$d/pid" ]] && kill "$(cat "$d/pid")" 2>/dev/null || true
+    done
+    sleep 0.5
+    [[ -n "${LT_KEEP_SCRATCH:-}" ]] || rm -rf "$LT_SCRATCH"
+}
+
+# A free TCP port on loopback (asked of the kernel, then released).
+lt_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# Waits until something accepts on 127.0.0.1:$1 (at most $2 seconds, default 20).
+lt_wait_port() {
+    local i
+    for ((i = 0; i < ${2:-20} * 10; i++)); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.1
+    done
+    lt_log "nothing accepts on port $1"
+    return 1
+}
+
+# Starts the dso proxy driver: lt_dso NAME LISTEN_PORT BACKEND_ADDR [extra args...].
+# Sets DSO_CTL_<NAME> (control port) and DSO_PID_<NAME>.
+lt_dso() {
+    local name=$1 port=$2 backend=$3
+    shift 3
+    local ctl
+    ctl=$(lt_port)
+    "$DSO_LOAD" proxy --listen "127.0.0.1:$port" --backend "$backend" \
+        --control "127.0.0.1:$ctl" --events "$LT_SCRATCH/events-$name.csv" --max-seconds 1800 "$@" \
+        >"$LT_SCRATCH/dso-$name.log" 2>&1 &
+    LT_PIDS+=($!)
+    printf -v "DSO_PID_$name" '%s' "$!"
+    printf -v "DSO_CTL_$name" '%s' "$ctl"
+    lt_wait_port "$ctl"
+}
+
+# Sends one control command: lt_ctl NAME COMMAND...; prints the reply.
+lt_ctl() {
+    local var="DSO_CTL_$1"
+    shift
+    local reply
+    exec 7<>"/dev/tcp/127.0.0.1/${!var}"
+    printf '%s\n' "$*" >&7
+    IFS= read -r reply <&7 || true
+    exec 7>&- 7<&-
+    printf '%s\n' "$reply"
+    [[ "$reply" == ok* || "$reply" == "{"* ]]
+}
+
+# Stops a dso driver and copies its event log into the run directory as $2.
+lt_dso_stop() {
+    lt_ctl "$1" quit >/dev/null || true
+    local pid="DSO_PID_$1"
+    wait "${!pid}" 2>/dev/null || true
+}
+
+# HAProxy in tcp mode: lt_haproxy LISTEN_PORT BACKEND_ADDR [MAXCONN]
+lt_haproxy() {
+    local cfg="$LT_SCRATCH/haproxy-$1.cfg"
+    cat >"$cfg" <<CFG
+global
+    maxconn ${3:-4096}
+    nbthread 2
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 1h
+    timeout server 1h
+listen lt
+    bind 127.0.0.1:$1
+    server s1 $2
+CFG
+    haproxy -f "$cfg" -db >"$LT_SCRATCH/haproxy-$1.log" 2>&1 &
+    LT_PIDS+=($!)
+    HAPROXY_PID=$!
+    lt_wait_port "$1"
+}
+
+# socat forwarding: lt_socat LISTEN_PORT BACKEND_HOST:PORT
+lt_socat() {
+    socat "TCP-LISTEN:$1,bind=127.0.0.1,reuseaddr,fork" "TCP:$2" >/dev/null 2>&1 &
+    LT_PIDS+=($!)
+    lt_wait_port "$1"
+}
+
+# A private PostgreSQL (trust auth, loopback only) with pgbench data:
+# lt_pg_init DIR PORT SCALE; later instances can copy DIR (lt_pg_clone) instead of
+# initialising again.
+lt_pg_init() {
+    local dir=$1 port=$2 scale=${3:-1}
+    mkdir -p "$dir" && chown postgres:postgres "$dir"
+    runuser -u postgres -- "$PG_BIN/initdb" -D "$dir" -A trust -U postgres >/dev/null
+    lt_pg_start "$dir" "$port"
+    runuser -u postgres -- "$PG_BIN/pgbench" -h 127.0.0.1 -p "$port" -U postgres -i -s "$scale" -q postgres >/dev/null 2>&1
+}
+
+lt_pg_start() {
+    local dir=$1 port=$2
+    LT_PG_DIRS+=("$dir")
+    runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$dir" -l "$dir.log" -w -t 60 \
+        -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c max_connections=200 -c shared_buffers=128MB -c fsync=off -c synchronous_commit=off" \
+        start >/dev/null
+}
+
+lt_pg_stop() {
+    runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$1" -m "${2:-fast}" -w stop >/dev/null
+}
+
+# Copies a stopped cluster: lt_pg_clone FROM TO
+lt_pg_clone() {
+    cp -a "$1" "$2"
+    rm -f "$2/postmaster.pid"
+}
+
+# pgbench as the postgres user against 127.0.0.1:PORT; remaining args go to pgbench.
+lt_pgbench() {
+    local port=$1
+    shift
+    runuser -u postgres -- "$PG_BIN/pgbench" -h 127.0.0.1 -p "$port" -U postgres "$@" postgres
+}
+
+# Extracts figures from pgbench's output file: prints "tps failed aborted lat_ms".
+lt_pgbench_figures() {
+    python3 - "$1" <<'PY'
+import re, sys
+t = open(sys.argv[1]).read()
+def f(p, d="0"):
+    m = re.search(p, t)
+    return m.group(1) if m else d
+tps = f(r"tps = ([0-9.]+) \(without initial connection time\)", f(r"tps = ([0-9.]+)"))
+failed = f(r"number of failed transactions: (\d+)")
+aborted = str(len(re.findall(r"client \d+ aborted", t)))
+lat = f(r"latency average = ([0-9.]+) ms")
+print(tps, failed, aborted, lat)
+PY
+}
+
+trap lt_cleanup EXIT
