@@ -39,7 +39,8 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the agent: own the configured ports and serve the control API.
-    #[command(long_about = "Run the agent in the foreground: bind every listener of the \
+    #[command(
+        long_about = "Run the agent in the foreground: bind every listener of the \
 config file's `proxy:` section, forward connections to their backends, and serve the control \
 API on a Unix socket (default /run/dso/dso.sock; --socket, DSO_SOCKET or the file's \
 `agent.socket` change it).\n\n\
@@ -49,7 +50,8 @@ once. Logs go to stderr; set RUST_LOG (default `info`) to change the level.",
         after_long_help = "Examples:\n  \
 dso agent --config /etc/dso/dso.yaml\n  \
 dso agent --config examples/echo.yaml --socket /tmp/dso.sock\n  \
-RUST_LOG=debug dso agent --config dso.yaml --shutdown-timeout 2m")]
+RUST_LOG=debug dso agent --config dso.yaml --shutdown-timeout 2m"
+    )]
     Agent(AgentArgs),
     /// Check config files.
     #[command(subcommand)]
@@ -78,11 +80,13 @@ pub struct AgentArgs {
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
     /// Check a config file without binding anything; print its listeners.
-    #[command(long_about = "Parse and check a config file exactly as `dso agent` would, \
+    #[command(
+        long_about = "Parse and check a config file exactly as `dso agent` would, \
 without binding any port or socket. On success prints one line per listener; on error \
 prints the key and line at fault and exits with status 2.\n\n\
 `${VAR}` and `${VAR:-default}` are expanded from the environment first.",
-        after_long_help = "Example:\n  dso config validate examples/echo.yaml")]
+        after_long_help = "Example:\n  dso config validate examples/echo.yaml"
+    )]
     Validate {
         /// The file to check.
         #[arg(value_name = "FILE")]
@@ -94,18 +98,21 @@ prints the key and line at fault and exits with status 2.\n\n\
 #[derive(Debug, Subcommand)]
 pub enum ProxyCommand {
     /// Show every listener: route, connections, bytes, errors, connect latency.
-    #[command(long_about = "Show every listener of the agent: bind address, mode (forward or \
+    #[command(
+        long_about = "Show every listener of the agent: bind address, mode (forward or \
 hold), route generation, backends, connections active / held / still draining from older \
 generations, bytes in (client to backend) and out, errors (failed dials plus connections that \
 found no backend) and connect latency p50/p99. Every figure is read from the running proxy.",
-        after_long_help = "Examples:\n  dso proxy status\n  dso proxy status --json | jq '.listeners[].bind'")]
+        after_long_help = "Examples:\n  dso proxy status\n  dso proxy status --json | jq '.listeners[].bind'"
+    )]
     Status {
         /// Print the agent's full snapshot as JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Send new connections of a listener to other backends.
-    #[command(long_about = "Install ADDR... as the listener's new route (the next generation). \
+    #[command(
+        long_about = "Install ADDR... as the listener's new route (the next generation). \
 When the command returns, every new connection goes to the new backends. Connections already \
 open keep flowing to the old ones until they close or the drain deadline passes; then the \
 proxy closes them, spread over the listener's close_window.\n\n\
@@ -114,7 +121,8 @@ that took and how many connections had to be closed.",
         after_long_help = "Examples:\n  \
 dso proxy swap pg 127.0.0.1:5433\n  \
 dso proxy swap pg 127.0.0.1:5433 --drain 2m --wait\n  \
-dso proxy swap web 10.0.0.5:8080=green-1 10.0.0.6:8080=green-2")]
+dso proxy swap web 10.0.0.5:8080=green-1 10.0.0.6:8080=green-2"
+    )]
     Swap {
         /// Listener name (see `dso proxy status`).
         listener: String,
@@ -129,13 +137,15 @@ dso proxy swap web 10.0.0.5:8080=green-1 10.0.0.6:8080=green-2")]
         wait: bool,
     },
     /// Hold new connections of a listener (accept, do not dial) until resume or swap.
-    #[command(long_about = "Pause a listener: it keeps accepting, but new connections wait in \
+    #[command(
+        long_about = "Pause a listener: it keeps accepting, but new connections wait in \
 the proxy instead of being dialed. `dso proxy resume` or `dso proxy swap` dials them. Clients \
 see latency, not an error. Connections already forwarding are not affected.\n\n\
 If the pause lasts longer than --max, held connections are closed cleanly and counted, and the \
 listener forwards to its previous route again: a forgotten pause never blocks a port forever.",
         after_long_help = "Example (restart a database behind port pg):\n  \
-dso proxy pause pg --max 1m\n  systemctl restart postgresql\n  dso proxy resume pg")]
+dso proxy pause pg --max 1m\n  systemctl restart postgresql\n  dso proxy resume pg"
+    )]
     Pause {
         /// Listener name.
         listener: String,
@@ -144,10 +154,12 @@ dso proxy pause pg --max 1m\n  systemctl restart postgresql\n  dso proxy resume 
         max: Option<HumanDuration>,
     },
     /// End a pause; held connections are dialed now.
-    #[command(long_about = "Resume a paused listener. Without ADDR, held and new connections go \
+    #[command(
+        long_about = "Resume a paused listener. Without ADDR, held and new connections go \
 to the route the listener had before the pause. With ADDR..., they go to these new backends \
 (a swap: older connections drain as usual).",
-        after_long_help = "Examples:\n  dso proxy resume pg\n  dso proxy resume pg 127.0.0.1:5433")]
+        after_long_help = "Examples:\n  dso proxy resume pg\n  dso proxy resume pg 127.0.0.1:5433"
+    )]
     Resume {
         /// Listener name.
         listener: String,
@@ -161,9 +173,11 @@ to the route the listener had before the pause. With ADDR..., they go to these n
 #[derive(Debug, Subcommand)]
 pub enum DebugCommand {
     /// Run a TCP echo server (a backend for trying dso with no other service).
-    #[command(long_about = "Run a TCP server that echoes every byte back, prefixed by a greeting \
+    #[command(
+        long_about = "Run a TCP server that echoes every byte back, prefixed by a greeting \
 line naming it, so you can see which backend answered. Runs until interrupted.",
-        after_long_help = "Example:\n  dso debug echo-server 127.0.0.1:7001 --name blue")]
+        after_long_help = "Example:\n  dso debug echo-server 127.0.0.1:7001 --name blue"
+    )]
     EchoServer {
         /// Address to listen on, IP:PORT.
         #[arg(value_parser = parse_addr)]
@@ -215,6 +229,10 @@ mod tests {
     fn backend_args() {
         let b = parse_backend("127.0.0.1:5432=blue").unwrap();
         assert_eq!(b.label.as_deref(), Some("blue"));
-        assert!(parse_backend("localhost:5432").unwrap_err().contains("expected IP:PORT"));
+        assert!(
+            parse_backend("localhost:5432")
+                .unwrap_err()
+                .contains("expected IP:PORT")
+        );
     }
 }

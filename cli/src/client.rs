@@ -68,14 +68,22 @@ impl Client {
         body: Option<&serde_json::Value>,
     ) -> anyhow::Result<T> {
         let bytes = self.send(method.clone(), path, body).await?;
-        serde_json::from_slice(&bytes).with_context(|| format!("decoding the agent's answer to {method} {path}"))
+        serde_json::from_slice(&bytes)
+            .with_context(|| format!("decoding the agent's answer to {method} {path}"))
     }
 
-    async fn send(&self, method: Method, path: &str, body: Option<&serde_json::Value>) -> anyhow::Result<Bytes> {
-        let stream = UnixStream::connect(&self.socket).await.map_err(|source| Unreachable {
-            path: self.socket.clone(),
-            source,
-        })?;
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> anyhow::Result<Bytes> {
+        let stream = UnixStream::connect(&self.socket)
+            .await
+            .map_err(|source| Unreachable {
+                path: self.socket.clone(),
+                source,
+            })?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .context("starting HTTP on the control socket")?;
@@ -98,7 +106,12 @@ impl Client {
             .await
             .with_context(|| format!("{method} {path} on {}", self.socket.display()))?;
         let status = resp.status();
-        let bytes = resp.into_body().collect().await.context("reading the agent's answer")?.to_bytes();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .context("reading the agent's answer")?
+            .to_bytes();
         if !status.is_success() {
             let message = serde_json::from_slice::<serde_json::Value>(&bytes)
                 .ok()

@@ -48,9 +48,7 @@ pub fn parse(text: &str) -> Result<Duration, String> {
             "h" => Duration::from_secs(n.saturating_mul(3600)),
             "d" => Duration::from_secs(n.saturating_mul(86_400)),
             "" => {
-                return Err(format!(
-                    "duration {text:?} has no unit; expected {EXPECTED}"
-                ));
+                return Err(format!("duration {text:?} has no unit; expected {EXPECTED}"));
             }
             other => {
                 return Err(format!(
@@ -69,13 +67,13 @@ pub fn format(d: Duration) -> String {
     if ms == 0 {
         return "0s".to_owned();
     }
-    if ms % 1000 != 0 {
+    if !ms.is_multiple_of(1000) {
         return format!("{ms}ms");
     }
     let s = ms / 1000;
     match s {
-        s if s % 3600 == 0 => format!("{}h", s / 3600),
-        s if s % 60 == 0 => format!("{}m", s / 60),
+        s if s.is_multiple_of(3600) => format!("{}h", s / 3600),
+        s if s.is_multiple_of(60) => format!("{}m", s / 60),
         s => format!("{s}s"),
     }
 }

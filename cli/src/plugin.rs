@@ -58,14 +58,22 @@ mod tests {
     #[test]
     fn metadata_is_answered_under_any_name() {
         assert_eq!(classify(args(&["dso", METADATA_ARG])), Invocation::Metadata);
-        assert_eq!(classify(args(&["/x/docker-dso", METADATA_ARG])), Invocation::Metadata);
+        assert_eq!(
+            classify(args(&["/x/docker-dso", METADATA_ARG])),
+            Invocation::Metadata
+        );
         let v: serde_json::Value = serde_json::from_str(&metadata()).unwrap();
         assert_eq!(v["SchemaVersion"], "0.1.0");
     }
 
     #[test]
     fn plugin_name_argument_is_dropped() {
-        let got = classify(args(&["/home/u/.docker/cli-plugins/docker-dso", "dso", "proxy", "status"]));
+        let got = classify(args(&[
+            "/home/u/.docker/cli-plugins/docker-dso",
+            "dso",
+            "proxy",
+            "status",
+        ]));
         assert_eq!(got, Invocation::Run(args(&["docker dso", "proxy", "status"])));
         let plain = classify(args(&["dso", "dso"]));
         assert_eq!(plain, Invocation::Run(args(&["dso", "dso"])));

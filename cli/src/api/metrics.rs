@@ -13,19 +13,69 @@ use hyper::{Method, Response, StatusCode};
 use super::{ApiRequest, Reply, State};
 
 /// One counter field: metric suffix, help, kind, accessor, extra label.
-type Field = (&'static str, &'static str, &'static str, fn(&CounterSnapshot) -> u64);
+type Field = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&CounterSnapshot) -> u64,
+);
 
 /// Counter fields exported per listener and per backend.
 const FIELDS: &[Field] = &[
-    ("connections_accepted_total", "Connections accepted from clients.", "counter", |c| c.accepted),
-    ("connections_active", "Connections currently forwarding.", "gauge", |c| c.active),
-    ("connections_held", "Connections accepted and waiting for a route (listener paused).", "gauge", |c| c.held),
-    ("dial_errors_total", "Backend dials that failed (refused, unreachable, timed out).", "counter", |c| c.dial_errors),
-    ("dial_retries_total", "Dials retried before the first byte was forwarded.", "counter", |c| c.retries),
-    ("connections_failed_total", "Client connections closed because no backend could be dialed.", "counter", |c| c.failed),
-    ("connections_forced_total", "Connections closed by the proxy at a drain deadline or forced shutdown.", "counter", |c| c.forced_closes),
-    ("hold_timeouts_total", "Held connections closed because the hold passed its maximum.", "counter", |c| c.hold_timeouts),
-    ("idle_timeouts_total", "Connections closed by the idle timeout.", "counter", |c| c.idle_timeouts),
+    (
+        "connections_accepted_total",
+        "Connections accepted from clients.",
+        "counter",
+        |c| c.accepted,
+    ),
+    (
+        "connections_active",
+        "Connections currently forwarding.",
+        "gauge",
+        |c| c.active,
+    ),
+    (
+        "connections_held",
+        "Connections accepted and waiting for a route (listener paused).",
+        "gauge",
+        |c| c.held,
+    ),
+    (
+        "dial_errors_total",
+        "Backend dials that failed (refused, unreachable, timed out).",
+        "counter",
+        |c| c.dial_errors,
+    ),
+    (
+        "dial_retries_total",
+        "Dials retried before the first byte was forwarded.",
+        "counter",
+        |c| c.retries,
+    ),
+    (
+        "connections_failed_total",
+        "Client connections closed because no backend could be dialed.",
+        "counter",
+        |c| c.failed,
+    ),
+    (
+        "connections_forced_total",
+        "Connections closed by the proxy at a drain deadline or forced shutdown.",
+        "counter",
+        |c| c.forced_closes,
+    ),
+    (
+        "hold_timeouts_total",
+        "Held connections closed because the hold passed its maximum.",
+        "counter",
+        |c| c.hold_timeouts,
+    ),
+    (
+        "idle_timeouts_total",
+        "Connections closed by the idle timeout.",
+        "counter",
+        |c| c.idle_timeouts,
+    ),
 ];
 
 /// Routes `/metrics`.
@@ -47,44 +97,113 @@ pub fn render(snap: &ProxySnapshot) -> String {
     for (suffix, help, kind, get) in FIELDS {
         family(&mut out, &format!("dso_proxy_{suffix}"), help, kind);
         for l in &snap.listeners {
-            sample(&mut out, &format!("dso_proxy_{suffix}"), &[("listener", &l.name)], get(&l.counters));
+            sample(
+                &mut out,
+                &format!("dso_proxy_{suffix}"),
+                &[("listener", &l.name)],
+                get(&l.counters),
+            );
         }
         family(&mut out, &format!("dso_proxy_backend_{suffix}"), help, kind);
         for l in &snap.listeners {
             for b in &l.backends {
                 let addr = b.addr.to_string();
-                let labels = [("listener", l.name.as_str()), ("backend", &addr), ("label", b.label.as_deref().unwrap_or(""))];
-                sample(&mut out, &format!("dso_proxy_backend_{suffix}"), &labels, get(&b.counters));
+                let labels = [
+                    ("listener", l.name.as_str()),
+                    ("backend", &addr),
+                    ("label", b.label.as_deref().unwrap_or("")),
+                ];
+                sample(
+                    &mut out,
+                    &format!("dso_proxy_backend_{suffix}"),
+                    &labels,
+                    get(&b.counters),
+                );
             }
         }
     }
-    family(&mut out, "dso_proxy_bytes_total", "Bytes forwarded: in is client to backend, out is backend to client.", "counter");
+    family(
+        &mut out,
+        "dso_proxy_bytes_total",
+        "Bytes forwarded: in is client to backend, out is backend to client.",
+        "counter",
+    );
     for l in &snap.listeners {
-        sample(&mut out, "dso_proxy_bytes_total", &[("listener", &l.name), ("direction", "in")], l.counters.bytes_in);
-        sample(&mut out, "dso_proxy_bytes_total", &[("listener", &l.name), ("direction", "out")], l.counters.bytes_out);
+        sample(
+            &mut out,
+            "dso_proxy_bytes_total",
+            &[("listener", &l.name), ("direction", "in")],
+            l.counters.bytes_in,
+        );
+        sample(
+            &mut out,
+            "dso_proxy_bytes_total",
+            &[("listener", &l.name), ("direction", "out")],
+            l.counters.bytes_out,
+        );
     }
-    family(&mut out, "dso_proxy_connections_draining", "Connections still open in replaced generations.", "gauge");
+    family(
+        &mut out,
+        "dso_proxy_connections_draining",
+        "Connections still open in replaced generations.",
+        "gauge",
+    );
     for l in &snap.listeners {
-        sample(&mut out, "dso_proxy_connections_draining", &[("listener", &l.name)], l.draining);
+        sample(
+            &mut out,
+            "dso_proxy_connections_draining",
+            &[("listener", &l.name)],
+            l.draining,
+        );
     }
-    family(&mut out, "dso_proxy_generation", "Current route generation; grows by one at each swap.", "gauge");
+    family(
+        &mut out,
+        "dso_proxy_generation",
+        "Current route generation; grows by one at each swap.",
+        "gauge",
+    );
     for l in &snap.listeners {
-        sample(&mut out, "dso_proxy_generation", &[("listener", &l.name)], l.generation);
+        sample(
+            &mut out,
+            "dso_proxy_generation",
+            &[("listener", &l.name)],
+            l.generation,
+        );
     }
-    family(&mut out, "dso_proxy_paused", "1 while the listener holds new connections, else 0.", "gauge");
+    family(
+        &mut out,
+        "dso_proxy_paused",
+        "1 while the listener holds new connections, else 0.",
+        "gauge",
+    );
     for l in &snap.listeners {
-        sample(&mut out, "dso_proxy_paused", &[("listener", &l.name)], u64::from(l.mode == "hold"));
+        sample(
+            &mut out,
+            "dso_proxy_paused",
+            &[("listener", &l.name)],
+            u64::from(l.mode == "hold"),
+        );
     }
     let help = "Connect latency from routing to the backend accepting, retries included.";
     family(&mut out, "dso_proxy_connect_seconds", help, "summary");
     for l in &snap.listeners {
-        latency(&mut out, "dso_proxy_connect_seconds", &[("listener", &l.name)], &l.connect);
+        latency(
+            &mut out,
+            "dso_proxy_connect_seconds",
+            &[("listener", &l.name)],
+            &l.connect,
+        );
     }
     family(&mut out, "dso_proxy_backend_connect_seconds", help, "summary");
     for l in &snap.listeners {
         for b in &l.backends {
             let addr = b.addr.to_string();
-            latency(&mut out, "dso_proxy_backend_connect_seconds", &[("listener", &l.name), ("backend", &addr)], &b.connect);
+            latency(
+                &mut out,
+                "dso_proxy_backend_connect_seconds",
+                &[("listener", &l.name), ("backend", &addr)],
+                &b.connect,
+            );
         }
     }
     out

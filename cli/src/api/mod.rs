@@ -16,9 +16,9 @@ use std::pin::Pin;
 use std::time::Instant;
 
 use dso_proxy::Proxy;
+use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Method, Response, StatusCode};
-use http_body_util::Full;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -122,15 +122,28 @@ impl Router {
     }
 
     /// Answers one request.
-    pub async fn route(&self, state: State, method: Method, path: &str, query: Option<&str>, body: Bytes) -> Reply {
+    pub async fn route(
+        &self,
+        state: State,
+        method: Method,
+        path: &str,
+        query: Option<&str>,
+        body: Bytes,
+    ) -> Reply {
         for (prefix, handler) in &self.mounts {
-            let Some(rest) = path.strip_prefix(prefix) else { continue };
+            let Some(rest) = path.strip_prefix(prefix) else {
+                continue;
+            };
             if !(rest.is_empty() || rest.starts_with('/')) {
                 continue;
             }
             let req = ApiRequest {
                 method: method.clone(),
-                path: rest.split('/').filter(|s| !s.is_empty()).map(str::to_owned).collect(),
+                path: rest
+                    .split('/')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
                 query: parse_query(query.unwrap_or("")),
                 body: body.clone(),
             };
@@ -138,7 +151,9 @@ impl Router {
                 return reply;
             }
         }
-        Err(ApiError::not_found(format!("no endpoint {method} {path}; see docs/api.md")))
+        Err(ApiError::not_found(format!(
+            "no endpoint {method} {path}; see docs/api.md"
+        )))
     }
 }
 
@@ -166,11 +181,10 @@ async fn health(state: State, req: ApiRequest) -> Option<Reply> {
 
 /// A JSON response.
 pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Reply {
-    let mut body = serde_json::to_vec_pretty(value)
-        .map_err(|e| ApiError {
-            status: StatusCode::INTERNAL_SERVER_ERROR,
-            message: format!("cannot encode response: {e}"),
-        })?;
+    let mut body = serde_json::to_vec_pretty(value).map_err(|e| ApiError {
+        status: StatusCode::INTERNAL_SERVER_ERROR,
+        message: format!("cannot encode response: {e}"),
+    })?;
     body.push(b'\n');
     Ok(Response::builder()
         .status(status)

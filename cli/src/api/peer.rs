@@ -58,7 +58,9 @@ impl Access {
         if uid == self.own_uid {
             return Verdict::Allow("same user as the agent");
         }
-        let Some(dso) = self.group else { return Verdict::Deny };
+        let Some(dso) = self.group else {
+            return Verdict::Deny;
+        };
         if gid == dso {
             return Verdict::Allow("primary group dso");
         }
@@ -91,7 +93,10 @@ fn parse_group_file(text: &str, name: &str) -> Option<u32> {
 }
 
 fn proc_groups(pid: u32) -> Option<Vec<u32>> {
-    status_field(&fs::read_to_string(format!("/proc/{pid}/status")).ok()?, "Groups:")
+    status_field(
+        &fs::read_to_string(format!("/proc/{pid}/status")).ok()?,
+        "Groups:",
+    )
 }
 
 fn status_field(status: &str, field: &str) -> Option<Vec<u32>> {
@@ -125,9 +130,18 @@ mod tests {
             group: Some(997),
         };
         assert_eq!(access.check_ids(0, 0, Vec::new), Verdict::Allow("root"));
-        assert_eq!(access.check_ids(1000, 1000, Vec::new), Verdict::Allow("same user as the agent"));
-        assert_eq!(access.check_ids(1001, 997, Vec::new), Verdict::Allow("primary group dso"));
-        assert_eq!(access.check_ids(1001, 1001, || vec![4, 997]), Verdict::Allow("member of group dso"));
+        assert_eq!(
+            access.check_ids(1000, 1000, Vec::new),
+            Verdict::Allow("same user as the agent")
+        );
+        assert_eq!(
+            access.check_ids(1001, 997, Vec::new),
+            Verdict::Allow("primary group dso")
+        );
+        assert_eq!(
+            access.check_ids(1001, 1001, || vec![4, 997]),
+            Verdict::Allow("member of group dso")
+        );
         assert_eq!(access.check_ids(1001, 1001, || vec![4]), Verdict::Deny);
         let no_group = Access {
             own_uid: 1000,

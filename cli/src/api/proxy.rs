@@ -33,7 +33,9 @@ pub async fn handle(state: State, req: ApiRequest) -> Option<Reply> {
     let reply = match (&req.method, seg.as_slice()) {
         (&Method::GET, []) => json(StatusCode::OK, &state.proxy.snapshot()),
         (&Method::GET, ["listeners"]) => json(StatusCode::OK, &state.proxy.snapshot().listeners),
-        (&Method::GET, ["listeners", name]) => listener(&state, name).and_then(|l| json(StatusCode::OK, &l.snapshot())),
+        (&Method::GET, ["listeners", name]) => {
+            listener(&state, name).and_then(|l| json(StatusCode::OK, &l.snapshot()))
+        }
         (&Method::POST, ["listeners", name, "swap"]) => swap(&state, name, &req).await,
         (&Method::POST, ["listeners", name, "pause"]) => pause(&state, name, &req),
         (&Method::POST, ["listeners", name, "resume"]) => resume(&state, name, &req),
@@ -49,11 +51,17 @@ async fn swap(state: &State, name: &str, req: &ApiRequest) -> Reply {
     let drain: Option<HumanDuration> = body.optional("drain")?;
     let wait: bool = body.optional("wait")?.unwrap_or(false);
     let l = listener(state, name)?;
-    let swap = l.swap(to_backends(backends), drain.map(HumanDuration::get)).map_err(proxy_error)?;
+    let swap = l
+        .swap(to_backends(backends), drain.map(HumanDuration::get))
+        .map_err(proxy_error)?;
     let drain_status = if wait {
         let deadline = drain.map_or(l.config().drain_timeout, HumanDuration::get);
         let timeout = deadline + l.config().close_window + WAIT_SLACK;
-        Some(l.wait_drained(swap.previous, timeout).await.map_err(proxy_error)?)
+        Some(
+            l.wait_drained(swap.previous, timeout)
+                .await
+                .map_err(proxy_error)?,
+        )
     } else {
         None
     };
@@ -92,7 +100,9 @@ fn resume(state: &State, name: &str, req: &ApiRequest) -> Reply {
     let backends: Option<Vec<BackendEntry>> = body.optional("backends")?;
     let drain: Option<HumanDuration> = body.optional("drain")?;
     if backends.as_ref().is_some_and(Vec::is_empty) {
-        return Err(ApiError::bad_request("backends: give at least one IP:PORT, or leave the field out"));
+        return Err(ApiError::bad_request(
+            "backends: give at least one IP:PORT, or leave the field out",
+        ));
     }
     let l = listener(state, name)?;
     let swap = l

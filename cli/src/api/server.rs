@@ -38,7 +38,10 @@ pub async fn bind(path: &Path) -> anyhow::Result<ApiServer> {
     }
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
-            bail!("{} exists and is not a socket; remove it or choose another --socket", path.display());
+            bail!(
+                "{} exists and is not a socket; remove it or choose another --socket",
+                path.display()
+            );
         }
         if UnixStream::connect(path).await.is_ok() {
             bail!("another agent is already answering on {}", path.display());
@@ -46,7 +49,8 @@ pub async fn bind(path: &Path) -> anyhow::Result<ApiServer> {
         std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
         info!(socket = %path.display(), "removed stale socket");
     }
-    let listener = UnixListener::bind(path).with_context(|| format!("binding control socket {}", path.display()))?;
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding control socket {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
         .with_context(|| format!("setting mode 0660 on {}", path.display()))?;
     if let Some(gid) = super::peer::group_id(GROUP)
@@ -117,11 +121,18 @@ impl ApiServer {
     }
 }
 
-async fn answer(allowed: bool, state: State, router: &Router, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn answer(
+    allowed: bool,
+    state: State,
+    router: &Router,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
     if !allowed {
         return error_response(&ApiError {
             status: StatusCode::FORBIDDEN,
-            message: format!("permission denied: only root, the agent's user and members of group {GROUP} may use the control socket"),
+            message: format!(
+                "permission denied: only root, the agent's user and members of group {GROUP} may use the control socket"
+            ),
         });
     }
     let (parts, body) = req.into_parts();
@@ -130,7 +141,9 @@ async fn answer(allowed: bool, state: State, router: &Router, req: Request<Incom
         Err(e) => return error_response(&ApiError::bad_request(format!("cannot read body: {e}"))),
     };
     let (method, path) = (parts.method, parts.uri.path().to_owned());
-    let reply = router.route(state, method.clone(), &path, parts.uri.query(), body).await;
+    let reply = router
+        .route(state, method.clone(), &path, parts.uri.query(), body)
+        .await;
     match reply {
         Ok(r) => {
             debug!(%method, %path, status = %r.status(), "control request");

@@ -138,5 +138,9 @@ fn backends(addrs: &[BackendArg]) -> serde_json::Value {
 }
 
 fn list(addrs: &[BackendArg]) -> String {
-    addrs.iter().map(|b| b.addr.to_string()).collect::<Vec<_>>().join(", ")
+    addrs
+        .iter()
+        .map(|b| b.addr.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -5,8 +5,8 @@ use dso_proxy::{ListenerSnapshot, ProxySnapshot};
 use crate::duration::{format_ms, format_us};
 
 const HEADER: [&str; 13] = [
-    "LISTENER", "BIND", "MODE", "GEN", "BACKENDS", "ACTIVE", "HELD", "DRAINING", "IN", "OUT", "ERRORS", "P50",
-    "P99",
+    "LISTENER", "BIND", "MODE", "GEN", "BACKENDS", "ACTIVE", "HELD", "DRAINING", "IN", "OUT", "ERRORS",
+    "P50", "P99",
 ];
 
 /// Renders the snapshot as an aligned text table, one row per listener.
@@ -52,7 +52,13 @@ fn row(l: &ListenerSnapshot) -> [String; 13] {
             .collect::<Vec<_>>()
             .join(", ")
     };
-    let latency = |us: u64| if l.connect.count == 0 { "-".to_owned() } else { format_us(us) };
+    let latency = |us: u64| {
+        if l.connect.count == 0 {
+            "-".to_owned()
+        } else {
+            format_us(us)
+        }
+    };
     [
         l.name.clone(),
         l.bind.to_string(),

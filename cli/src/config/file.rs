@@ -90,12 +90,23 @@ pub struct Addr(pub SocketAddr);
 
 impl<'de> Deserialize<'de> for Addr {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.trim().parse().map(Addr).map_err(|_| {
-            de::Error::custom(format!(
-                "invalid address {s:?}; expected IP:PORT, like 127.0.0.1:5432 or [::1]:5432"
-            ))
-        })
+        // A visitor, not `String::deserialize` then parse: errors raised inside the visitor
+        // get serde_yaml's position of the value itself.
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Addr;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an address IP:PORT")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Addr, E> {
+                s.trim().parse().map(Addr).map_err(|_| {
+                    E::custom(format!(
+                        "invalid address {s:?}; expected IP:PORT, like 127.0.0.1:5432 or [::1]:5432"
+                    ))
+                })
+            }
+        }
+        d.deserialize_str(V)
     }
 }
 

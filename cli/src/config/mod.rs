@@ -61,8 +61,8 @@ pub enum ConfigError {
         message: String,
     },
     /// The YAML did not match the format (syntax, unknown key, wrong type, bad value).
-    /// serde_yaml's text already carries the key path and the line.
-    #[error("{0}")]
+    /// serde_yaml's text carries the key path and the line.
+    #[error("{}", with_line(.0))]
     Parse(#[from] serde_yaml::Error),
     /// A value parsed but breaks a rule (duplicate name, zero where at least one is needed).
     #[error("{key}: {message}{}", line.map(|l| format!(" at line {l}")).unwrap_or_default())]
@@ -85,6 +85,18 @@ pub struct FileError {
     /// What was wrong in it.
     #[source]
     pub source: ConfigError,
+}
+
+/// serde_yaml leaves out the position when it is line 1 column 1; put it back so every
+/// parse error names a line.
+fn with_line(e: &serde_yaml::Error) -> String {
+    let text = e.to_string();
+    match e.location() {
+        Some(l) if !text.contains(" at line ") => {
+            format!("{text} at line {} column {}", l.line(), l.column())
+        }
+        _ => text,
+    }
 }
 
 /// Reads and checks the config file at `path`, expanding `${VAR}` from the environment.
@@ -113,3 +125,6 @@ pub fn parse(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<Conf
     };
     validate::check(raw, &expanded)
 }
+
+#[cfg(test)]
+mod tests;

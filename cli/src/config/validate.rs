@@ -34,7 +34,12 @@ impl TryFrom<Source<'_>> for Config {
         let agent = src.raw.agent.unwrap_or_default();
         let proxy = src.raw.proxy.unwrap_or_default();
         if proxy.max_connections == Some(0) {
-            return Err(invalid(&lines, "proxy.max_connections", "max_connections", "must be at least 1"));
+            return Err(invalid(
+                &lines,
+                "proxy.max_connections",
+                "max_connections",
+                "must be at least 1",
+            ));
         }
         let mut listeners = Vec::new();
         let mut names: HashMap<String, usize> = HashMap::new();
@@ -87,7 +92,11 @@ fn listener(lines: &Lines<'_>, i: usize, e: ListenerEntry) -> Result<ListenerCon
         line: entry_line,
         message: "missing; every listener needs a name".to_owned(),
     })?;
-    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
         return Err(ConfigError::Invalid {
             key: key("name"),
             line: lines.find_value("name", &name, 0),

@@ -1,0 +1,155 @@
+//! The agent process: signals, exit codes, the control socket file.
+
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::time::Duration;
+
+use crate::harness::{Agent, Conn, DSO, Echo, listener_yaml, poll, stderr};
+
+async fn exit_code(agent: &mut Agent) -> Option<i32> {
+    tokio::time::timeout(Duration::from_secs(20), agent.child.wait())
+        .await
+        .expect("agent exits in time")
+        .unwrap()
+        .code()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_is_created_0660_and_removed_on_exit() {
+    let blue = Echo::start("blue").await;
+    let mut agent = Agent::start(&listener_yaml("echo", &[blue.addr], ""), &[]).await;
+    let meta = std::fs::metadata(&agent.socket).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    agent.signal("TERM");
+    assert_eq!(exit_code(&mut agent).await, Some(0));
+    assert!(!agent.socket.exists(), "socket removed on exit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_open_connections_finish() {
+    let blue = Echo::start("blue").await;
+    let mut agent = Agent::start(
+        &listener_yaml("echo", &[blue.addr], ""),
+        &["--shutdown-timeout", "30s"],
+    )
+    .await;
+    let addr = agent.addr("echo").await;
+    let mut c = Conn::open(addr).await;
+    assert_eq!(c.greeting().await, "blue");
+
+    agent.signal("TERM");
+    poll(|| async { agent.log().contains("shutting down gracefully") }).await;
+    // The open connection keeps working during the drain, new ones are not accepted.
+    c.echo("during shutdown").await;
+    poll(|| async { tokio::net::TcpStream::connect(addr).await.is_err() }).await;
+    drop(c);
+    assert_eq!(exit_code(&mut agent).await, Some(0));
+    assert!(
+        agent.log().contains("every connection finished"),
+        "{}",
+        agent.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_deadline_closes_what_is_left() {
+    let blue = Echo::start("blue").await;
+    let mut agent = Agent::start(
+        &listener_yaml("echo", &[blue.addr], ""),
+        &["--shutdown-timeout", "200ms"],
+    )
+    .await;
+    let mut c = Conn::open(agent.addr("echo").await).await;
+    assert_eq!(c.greeting().await, "blue");
+    agent.signal("TERM");
+    assert_eq!(exit_code(&mut agent).await, Some(0));
+    assert!(
+        agent.log().contains("shutdown deadline passed"),
+        "{}",
+        agent.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_signal_forces_exit() {
+    let blue = Echo::start("blue").await;
+    let mut agent = Agent::start(
+        &listener_yaml("echo", &[blue.addr], ""),
+        &["--shutdown-timeout", "1h"],
+    )
+    .await;
+    let mut c = Conn::open(agent.addr("echo").await).await;
+    assert_eq!(c.greeting().await, "blue");
+    agent.signal("TERM");
+    poll(|| async { agent.log().contains("shutting down gracefully") }).await;
+    agent.signal("INT");
+    assert_eq!(exit_code(&mut agent).await, Some(0));
+    assert!(agent.log().contains("second signal"), "{}", agent.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_error_exits_2_and_bind_failure_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "proxy:\n  listeners:\n    - name: a\n      listen: nowhere\n",
+    )
+    .unwrap();
+    let out = tokio::process::Command::new(DSO)
+        .args(["agent", "--socket"])
+        .arg(dir.path().join("s.sock"))
+        .arg("--config")
+        .arg(&bad)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("line 4"), "{}", stderr(&out));
+
+    // A port that is taken: a runtime failure, and the error says which listener and address.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let cfg = dir.path().join("taken.yaml");
+    std::fs::write(
+        &cfg,
+        format!("proxy:\n  listeners:\n    - name: a\n      listen: 127.0.0.1:{port}\n"),
+    )
+    .unwrap();
+    let out = tokio::process::Command::new(DSO)
+        .args(["agent", "--socket"])
+        .arg(dir.path().join("s.sock"))
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("cannot listen on 127.0.0.1:{port}")),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_agent_on_the_same_socket_is_refused() {
+    let blue = Echo::start("blue").await;
+    let agent = Agent::start(&listener_yaml("echo", &[blue.addr], ""), &[]).await;
+    let cfg = agent.dir.path().join("empty.yaml");
+    std::fs::write(&cfg, "").unwrap();
+    let out = tokio::process::Command::new(DSO)
+        .args(["agent", "--socket"])
+        .arg(&agent.socket)
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("another agent is already answering"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -1,0 +1,9 @@
+//! Integration tests of the `dso` binary: a real agent process on loopback with tiny echo
+//! backends, driven by the real CLI and by raw HTTP on the control socket.
+
+mod agent;
+mod api;
+mod config;
+mod harness;
+mod plugin;
+mod proxy;
