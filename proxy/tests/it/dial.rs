@@ -22,8 +22,9 @@ async fn a_refusing_backend_is_retried_on_the_next_one() {
     assert_eq!(snap.counters.failed, 0);
     assert!(snap.counters.dial_errors >= 1);
     assert_eq!(snap.counters.retries, snap.counters.dial_errors);
-    // The refusing backend is skipped for a while instead of being dialed every other time.
-    assert!(snap.counters.dial_errors <= 2, "{:?}", snap.counters);
+    // The refusing backend is skipped for a while instead of being dialed every other time
+    // (round-robin alone would dial it for 5 of the 10 connections).
+    assert!(snap.counters.dial_errors <= 3, "{:?}", snap.counters);
     let d = snap.backends.iter().find(|b| b.addr == dead).unwrap();
     assert_eq!(d.counters.accepted, 0);
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{Client, EchoBackend, config, payload, start};
+use crate::support::{Client, EchoBackend, config, eventually, payload, start};
 
 /// One finished client exchange.
 struct Exchange {
@@ -79,7 +79,18 @@ async fn two_hundred_clients_fifty_swaps_no_failure() {
             returned,
             tag: to.tag.clone(),
         });
-        tokio::time::sleep(Duration::from_millis(60)).await;
+        // Let at least ten connections start and finish inside this generation before
+        // the next swap, however slow the machine is, so the check below has material.
+        let inside = || {
+            exchanges
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|e| e.started >= returned)
+                .count()
+        };
+        let enough = eventually(Duration::from_secs(10), || inside() >= 10).await;
+        assert!(enough, "clients made no progress after swap {i}");
     }
     stop.cancel();
     let mut total = 0;
