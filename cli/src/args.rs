@@ -27,7 +27,7 @@ dso proxy swap pg 127.0.0.1:5433 --wait\n  \
 dso config validate dso.yaml"
 )]
 pub struct Cli {
-    /// Control socket of the agent.
+    /// Control socket of the agent [default: /run/dso/dso.sock].
     #[arg(long, global = true, env = "DSO_SOCKET", value_name = "PATH")]
     pub socket: Option<PathBuf>,
     /// What to do.
@@ -121,7 +121,7 @@ that took and how many connections had to be closed.",
         after_long_help = "Examples:\n  \
 dso proxy swap pg 127.0.0.1:5433\n  \
 dso proxy swap pg 127.0.0.1:5433 --drain 2m --wait\n  \
-dso proxy swap web 10.0.0.5:8080=green-1 10.0.0.6:8080=green-2"
+dso proxy swap web 172.18.0.5:8080=green-1 172.18.0.6:8080=green-2"
     )]
     Swap {
         /// Listener name (see `dso proxy status`).

@@ -12,70 +12,83 @@ use hyper::{Method, Response, StatusCode};
 
 use super::{ApiRequest, Reply, State};
 
-/// One counter field: metric suffix, help, kind, accessor, extra label.
-type Field = (
-    &'static str,
-    &'static str,
-    &'static str,
-    fn(&CounterSnapshot) -> u64,
-);
+/// One counter of [`CounterSnapshot`] as a metric family.
+struct Field {
+    /// Name after `dso_proxy_` (and `dso_proxy_backend_`).
+    name: &'static str,
+    help: &'static str,
+    /// Prometheus type.
+    kind: &'static str,
+    get: fn(&CounterSnapshot) -> u64,
+    /// Whether the counter means anything per backend (held connections have no backend).
+    per_backend: bool,
+}
 
-/// Counter fields exported per listener and per backend.
+/// Counter fields exported per listener and, where meaningful, per backend.
 const FIELDS: &[Field] = &[
-    (
-        "connections_accepted_total",
-        "Connections accepted from clients.",
-        "counter",
-        |c| c.accepted,
-    ),
-    (
-        "connections_active",
-        "Connections currently forwarding.",
-        "gauge",
-        |c| c.active,
-    ),
-    (
-        "connections_held",
-        "Connections accepted and waiting for a route (listener paused).",
-        "gauge",
-        |c| c.held,
-    ),
-    (
-        "dial_errors_total",
-        "Backend dials that failed (refused, unreachable, timed out).",
-        "counter",
-        |c| c.dial_errors,
-    ),
-    (
-        "dial_retries_total",
-        "Dials retried before the first byte was forwarded.",
-        "counter",
-        |c| c.retries,
-    ),
-    (
-        "connections_failed_total",
-        "Client connections closed because no backend could be dialed.",
-        "counter",
-        |c| c.failed,
-    ),
-    (
-        "connections_forced_total",
-        "Connections closed by the proxy at a drain deadline or forced shutdown.",
-        "counter",
-        |c| c.forced_closes,
-    ),
-    (
-        "hold_timeouts_total",
-        "Held connections closed because the hold passed its maximum.",
-        "counter",
-        |c| c.hold_timeouts,
-    ),
-    (
-        "idle_timeouts_total",
-        "Connections closed by the idle timeout.",
-        "counter",
-        |c| c.idle_timeouts,
-    ),
+    Field {
+        name: "connections_accepted_total",
+        help: "Connections accepted from clients.",
+        kind: "counter",
+        get: |c| c.accepted,
+        per_backend: true,
+    },
+    Field {
+        name: "connections_active",
+        help: "Connections currently forwarding.",
+        kind: "gauge",
+        get: |c| c.active,
+        per_backend: true,
+    },
+    Field {
+        name: "connections_held",
+        help: "Connections accepted and waiting for a route (listener paused).",
+        kind: "gauge",
+        get: |c| c.held,
+        per_backend: false,
+    },
+    Field {
+        name: "dial_errors_total",
+        help: "Backend dials that failed (refused, unreachable, timed out).",
+        kind: "counter",
+        get: |c| c.dial_errors,
+        per_backend: true,
+    },
+    Field {
+        name: "dial_retries_total",
+        help: "Dials retried before the first byte was forwarded.",
+        kind: "counter",
+        get: |c| c.retries,
+        per_backend: true,
+    },
+    Field {
+        name: "connections_failed_total",
+        help: "Client connections closed because no backend could be dialed.",
+        kind: "counter",
+        get: |c| c.failed,
+        per_backend: true,
+    },
+    Field {
+        name: "connections_forced_total",
+        help: "Connections closed by the proxy at a drain deadline or forced shutdown.",
+        kind: "counter",
+        get: |c| c.forced_closes,
+        per_backend: true,
+    },
+    Field {
+        name: "hold_timeouts_total",
+        help: "Held connections closed because the hold passed its maximum.",
+        kind: "counter",
+        get: |c| c.hold_timeouts,
+        per_backend: false,
+    },
+    Field {
+        name: "idle_timeouts_total",
+        help: "Connections closed by the idle timeout.",
+        kind: "counter",
+        get: |c| c.idle_timeouts,
+        per_backend: true,
+    },
 ];
 
 /// Routes `/metrics`.
@@ -94,7 +107,8 @@ pub async fn handle(state: State, req: ApiRequest) -> Option<Reply> {
 /// Renders a snapshot as Prometheus text.
 pub fn render(snap: &ProxySnapshot) -> String {
     let mut out = String::new();
-    for (suffix, help, kind, get) in FIELDS {
+    for f in FIELDS {
+        let (suffix, help, kind, get) = (f.name, f.help, f.kind, f.get);
         family(&mut out, &format!("dso_proxy_{suffix}"), help, kind);
         for l in &snap.listeners {
             sample(
@@ -103,6 +117,9 @@ pub fn render(snap: &ProxySnapshot) -> String {
                 &[("listener", &l.name)],
                 get(&l.counters),
             );
+        }
+        if !f.per_backend {
+            continue;
         }
         family(&mut out, &format!("dso_proxy_backend_{suffix}"), help, kind);
         for l in &snap.listeners {

@@ -137,13 +137,7 @@ fn listener(state: &State, name: &str) -> Result<Listener, ApiError> {
 }
 
 fn to_backends(entries: Vec<BackendEntry>) -> Vec<Backend> {
-    entries
-        .into_iter()
-        .map(|b| Backend {
-            addr: b.addr,
-            label: b.label,
-        })
-        .collect()
+    entries.into_iter().map(Backend::from).collect()
 }
 
 fn proxy_error(e: dso_proxy::Error) -> ApiError {

@@ -84,6 +84,15 @@ pub struct BackendEntry {
     pub label: Option<String>,
 }
 
+impl From<BackendEntry> for dso_proxy::Backend {
+    fn from(b: BackendEntry) -> Self {
+        dso_proxy::Backend {
+            addr: b.addr,
+            label: b.label,
+        }
+    }
+}
+
 /// A socket address whose parse error says what was expected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Addr(pub SocketAddr);

@@ -44,7 +44,7 @@ pub struct AgentConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("cannot read config {path}: {source}")]
+    #[error("cannot read config {path}")]
     Read {
         /// Path given.
         path: PathBuf,
@@ -78,7 +78,7 @@ pub enum ConfigError {
 
 /// A config error together with the file it came from, for messages like `dso.yaml: ...`.
 #[derive(Debug, thiserror::Error)]
-#[error("{}: {source}", path.display())]
+#[error("{}", path.display())]
 pub struct FileError {
     /// The file.
     pub path: PathBuf,

@@ -224,11 +224,11 @@ fn env_is_expanded_and_unset_is_an_error() {
 
 #[test]
 fn unreadable_file_names_the_path() {
-    let e = super::load(std::path::Path::new("/nonexistent/dso.yaml"))
-        .unwrap_err()
-        .to_string();
+    let e = super::load(std::path::Path::new("/nonexistent/dso.yaml")).unwrap_err();
+    assert_eq!(e.to_string(), "/nonexistent/dso.yaml");
+    let cause = e.source.to_string();
     assert!(
-        e.contains("/nonexistent/dso.yaml") && e.contains("cannot read config"),
-        "{e}"
+        cause.contains("cannot read config /nonexistent/dso.yaml"),
+        "{cause}"
     );
 }

@@ -112,10 +112,7 @@ fn listener(lines: &Lines<'_>, i: usize, e: ListenerEntry) -> Result<ListenerCon
         .backends
         .unwrap_or_default()
         .into_iter()
-        .map(|b| Backend {
-            addr: b.addr,
-            label: b.label,
-        })
+        .map(Backend::from)
         .collect();
     let mut cfg = ListenerConfig::new(name, listen.0, backends);
     let at_least_one = |k: &str, v: u64| -> Result<(), ConfigError> {
