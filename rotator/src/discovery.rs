@@ -52,11 +52,17 @@ pub struct Scan {
     pub errors: Vec<LabelError>,
 }
 
-/// Lists and groups the managed containers.
-pub async fn scan<E: Engine>(engine: &E) -> Result<Scan, Error> {
+/// Lists and groups the managed containers; with `scope`, only those carrying that
+/// label with that value.
+pub async fn scan<E: Engine>(engine: &E, scope: Option<&(String, String)>) -> Result<Scan, Error> {
     let mut out = Scan::default();
     for c in engine.list_managed().await? {
         if !labels::is_managed(&c.labels) {
+            continue;
+        }
+        if let Some((k, v)) = scope
+            && c.labels.get(k) != Some(v)
+        {
             continue;
         }
         let key = ServiceKey::of(&c.name, &c.labels);
@@ -68,9 +74,6 @@ pub async fn scan<E: Engine>(engine: &E) -> Result<Scan, Error> {
                 continue;
             }
         };
-        if spec.ports.is_empty() {
-            // Managed without ports: rotations still work, the proxy has nothing to own.
-        }
         out.services
             .entry(key.clone())
             .or_insert_with(|| Managed {
@@ -85,19 +88,33 @@ pub async fn scan<E: Engine>(engine: &E) -> Result<Scan, Error> {
 }
 
 impl Scan {
-    /// The service `target` names: `project/service`, a service name, or a container
-    /// name or ID (prefix of at least 4 characters).
-    pub fn find(&self, target: &str) -> Option<&Managed> {
+    /// The service `target` names: `project/service`, a service name that only one
+    /// project has, or a container name or ID (prefix of at least 4 characters).
+    pub fn find(&self, target: &str) -> Result<&Managed, Error> {
+        if let Some(m) = self.services.values().find(|m| m.key.to_string() == target) {
+            return Ok(m);
+        }
+        let by_service: Vec<&Managed> = self.services.values().filter(|m| m.key.service == target).collect();
+        match by_service.as_slice() {
+            [one] => return Ok(one),
+            [] => {}
+            many => {
+                return Err(Error::Ambiguous {
+                    target: target.to_owned(),
+                    candidates: many.iter().map(|m| m.key.to_string()).collect::<Vec<_>>().join(", "),
+                });
+            }
+        }
         self.services
             .values()
-            .find(|m| m.key.to_string() == target)
-            .or_else(|| self.services.values().find(|m| m.key.service == target))
-            .or_else(|| {
-                self.services.values().find(|m| {
-                    m.containers
-                        .iter()
-                        .any(|c| c.name == target || (target.len() >= 4 && c.id.starts_with(target)))
-                })
+            .find(|m| {
+                m.containers
+                    .iter()
+                    .any(|c| c.name == target || (target.len() >= 4 && c.id.starts_with(target)))
+            })
+            .ok_or_else(|| Error::NotFound {
+                target: target.to_owned(),
+                known: self.names(),
             })
     }
 

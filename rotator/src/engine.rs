@@ -164,7 +164,8 @@ pub trait Engine: Send + Sync + 'static {
     fn signal<'a>(&'a self, id: &'a str, signal: &'a str) -> Fut<'a, ()>;
     /// Runs `cmd` in the container and returns its exit code once it has ended.
     fn exec<'a>(&'a self, id: &'a str, cmd: &'a [String]) -> Fut<'a, i64>;
-    /// Events of managed containers from now on. Ends or errors when the daemon goes away.
+    /// Events of managed containers from the moment of this call (also those before the
+    /// stream is first polled). Ends or errors when the daemon goes away.
     fn events(&self) -> EventStream;
 }
 
@@ -366,7 +367,13 @@ impl Engine for DockerEngine {
             ("type".to_owned(), vec!["container".to_owned()]),
             ("label".to_owned(), vec![format!("{RELOADER}=true")]),
         ]);
-        let opts = EventsOptionsBuilder::new().filters(&filters).build();
+        // The request goes out when the stream is first polled; `since` makes it start
+        // from now, so events between this call and the first poll are not lost.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let since = format!("{}.{:09}", now.as_secs(), now.subsec_nanos());
+        let opts = EventsOptionsBuilder::new().since(&since).filters(&filters).build();
         let s = self.docker.events(Some(opts)).filter_map(|m| async move {
             match m {
                 Err(e) => Some(Err(err("events", e))),

@@ -34,6 +34,14 @@ pub enum Error {
         /// Managed services, comma-separated.
         known: String,
     },
+    /// A service name that several Compose projects use.
+    #[error("{target:?} names a service in several projects; use one of: {candidates}")]
+    Ambiguous {
+        /// What was asked for.
+        target: String,
+        /// The matching `project/service` keys.
+        candidates: String,
+    },
     /// A new container did not become healthy in time.
     #[error("container {container} not healthy after {}ms: {last}", waited.as_millis())]
     Unhealthy {

@@ -3,7 +3,9 @@
 //! The check, in order of preference: the container's Docker HEALTHCHECK when it has one;
 //! otherwise a TCP connect to every proxied container port on the routed network. The
 //! optional exec probe (`dso.health.exec`) runs after that and must exit 0; its real exit
-//! code is awaited. A container that stops while being checked fails at once.
+//! code is awaited. A container that stops while being checked fails at once; Docker's
+//! `unhealthy` is not final (the next passing check heals it), so the wait goes on until
+//! the timeout.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -84,13 +86,9 @@ async fn probe<E: Engine>(engine: &E, id: &str, check: &HealthCheck) -> Result<R
         return Ok(Err("no IP address on any network yet".to_owned()));
     };
     match c.health {
-        DockerHealth::Unhealthy => {
-            return Err(Error::Unhealthy {
-                container: c.name.clone(),
-                waited: Duration::ZERO,
-                last: "docker reports the container unhealthy".to_owned(),
-            });
-        }
+        // Not final: with few retries and no start period, a check that ran before the
+        // server was up marks the container unhealthy, and the next passing one heals it.
+        DockerHealth::Unhealthy => return Ok(Err("docker reports the container unhealthy".to_owned())),
         DockerHealth::Starting => return Ok(Err("docker healthcheck still starting".to_owned())),
         DockerHealth::Healthy => {}
         DockerHealth::None => {

@@ -33,6 +33,7 @@ struct Green {
 pub(crate) async fn run<E: Engine>(r: &mut Run<'_, E>) -> Result<String, Error> {
     let mut g = Green::default();
     let mut step = Step::Begin;
+    r.checkpoint(step).await;
     loop {
         match advance(r, &mut g, step).await {
             Ok(Step::Done) => {

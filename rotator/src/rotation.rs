@@ -165,10 +165,15 @@ impl<'a, E: Engine> Run<'a, E> {
             .step(step, green_id)
             .map_err(|e| Error::state("journal", e))?;
         self.report(step, detail);
+        self.checkpoint(step).await;
+        Ok(())
+    }
+
+    /// Honours the freeze hook for `step` (a step boundary).
+    pub async fn checkpoint(&self, step: Step) {
         if self.hooks.freeze_after == Some(step) {
             std::future::pending::<()>().await;
         }
-        Ok(())
     }
 
     /// Journals a terminal step.

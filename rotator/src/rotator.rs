@@ -31,6 +31,9 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Grace given to a container's main process between SIGTERM and SIGKILL on stop.
     pub stop_grace: Duration,
+    /// Manage only containers carrying this label with this value (several agents or
+    /// test runs on one engine); `None` manages every `dso.reloader=true` container.
+    pub scope: Option<(String, String)>,
 }
 
 impl Config {
@@ -39,6 +42,7 @@ impl Config {
         Config {
             state_dir: state_dir.into(),
             stop_grace: Duration::from_secs(10),
+            scope: None,
         }
     }
 }
@@ -150,7 +154,7 @@ impl<E: Engine> Rotator<E> {
     /// Rescans and brings every listener and route in line with the running containers.
     /// Services with a rotation in progress are left to it.
     pub async fn reconcile(&self) -> Result<Scan, Error> {
-        let scan = discovery::scan(&self.inner.engine).await?;
+        let scan = discovery::scan(&self.inner.engine, self.inner.cfg.scope.as_ref()).await?;
         for m in scan.services.values() {
             if m.spec.ports.is_empty() || self.inner.queue.is_busy(&m.key) {
                 continue;
@@ -209,14 +213,8 @@ impl<E: Engine> Rotator<E> {
     /// other. Waits behind a rotation of the same service in progress; requests that
     /// arrive while one already waits are merged into it.
     pub async fn rotate(&self, req: RotateRequest) -> Result<RotationReport, Error> {
-        let scan = discovery::scan(&self.inner.engine).await?;
-        let key = scan
-            .find(&req.target)
-            .map(|m| m.key.clone())
-            .ok_or_else(|| Error::NotFound {
-                target: req.target.clone(),
-                known: scan.names(),
-            })?;
+        let scan = discovery::scan(&self.inner.engine, self.inner.cfg.scope.as_ref()).await?;
+        let key = scan.find(&req.target)?.key.clone();
         let me = self.clone();
         let queued_at = tokio::time::Instant::now();
         let k = key.clone();
@@ -242,7 +240,7 @@ impl<E: Engine> Rotator<E> {
             .await
             .map_err(|e| Error::state("service lock", e))?;
         // Fresh state: the service may have changed while the request waited.
-        let scan = discovery::scan(&self.inner.engine).await?;
+        let scan = discovery::scan(&self.inner.engine, self.inner.cfg.scope.as_ref()).await?;
         let m = scan.services.get(&key).cloned().ok_or_else(|| Error::NotFound {
             target: key.to_string(),
             known: scan.names(),
@@ -364,7 +362,7 @@ impl<E: Engine> Rotator<E> {
 
     /// Every managed service with its ports, containers and last rotation.
     pub async fn status(&self) -> Result<Vec<ServiceStatus>, Error> {
-        let scan = discovery::scan(&self.inner.engine).await?;
+        let scan = discovery::scan(&self.inner.engine, self.inner.cfg.scope.as_ref()).await?;
         let gw = &self.inner.gateway;
         Ok(scan
             .services

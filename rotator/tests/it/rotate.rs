@@ -1,0 +1,230 @@
+//! Rotations against the real engine with the real proxy in front, under client load.
+
+use std::time::Duration;
+
+use dso_rotator::{Error, RotateRequest, Strategy};
+
+use crate::support::{Agent, Load, Svc, World, exchange, key, short};
+
+/// Exactly one container of `service`, running, under its original name. Returns its ID.
+fn one_serving(w: &World, service: &str) -> String {
+    let cs = w.service_containers(service);
+    let all = w.containers();
+    assert_eq!(all.len(), cs.len(), "a container outside the service's names remains: {all:?}");
+    assert_eq!(cs.len(), 1, "expected one container of {service}: {cs:?}");
+    let (name, (id, running)) = cs.into_iter().next().unwrap();
+    assert_eq!(name, format!("{}-{service}-1", w.run));
+    assert!(running, "{name} is not running");
+    id
+}
+
+#[test]
+fn twenty_rolling_rotations_under_load_fail_no_connection() {
+    let w = World::new();
+    let blue = w.start(&Svc::new("web"));
+    let agent = Agent::start(&w);
+    let k = key(&w, "web");
+    let addr = agent.addr(&k, 8080);
+    assert!(addr.ip().is_loopback(), "bind IP 127.0.0.1 from the label is kept: {addr}");
+    let rt = agent.rt.handle().clone();
+    let (ok, failures, seen, ids) = rt.block_on(async {
+        // Blue is healthy before load starts: the proxy serves it already.
+        exchange(addr, "warm").await.unwrap();
+        let load = Load::start(&rt, addr, 6);
+        let mut ids = vec![blue.clone()];
+        for i in 0..20 {
+            let report = agent
+                .rotator
+                .rotate(RotateRequest {
+                    target: format!("{}/web", w.run),
+                    env: vec![("ROUND".into(), i.to_string())],
+                    ..Default::default()
+                })
+                .await
+                .unwrap_or_else(|e| panic!("rotation {i}: {e}"));
+            let c = &report.containers[0];
+            assert_eq!(c.strategy, Strategy::Rolling);
+            assert_eq!(c.old_id, *ids.last().unwrap());
+            assert_ne!(c.new_id, c.old_id);
+            assert_eq!(one_serving(&w, "web"), c.new_id, "rotation {i} ends with one container under the original name");
+            ids.push(c.new_id.clone());
+        }
+        // Let the load see the last green for a moment.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (ok, failures, seen) = load.finish().await;
+        (ok, failures, seen, ids)
+    });
+    assert!(failures.is_empty(), "{} failed connections out of {}: {:?}", failures.len(), ok + failures.len() as u64, &failures[..failures.len().min(10)]);
+    assert!(ok > 200, "too little load to mean anything: {ok}");
+    assert!(seen.contains(&short(&ids[0])) && seen.contains(&short(ids.last().unwrap())), "served by first and last: {seen:?}");
+    assert!(seen.len() >= 15, "most of the 21 containers served clients: {seen:?}");
+}
+
+#[test]
+fn restart_holds_new_connections_and_fails_none() {
+    let w = World::new();
+    let mut svc = Svc::new("db");
+    svc.strategy = "restart";
+    let blue = w.start(&svc);
+    let agent = Agent::start(&w);
+    let k = key(&w, "db");
+    let addr = agent.addr(&k, 8080);
+    let rt = agent.rt.handle().clone();
+    let (ok, failures, seen, report) = rt.block_on(async {
+        exchange(addr, "warm").await.unwrap();
+        let load = Load::start(&rt, addr, 6);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let report = agent
+            .rotator
+            .rotate(RotateRequest {
+                target: format!("{}/db", w.run),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (ok, failures, seen) = load.finish().await;
+        (ok, failures, seen, report)
+    });
+    let c = &report.containers[0];
+    assert_eq!(c.strategy, Strategy::Restart);
+    assert_eq!(c.old_id, blue);
+    assert_eq!(one_serving(&w, "db"), c.new_id);
+    assert!(failures.is_empty(), "failed connections: {failures:?}");
+    assert!(seen.contains(&short(&blue)) && seen.contains(&short(&c.new_id)), "{seen:?}");
+    assert!(ok > 20, "{ok}");
+    let resumed = c.steps.iter().find(|s| s.step == dso_rotator::journal::Step::Resumed).unwrap();
+    let held: u64 = resumed.detail.split("; ").nth(1).and_then(|d| d.split(' ').next()).unwrap().parse().unwrap();
+    assert!(held > 0, "clients connected during the restart were held, then served: {resumed:?}");
+    let snap = agent.proxy.listener(&dso_rotator::listener_name(&k, 8080)).unwrap().snapshot();
+    assert_eq!(snap.counters.hold_timeouts, 0);
+    assert_eq!(snap.counters.failed, 0);
+}
+
+#[test]
+fn rollback_when_green_never_becomes_healthy() {
+    let w = World::new();
+    let mut svc = Svc::new("web");
+    svc.extra_labels = vec![("dso.health.timeout".into(), "3s".into())];
+    let blue = w.start(&svc);
+    let agent = Agent::start(&w);
+    let addr = agent.addr(&key(&w, "web"), 8080);
+    let rt = agent.rt.handle().clone();
+    for strategy in [Strategy::Rolling, Strategy::Restart] {
+        let err = rt
+            .block_on(agent.rotator.rotate(RotateRequest {
+                target: format!("{}/web", w.run),
+                strategy: Some(strategy),
+                env: vec![("UNHEALTHY".into(), "1".into())],
+                ..Default::default()
+            }))
+            .unwrap_err();
+        assert!(matches!(err, Error::Unhealthy { .. }), "{strategy}: {err}");
+        assert_eq!(one_serving(&w, "web"), blue, "{strategy}: blue still serves and green is gone");
+        assert_eq!(rt.block_on(exchange(addr, "after")).unwrap(), short(&blue), "{strategy}");
+    }
+    let status = rt.block_on(agent.rotator.status()).unwrap();
+    let last = status[0].last.as_ref().unwrap();
+    assert_eq!(last.result, "failed");
+    assert!(last.error.as_ref().unwrap().contains("not healthy"), "{last:?}");
+}
+
+#[test]
+fn two_services_are_never_mixed_and_bind_ips_are_kept() {
+    let w = World::new();
+    let a = w.start(&Svc::new("a"));
+    let mut sb = Svc::new("b");
+    sb.ports = "0:8080";
+    let b = w.start(&sb);
+    let agent = Agent::start(&w);
+    let (ka, kb) = (key(&w, "a"), key(&w, "b"));
+    let addr_a = agent.addr(&ka, 8080);
+    let addr_b = agent.addr(&kb, 8080);
+    assert_eq!(addr_a.ip().to_string(), "127.0.0.1");
+    assert_eq!(addr_b.ip().to_string(), "0.0.0.0", "no IP in the label binds all interfaces");
+    let addr_b = std::net::SocketAddr::from(([127, 0, 0, 1], addr_b.port()));
+    let rt = agent.rt.handle().clone();
+    rt.block_on(async {
+        let report = agent
+            .rotator
+            .rotate(RotateRequest {
+                target: format!("{}/a", w.run),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let a2 = &report.containers[0].new_id;
+        for i in 0..20 {
+            assert_eq!(exchange(addr_a, &format!("a{i}")).await.unwrap(), short(a2));
+            assert_eq!(exchange(addr_b, &format!("b{i}")).await.unwrap(), short(&b));
+        }
+        assert_ne!(a2, &a);
+    });
+}
+
+#[test]
+fn queued_requests_are_coalesced_not_dropped() {
+    let w = World::new();
+    w.start(&Svc::new("web"));
+    let agent = Agent::start(&w);
+    let rt = agent.rt.handle().clone();
+    let results = rt.block_on(async {
+        let mut hs = Vec::new();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        for i in 0..4 {
+            let r = agent.rotator.clone();
+            let target = format!("{}/web", w.run);
+            let progress = (i == 0).then(|| tx.clone());
+            hs.push(tokio::spawn(async move {
+                r.rotate(RotateRequest {
+                    target,
+                    env: vec![("N".into(), i.to_string())],
+                    progress,
+                    ..Default::default()
+                })
+                .await
+            }));
+            if i == 0 {
+                // The others arrive while the first one runs (green started, not healthy).
+                while rx.recv().await.unwrap().step != dso_rotator::journal::Step::GreenStarted {}
+            }
+        }
+        let mut out = Vec::new();
+        for h in hs {
+            out.push(h.await.unwrap().unwrap());
+        }
+        out
+    });
+    let first = &results[0].containers[0];
+    let merged: Vec<_> = results[1..].iter().map(|r| r.containers[0].new_id.clone()).collect();
+    assert!(merged.iter().all(|m| *m == merged[0]), "requests 2-4 share one rotation: {merged:?}");
+    assert_ne!(merged[0], first.new_id, "the merged rotation ran after the first");
+    assert_eq!(one_serving(&w, "web"), merged[0]);
+}
+
+#[test]
+fn refuses_rolling_for_a_container_publishing_its_own_ports() {
+    let w = World::new();
+    let id = w.start(&Svc::new("web"));
+    // A second service that publishes a host port itself (OS-chosen).
+    let name = format!("{}-pub-1", w.run);
+    w.docker(&[
+        "run", "-d", "--name", &name, "--network", &w.network, "-p", "127.0.0.1::8080",
+        "--label", &format!("dso.test.run={}", w.run), "--label", "dso.reloader=true",
+        "--label", "dso.update.strategy=rolling", "--label", &format!("com.docker.compose.project={}", w.run),
+        "--label", "com.docker.compose.service=pub", &crate::support::image(),
+    ])
+    .unwrap();
+    let agent = Agent::start(&w);
+    let err = agent
+        .rt
+        .block_on(agent.rotator.rotate(RotateRequest {
+            target: format!("{}/pub", w.run),
+            ..Default::default()
+        }))
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, Error::Refused { .. }) && msg.contains("publishes host ports") && msg.contains("--strategy restart"), "{msg}");
+    assert_eq!(w.containers().len(), 2, "nothing was created");
+    assert!(w.containers().values().any(|(i, _)| *i == id));
+}
