@@ -94,14 +94,22 @@ impl Scan {
         if let Some(m) = self.services.values().find(|m| m.key.to_string() == target) {
             return Ok(m);
         }
-        let by_service: Vec<&Managed> = self.services.values().filter(|m| m.key.service == target).collect();
+        let by_service: Vec<&Managed> = self
+            .services
+            .values()
+            .filter(|m| m.key.service == target)
+            .collect();
         match by_service.as_slice() {
             [one] => return Ok(one),
             [] => {}
             many => {
                 return Err(Error::Ambiguous {
                     target: target.to_owned(),
-                    candidates: many.iter().map(|m| m.key.to_string()).collect::<Vec<_>>().join(", "),
+                    candidates: many
+                        .iter()
+                        .map(|m| m.key.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", "),
                 });
             }
         }
@@ -121,6 +129,10 @@ impl Scan {
     /// Managed service names, comma-separated (for errors).
     pub fn names(&self) -> String {
         let v: Vec<String> = self.services.keys().map(ToString::to_string).collect();
-        if v.is_empty() { "(none)".to_owned() } else { v.join(", ") }
+        if v.is_empty() {
+            "(none)".to_owned()
+        } else {
+            v.join(", ")
+        }
     }
 }

@@ -16,8 +16,9 @@ use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
 use bollard::models::{ContainerCreateBody, ContainerInspectResponse, EndpointSettings, HealthStatusEnum};
 use bollard::models::{NetworkConnectRequest, NetworkingConfig};
 use bollard::query_parameters::{
-    CreateContainerOptionsBuilder, EventsOptionsBuilder, KillContainerOptionsBuilder, ListContainersOptionsBuilder,
-    RemoveContainerOptionsBuilder, RenameContainerOptionsBuilder, StopContainerOptionsBuilder,
+    CreateContainerOptionsBuilder, EventsOptionsBuilder, KillContainerOptionsBuilder,
+    ListContainersOptionsBuilder, RemoveContainerOptionsBuilder, RenameContainerOptionsBuilder,
+    StopContainerOptionsBuilder,
 };
 use futures_util::{Stream, StreamExt};
 use tracing::debug;
@@ -181,7 +182,10 @@ impl DockerEngine {
     /// negotiates the API version down to what the daemon speaks (1.41 for Docker 20.10).
     pub async fn connect() -> Result<Self, EngineError> {
         let docker = Docker::connect_with_local_defaults().map_err(|e| err("connect", e))?;
-        let docker = docker.negotiate_version().await.map_err(|e| err("negotiate API version", e))?;
+        let docker = docker
+            .negotiate_version()
+            .await
+            .map_err(|e| err("negotiate API version", e))?;
         let v = docker.client_version();
         let api = format!("{}.{}", v.major_version, v.minor_version);
         debug!(api = %api, "connected to docker");
@@ -205,7 +209,10 @@ impl DockerEngine {
 
     async fn list(&self, label: String) -> Result<Vec<Container>, EngineError> {
         let filters = HashMap::from([("label".to_owned(), vec![label])]);
-        let opts = ListContainersOptionsBuilder::new().all(true).filters(&filters).build();
+        let opts = ListContainersOptionsBuilder::new()
+            .all(true)
+            .filters(&filters)
+            .build();
         let list = self
             .docker
             .list_containers(Some(opts))
@@ -278,7 +285,11 @@ impl DockerEngine {
         }
         // The output can close a moment before the daemon records the exit code.
         for _ in 0..100 {
-            let info = self.docker.inspect_exec(&exec.id).await.map_err(|e| err(&op, e))?;
+            let info = self
+                .docker
+                .inspect_exec(&exec.id)
+                .await
+                .map_err(|e| err(&op, e))?;
             if info.running != Some(true)
                 && let Some(code) = info.exit_code
             {
@@ -373,7 +384,10 @@ impl Engine for DockerEngine {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
         let since = format!("{}.{:09}", now.as_secs(), now.subsec_nanos());
-        let opts = EventsOptionsBuilder::new().since(&since).filters(&filters).build();
+        let opts = EventsOptionsBuilder::new()
+            .since(&since)
+            .filters(&filters)
+            .build();
         let s = self.docker.events(Some(opts)).filter_map(|m| async move {
             match m {
                 Err(e) => Some(Err(err("events", e))),
@@ -434,7 +448,10 @@ fn convert(c: ContainerInspectResponse) -> Container {
         .unwrap_or_default()
         .into_iter()
         .map(|(name, ep)| {
-            let ip = ep.ip_address.filter(|s| !s.is_empty()).and_then(|s| s.parse().ok());
+            let ip = ep
+                .ip_address
+                .filter(|s| !s.is_empty())
+                .and_then(|s| s.parse().ok());
             (name, ip)
         })
         .collect();
@@ -489,15 +506,12 @@ fn clone_body(blue: &ContainerInspectResponse, spec: &CloneSpec) -> CloneBody {
     let declared: Vec<String> = binds
         .iter()
         .filter_map(|b| b.split(':').nth(1).map(str::to_owned))
-        .chain(
-            hc.mounts
-                .iter()
-                .flatten()
-                .filter_map(|m| m.target.clone()),
-        )
+        .chain(hc.mounts.iter().flatten().filter_map(|m| m.target.clone()))
         .collect();
     for m in blue.mounts.iter().flatten() {
-        let (Some(name), Some(dest)) = (&m.name, &m.destination) else { continue };
+        let (Some(name), Some(dest)) = (&m.name, &m.destination) else {
+            continue;
+        };
         if m.typ.as_deref() == Some("volume") && !declared.contains(dest) {
             let mode = if m.rw == Some(false) { ":ro" } else { "" };
             binds.push(format!("{name}:{dest}{mode}"));
@@ -532,12 +546,20 @@ fn clone_body(blue: &ContainerInspectResponse, spec: &CloneSpec) -> CloneBody {
     // The network given at create time must be the network mode's (Docker ignores or
     // rejects another); then the route's network; then the first by name.
     let mode = hc.network_mode.clone().unwrap_or_default();
-    let mode_net = if mode == "default" { "bridge" } else { mode.as_str() };
+    let mode_net = if mode == "default" {
+        "bridge"
+    } else {
+        mode.as_str()
+    };
     let first = endpoints
         .iter()
         .find(|(e, _)| e == mode_net)
         .map(|(e, _)| e.clone())
-        .or_else(|| spec.primary_network.clone().filter(|n| endpoints.iter().any(|(e, _)| e == n)))
+        .or_else(|| {
+            spec.primary_network
+                .clone()
+                .filter(|n| endpoints.iter().any(|(e, _)| e == n))
+        })
         .or_else(|| endpoints.first().map(|(e, _)| e.clone()));
     let mut first_ep = HashMap::new();
     let mut more = Vec::new();

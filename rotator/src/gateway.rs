@@ -29,7 +29,10 @@ pub struct Member {
 
 impl Member {
     fn backend(&self, port: u16) -> Backend {
-        Backend::labeled(SocketAddr::new(self.ip, port), format!("{} ({})", self.name, short(&self.id)))
+        Backend::labeled(
+            SocketAddr::new(self.ip, port),
+            format!("{} ({})", self.name, short(&self.id)),
+        )
     }
 }
 
@@ -78,14 +81,23 @@ impl Gateway {
     /// Makes the service's listeners exist and route to `members`. Listeners are created
     /// once and never closed while the service is managed; a changed member set is a swap.
     /// An empty member set leaves the current route alone.
-    pub fn install(&self, key: &ServiceKey, ports: &[PortMap], members: Vec<Member>, timing: Timing) -> Result<(), Error> {
+    pub fn install(
+        &self,
+        key: &ServiceKey,
+        ports: &[PortMap],
+        members: Vec<Member>,
+        timing: Timing,
+    ) -> Result<(), Error> {
         let mut services = self.lock();
         if let Some(r) = services.get_mut(key) {
             if r.members == members || members.is_empty() {
                 return Ok(());
             }
             for (p, l) in r.ports.iter().zip(&r.listeners) {
-                l.swap(members.iter().map(|m| m.backend(p.container)).collect(), Some(timing.drain))?;
+                l.swap(
+                    members.iter().map(|m| m.backend(p.container)).collect(),
+                    Some(timing.drain),
+                )?;
             }
             info!(service = %key, members = ?members.iter().map(|m| short(&m.id)).collect::<Vec<_>>(), "route updated");
             r.members = members;
@@ -122,7 +134,13 @@ impl Gateway {
 
     /// Replaces member `old` (or adds when absent) by `new` on every listener of the
     /// service. Returns the swaps, whose previous generations now drain.
-    pub fn replace(&self, key: &ServiceKey, old: &str, new: Member, drain: Duration) -> Result<Vec<(Listener, Swap)>, Error> {
+    pub fn replace(
+        &self,
+        key: &ServiceKey,
+        old: &str,
+        new: Member,
+        drain: Duration,
+    ) -> Result<Vec<(Listener, Swap)>, Error> {
         let mut services = self.lock();
         // A service without ports has no listeners: nothing to swap.
         let Some(r) = services.get_mut(key) else {
@@ -132,7 +150,10 @@ impl Gateway {
         members.push(new);
         let mut swaps = Vec::new();
         for (p, l) in r.ports.iter().zip(&r.listeners) {
-            let s = l.swap(members.iter().map(|m| m.backend(p.container)).collect(), Some(drain))?;
+            let s = l.swap(
+                members.iter().map(|m| m.backend(p.container)).collect(),
+                Some(drain),
+            )?;
             swaps.push((l.clone(), s));
         }
         r.members = members;
@@ -156,12 +177,18 @@ impl Gateway {
 
     /// The members behind the service.
     pub fn members(&self, key: &ServiceKey) -> Vec<Member> {
-        self.lock().get(key).map(|r| r.members.clone()).unwrap_or_default()
+        self.lock()
+            .get(key)
+            .map(|r| r.members.clone())
+            .unwrap_or_default()
     }
 
     /// The service's listeners, in port order of its label.
     pub fn listeners(&self, key: &ServiceKey) -> Vec<Listener> {
-        self.lock().get(key).map(|r| r.listeners.clone()).unwrap_or_default()
+        self.lock()
+            .get(key)
+            .map(|r| r.listeners.clone())
+            .unwrap_or_default()
     }
 
     /// The services with listeners.

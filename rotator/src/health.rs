@@ -55,7 +55,11 @@ pub async fn wait<E: Engine>(engine: &E, id: &str, check: &HealthCheck) -> Resul
         let last = match probe(engine, id, check).await? {
             Ok(ip) => {
                 let waited = started.elapsed();
-                debug!(container = short(id), waited_ms = waited.as_millis() as u64, "healthy");
+                debug!(
+                    container = short(id),
+                    waited_ms = waited.as_millis() as u64,
+                    "healthy"
+                );
                 return Ok(Healthy { ip, waited });
             }
             Err(why) => why,
@@ -72,11 +76,14 @@ pub async fn wait<E: Engine>(engine: &E, id: &str, check: &HealthCheck) -> Resul
 }
 
 /// One round of checks: `Ok(Ok(ip))` healthy, `Ok(Err(why))` not yet, `Err` give up.
-async fn probe<E: Engine>(engine: &E, id: &str, check: &HealthCheck) -> Result<Result<std::net::IpAddr, String>, Error> {
-    let c = engine
-        .inspect(id)
-        .await?
-        .ok_or_else(|| Error::Vanished { container: short(id).to_owned() })?;
+async fn probe<E: Engine>(
+    engine: &E,
+    id: &str,
+    check: &HealthCheck,
+) -> Result<Result<std::net::IpAddr, String>, Error> {
+    let c = engine.inspect(id).await?.ok_or_else(|| Error::Vanished {
+        container: short(id).to_owned(),
+    })?;
     if !c.running {
         return Err(Error::Exited {
             container: c.name.clone(),

@@ -159,7 +159,11 @@ impl Journal {
             .truncate(true)
             .open(&path)?;
         sync_dir(&self.dir)?;
-        let mut e = Entry { file, path, last: first };
+        let mut e = Entry {
+            file,
+            path,
+            last: first,
+        };
         let rec = e.last.clone();
         e.append(rec)?;
         Ok(e)

@@ -92,7 +92,13 @@ impl ServiceKey {
             format!("{}_{}", self.project, self.service)
         };
         raw.chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' { c } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                    c
+                } else {
+                    '_'
+                }
+            })
             .collect()
     }
 }
@@ -192,7 +198,9 @@ pub struct ServiceSpec {
 
 /// Whether `labels` mark a managed container.
 pub fn is_managed(labels: &BTreeMap<String, String>) -> bool {
-    labels.get(RELOADER).is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
+    labels
+        .get(RELOADER)
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
 }
 
 /// Parses the dso labels of container `name`.
@@ -220,7 +228,8 @@ pub fn parse(name: &str, labels: &BTreeMap<String, String>) -> Result<ServiceSpe
     let health_exec = match get(HEALTH_EXEC) {
         None => None,
         Some(v) if v.starts_with('[') => Some(
-            serde_json::from_str::<Vec<String>>(v).map_err(|e| fail(HEALTH_EXEC, v, format!("not a JSON array of strings: {e}")))?,
+            serde_json::from_str::<Vec<String>>(v)
+                .map_err(|e| fail(HEALTH_EXEC, v, format!("not a JSON array of strings: {e}")))?,
         ),
         Some(v) => Some(v.split_whitespace().map(str::to_owned).collect()),
     };
@@ -308,7 +317,10 @@ mod tests {
     use super::*;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -326,7 +338,10 @@ mod tests {
     fn bad_ports_name_label_and_container() {
         let l = labels(&[(HOST_PORTS, "80"), (RELOADER, "true")]);
         let e = parse("web-1", &l).unwrap_err().to_string();
-        assert!(e.contains("web-1") && e.contains("dso.host_ports") && e.contains("HOST:CONTAINER"), "{e}");
+        assert!(
+            e.contains("web-1") && e.contains("dso.host_ports") && e.contains("HOST:CONTAINER"),
+            "{e}"
+        );
         for bad in ["x:80", "1.2.3:80:80", "80:99999", "80:0", "8080:80,8080:81"] {
             assert!(parse_ports(bad).is_err(), "{bad} accepted");
         }
@@ -353,7 +368,10 @@ mod tests {
 
     #[test]
     fn service_key_from_compose_or_name() {
-        let k = ServiceKey::of("p-web-1", &labels(&[(COMPOSE_PROJECT, "p"), (COMPOSE_SERVICE, "web")]));
+        let k = ServiceKey::of(
+            "p-web-1",
+            &labels(&[(COMPOSE_PROJECT, "p"), (COMPOSE_SERVICE, "web")]),
+        );
         assert_eq!(k.to_string(), "p/web");
         assert_eq!(k.file_stem(), "p_web");
         assert_eq!(ServiceKey::of("solo", &labels(&[])).to_string(), "solo");

@@ -36,7 +36,11 @@ impl ServiceLock {
         let dir = state_dir.join("locks");
         fs::create_dir_all(&dir)?;
         let path = dir.join(format!("{}.lock", service.file_stem()));
-        let file = OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)?;
         let mut logged = false;
         loop {
             match file.try_lock_exclusive() {
@@ -99,7 +103,13 @@ impl<R: Send + 'static, T: Clone + Send + 'static> Queue<R, T> {
     /// Runs `request` for `service` through `run`, after any rotation in progress.
     /// `merge(waiting, new)` folds a later request into one already waiting. The work runs
     /// in a spawned task, so a caller that goes away does not stop it.
-    pub async fn submit<F, Fut>(self: &Arc<Self>, service: ServiceKey, request: R, merge: fn(&mut R, R), run: F) -> T
+    pub async fn submit<F, Fut>(
+        self: &Arc<Self>,
+        service: ServiceKey,
+        request: R,
+        merge: fn(&mut R, R),
+        run: F,
+    ) -> T
     where
         F: Fn(R) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = T> + Send + 'static,
@@ -212,7 +222,9 @@ mod tests {
         for i in 2..5 {
             let q = q.clone();
             let run = run.clone();
-            later.push(tokio::spawn(async move { q.submit(key("web"), vec![i], merge, run).await }));
+            later.push(tokio::spawn(async move {
+                q.submit(key("web"), vec![i], merge, run).await
+            }));
             tokio::task::yield_now().await;
         }
         // Another service is not blocked by web.
@@ -225,9 +237,17 @@ mod tests {
         assert_eq!(first.await.unwrap(), vec![1]);
         assert_eq!(other.await.unwrap(), vec![9]);
         for h in later {
-            assert_eq!(h.await.unwrap(), vec![2, 3, 4], "every later request gets the merged result");
+            assert_eq!(
+                h.await.unwrap(),
+                vec![2, 3, 4],
+                "every later request gets the merged result"
+            );
         }
-        assert_eq!(runs.load(Ordering::SeqCst), 3, "one run for web, one merged run, one for db");
+        assert_eq!(
+            runs.load(Ordering::SeqCst),
+            3,
+            "one run for web, one merged run, one for db"
+        );
         assert!(!q.is_busy(&key("web")));
     }
 
@@ -240,9 +260,16 @@ mod tests {
             ServiceLock::acquire(dir.path(), &key("web")),
         )
         .await;
-        assert!(second.is_err(), "a second lock was granted while the first was held");
+        assert!(
+            second.is_err(),
+            "a second lock was granted while the first was held"
+        );
         drop(a);
-        let b = tokio::time::timeout(Duration::from_secs(2), ServiceLock::acquire(dir.path(), &key("web"))).await;
+        let b = tokio::time::timeout(
+            Duration::from_secs(2),
+            ServiceLock::acquire(dir.path(), &key("web")),
+        )
+        .await;
         assert!(b.is_ok());
     }
 }

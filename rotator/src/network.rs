@@ -10,7 +10,13 @@ use crate::engine::Container;
 
 /// The network and IP to dial for `c`, or `None` when it has no usable address (yet).
 pub fn choose(c: &Container, label: Option<&str>, project: &str) -> Option<(String, IpAddr)> {
-    let on = |name: &str| c.networks.get(name).copied().flatten().map(|ip| (name.to_owned(), ip));
+    let on = |name: &str| {
+        c.networks
+            .get(name)
+            .copied()
+            .flatten()
+            .map(|ip| (name.to_owned(), ip))
+    };
     if let Some(name) = label {
         // The label is a promise: no fallback to another network when it names one the
         // container is not on.
@@ -51,7 +57,12 @@ mod tests {
 
     #[test]
     fn label_then_project_default_then_first_by_name() {
-        let c = container(&[("zeta", Some("10.0.3.2")), ("p_default", Some("10.0.2.2")), ("alpha", None), ("beta", Some("10.0.1.2"))]);
+        let c = container(&[
+            ("zeta", Some("10.0.3.2")),
+            ("p_default", Some("10.0.2.2")),
+            ("alpha", None),
+            ("beta", Some("10.0.1.2")),
+        ]);
         assert_eq!(choose(&c, Some("zeta"), "p").unwrap().0, "zeta");
         assert_eq!(choose(&c, None, "p").unwrap().0, "p_default");
         assert_eq!(choose(&c, None, "").unwrap().0, "beta", "alpha has no IP");

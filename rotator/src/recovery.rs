@@ -30,7 +30,10 @@ pub struct Recovered {
 /// Recovers every interrupted rotation in `journal`.
 pub async fn recover_all<E: Engine>(engine: &E, journal: &Journal) -> Result<Vec<Recovered>, Error> {
     let mut out = Vec::new();
-    for rec in journal.interrupted().map_err(|e| Error::state("reading journal", e))? {
+    for rec in journal
+        .interrupted()
+        .map_err(|e| Error::state("reading journal", e))?
+    {
         out.push(recover(engine, journal, rec).await?);
     }
     Ok(out)
@@ -71,7 +74,9 @@ pub async fn recover<E: Engine>(engine: &E, journal: &Journal, rec: Record) -> R
     } else {
         warn!(service = %rec.service, rotation = %rec.rotation, "neither container of the interrupted rotation exists");
     }
-    let mut entry = journal.reopen(rec.clone()).map_err(|e| Error::state("journal", e))?;
+    let mut entry = journal
+        .reopen(rec.clone())
+        .map_err(|e| Error::state("journal", e))?;
     entry
         .finish(Step::Recovered, None)
         .map_err(|e| Error::state("journal", e))?;

@@ -35,7 +35,11 @@ pub(crate) async fn run<E: Engine>(r: &mut Run<'_, E>) -> Result<String, Error> 
     loop {
         match advance(r, &mut g, step).await {
             Ok(Step::Done) => {
-                r.finish(Step::Done, None, format!("done in {} ms", ms(r.started.elapsed())))?;
+                r.finish(
+                    Step::Done,
+                    None,
+                    format!("done in {} ms", ms(r.started.elapsed())),
+                )?;
                 return Ok(g.id.unwrap_or_default());
             }
             Ok(next) => step = next,
@@ -70,8 +74,12 @@ async fn advance<E: Engine>(r: &mut Run<'_, E>, g: &mut Green, from: Step) -> Re
         Step::BlueStopped => {
             let aside = aside_name(&r.blue.name, &r.rotation());
             r.engine.rename(&r.blue.id, &aside).await?;
-            r.record(Step::BlueRenamed, None, format!("renamed {} to {aside}", short(&r.blue.id)))
-                .await?;
+            r.record(
+                Step::BlueRenamed,
+                None,
+                format!("renamed {} to {aside}", short(&r.blue.id)),
+            )
+            .await?;
             Step::BlueRenamed
         }
         Step::BlueRenamed => {
@@ -84,14 +92,19 @@ async fn advance<E: Engine>(r: &mut Run<'_, E>, g: &mut Green, from: Step) -> Re
             };
             let id = r.engine.create_clone(&spec).await?;
             g.id = Some(id.clone());
-            r.record(Step::GreenCreated, Some(&id), format!("created {} ({})", spec.name, short(&id)))
-                .await?;
+            r.record(
+                Step::GreenCreated,
+                Some(&id),
+                format!("created {} ({})", spec.name, short(&id)),
+            )
+            .await?;
             Step::GreenCreated
         }
         Step::GreenCreated => {
             let id = g.id.clone().unwrap_or_default();
             r.engine.start(&id).await?;
-            r.record(Step::GreenStarted, None, format!("started {}", short(&id))).await?;
+            r.record(Step::GreenStarted, None, format!("started {}", short(&id)))
+                .await?;
             Step::GreenStarted
         }
         Step::GreenStarted => {
@@ -102,18 +115,32 @@ async fn advance<E: Engine>(r: &mut Run<'_, E>, g: &mut Green, from: Step) -> Re
                 name: r.blue.name.clone(),
                 ip: h.ip,
             });
-            r.record(Step::GreenHealthy, None, format!("healthy after {} ms", ms(h.waited)))
-                .await?;
+            r.record(
+                Step::GreenHealthy,
+                None,
+                format!("healthy after {} ms", ms(h.waited)),
+            )
+            .await?;
             Step::GreenHealthy
         }
         Step::GreenHealthy => {
             let member = g.member.clone().expect("green is healthy");
-            let held: u64 = r.gateway.listeners(r.key).iter().map(|l| l.snapshot().counters.held).sum();
+            let held: u64 = r
+                .gateway
+                .listeners(r.key)
+                .iter()
+                .map(|l| l.snapshot().counters.held)
+                .sum();
             // A swap ends the hold: held connections are dialed to green.
-            r.gateway.replace(r.key, &r.blue.id, member, r.spec.drain_timeout)?;
+            r.gateway
+                .replace(r.key, &r.blue.id, member, r.spec.drain_timeout)?;
             r.serving_after_ms = Some(ms(r.started.elapsed()));
-            r.record(Step::Resumed, None, format!("resumed to green; {held} held connections released"))
-                .await?;
+            r.record(
+                Step::Resumed,
+                None,
+                format!("resumed to green; {held} held connections released"),
+            )
+            .await?;
             Step::Resumed
         }
         Step::Resumed => {
@@ -151,7 +178,8 @@ async fn rollback<E: Engine>(r: &Run<'_, E>, g: &Green, failed_from: Step) -> Re
             name: r.blue.name.clone(),
             ip: h.ip,
         };
-        r.gateway.replace(r.key, &r.blue.id, member, r.spec.drain_timeout)?;
+        r.gateway
+            .replace(r.key, &r.blue.id, member, r.spec.drain_timeout)?;
         Ok(())
     }
     .await;

@@ -37,7 +37,11 @@ pub(crate) async fn run<E: Engine>(r: &mut Run<'_, E>) -> Result<String, Error> 
     loop {
         match advance(r, &mut g, step).await {
             Ok(Step::Done) => {
-                r.finish(Step::Done, None, format!("done in {} ms", ms(r.started.elapsed())))?;
+                r.finish(
+                    Step::Done,
+                    None,
+                    format!("done in {} ms", ms(r.started.elapsed())),
+                )?;
                 return Ok(g.id.unwrap_or_default());
             }
             Ok(next) => step = next,
@@ -65,14 +69,19 @@ async fn advance<E: Engine>(r: &mut Run<'_, E>, g: &mut Green, from: Step) -> Re
             };
             let id = r.engine.create_clone(&spec).await?;
             g.id = Some(id.clone());
-            r.record(Step::GreenCreated, Some(&id), format!("created {} ({})", spec.name, short(&id)))
-                .await?;
+            r.record(
+                Step::GreenCreated,
+                Some(&id),
+                format!("created {} ({})", spec.name, short(&id)),
+            )
+            .await?;
             Step::GreenCreated
         }
         Step::GreenCreated => {
             let id = g.id.clone().unwrap_or_default();
             r.engine.start(&id).await?;
-            r.record(Step::GreenStarted, None, format!("started {}", short(&id))).await?;
+            r.record(Step::GreenStarted, None, format!("started {}", short(&id)))
+                .await?;
             Step::GreenStarted
         }
         Step::GreenStarted => {
@@ -83,13 +92,19 @@ async fn advance<E: Engine>(r: &mut Run<'_, E>, g: &mut Green, from: Step) -> Re
                 name: r.blue.name.clone(),
                 ip: h.ip,
             });
-            r.record(Step::GreenHealthy, None, format!("healthy after {} ms", ms(h.waited)))
-                .await?;
+            r.record(
+                Step::GreenHealthy,
+                None,
+                format!("healthy after {} ms", ms(h.waited)),
+            )
+            .await?;
             Step::GreenHealthy
         }
         Step::GreenHealthy => {
             let member = g.member.clone().expect("green is healthy");
-            g.swaps = r.gateway.replace(r.key, &r.blue.id, member, r.spec.drain_timeout)?;
+            g.swaps = r
+                .gateway
+                .replace(r.key, &r.blue.id, member, r.spec.drain_timeout)?;
             r.serving_after_ms = Some(ms(r.started.elapsed()));
             let draining: u64 = g
                 .swaps
@@ -103,8 +118,12 @@ async fn advance<E: Engine>(r: &mut Run<'_, E>, g: &mut Green, from: Step) -> Re
                         .sum::<u64>()
                 })
                 .sum();
-            r.record(Step::Swapped, None, format!("swapped; {draining} connections draining from blue"))
-                .await?;
+            r.record(
+                Step::Swapped,
+                None,
+                format!("swapped; {draining} connections draining from blue"),
+            )
+            .await?;
             Step::Swapped
         }
         Step::Swapped => {
@@ -119,7 +138,10 @@ async fn advance<E: Engine>(r: &mut Run<'_, E>, g: &mut Green, from: Step) -> Re
             r.record(
                 Step::Drained,
                 None,
-                format!("drained in {} ms ({forced} closed at the deadline)", ms(started.elapsed())),
+                format!(
+                    "drained in {} ms ({forced} closed at the deadline)",
+                    ms(started.elapsed())
+                ),
             )
             .await?;
             Step::Drained
@@ -134,8 +156,12 @@ async fn advance<E: Engine>(r: &mut Run<'_, E>, g: &mut Green, from: Step) -> Re
         Step::BlueRemoved => {
             let id = g.id.clone().unwrap_or_default();
             r.engine.rename(&id, &r.blue.name).await?;
-            r.record(Step::GreenRenamed, None, format!("renamed {} to {}", short(&id), r.blue.name))
-                .await?;
+            r.record(
+                Step::GreenRenamed,
+                None,
+                format!("renamed {} to {}", short(&id), r.blue.name),
+            )
+            .await?;
             Step::GreenRenamed
         }
         Step::GreenRenamed => Step::Done,

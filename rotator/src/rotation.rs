@@ -109,7 +109,10 @@ impl<'a, E: Engine> Run<'a, E> {
                 id: Some(blue.id.clone()),
                 name: blue.name.clone(),
             },
-            green: Side { id: None, name: green_name },
+            green: Side {
+                id: None,
+                name: green_name,
+            },
             at_ms: now_ms(),
             error: None,
         };

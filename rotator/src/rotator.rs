@@ -116,7 +116,9 @@ impl<E: Engine> Clone for Rotator<E> {
 
 impl<E: Engine> std::fmt::Debug for Rotator<E> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Rotator").field("state_dir", &self.inner.cfg.state_dir).finish()
+        f.debug_struct("Rotator")
+            .field("state_dir", &self.inner.cfg.state_dir)
+            .finish()
     }
 }
 
@@ -125,7 +127,8 @@ impl<E: Engine> Rotator<E> {
     /// containers: listeners on their ports routing to the running containers. Nothing is
     /// rotated. Returns the rotator and what recovery did.
     pub async fn start(engine: E, proxy: Proxy, cfg: Config) -> Result<(Self, Vec<Recovered>), Error> {
-        let journal = Journal::open(&cfg.state_dir).map_err(|e| Error::state("opening state directory", e))?;
+        let journal =
+            Journal::open(&cfg.state_dir).map_err(|e| Error::state("opening state directory", e))?;
         let recovered = recovery::recover_all(&engine, &journal).await?;
         let r = Rotator {
             inner: Arc::new(Inner {
@@ -160,7 +163,11 @@ impl<E: Engine> Rotator<E> {
                 continue;
             }
             let timing = rotation::timing(&m.spec, self.inner.cfg.stop_grace);
-            if let Err(e) = self.inner.gateway.install(&m.key, &m.spec.ports, m.members(), timing) {
+            if let Err(e) = self
+                .inner
+                .gateway
+                .install(&m.key, &m.spec.ports, m.members(), timing)
+            {
                 warn!(service = %m.key, error = %e, "cannot route service");
             }
         }
@@ -258,12 +265,17 @@ impl<E: Engine> Rotator<E> {
         }
         let (res, err) = match &result {
             Ok(()) => ("done".to_owned(), None),
-            Err(Error::Refused { .. }) => ("refused".to_owned(), result.as_ref().err().map(ToString::to_string)),
+            Err(Error::Refused { .. }) => (
+                "refused".to_owned(),
+                result.as_ref().err().map(ToString::to_string),
+            ),
             Err(e) => ("failed".to_owned(), Some(e.to_string())),
         };
         let history = History {
             rotation: reports.last().map(|r| r.rotation.clone()).unwrap_or_default(),
-            strategy: reports.last().map_or(req.strategy.unwrap_or(m.spec.strategy), |r| r.strategy),
+            strategy: reports
+                .last()
+                .map_or(req.strategy.unwrap_or(m.spec.strategy), |r| r.strategy),
             result: res,
             error: err,
             started_at_ms,
@@ -281,7 +293,12 @@ impl<E: Engine> Rotator<E> {
         })
     }
 
-    async fn rotate_one(&self, m: &Managed, blue: crate::engine::Container, req: &RotateRequest) -> Result<ContainerReport, Error> {
+    async fn rotate_one(
+        &self,
+        m: &Managed,
+        blue: crate::engine::Container,
+        req: &RotateRequest,
+    ) -> Result<ContainerReport, Error> {
         let inner = &self.inner;
         let strategy = strategy::resolve(&m.key, &blue, &m.spec, req.strategy)?;
         let n = inner.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -412,6 +429,8 @@ fn merge(a: &mut RotateRequest, b: RotateRequest) {
 }
 
 fn relevant(action: &str) -> bool {
-    matches!(action, "start" | "die" | "destroy" | "rename" | "stop" | "kill" | "unpause" | "pause")
-        || action.starts_with("health_status")
+    matches!(
+        action,
+        "start" | "die" | "destroy" | "rename" | "stop" | "kill" | "unpause" | "pause"
+    ) || action.starts_with("health_status")
 }

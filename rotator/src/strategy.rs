@@ -8,9 +8,29 @@ use crate::labels::{ServiceKey, ServiceSpec, Strategy};
 /// Image names (last path part, before the tag) that hold state: two copies on the same
 /// data corrupt it, so they are restarted, not rolled.
 const STATEFUL_IMAGES: &[&str] = &[
-    "postgres", "postgis", "mysql", "mariadb", "percona", "mongo", "mongodb", "redis", "valkey", "elasticsearch",
-    "opensearch", "rabbitmq", "cassandra", "clickhouse", "etcd", "zookeeper", "kafka", "influxdb", "couchdb", "neo4j",
-    "minio", "timescaledb", "cockroach",
+    "postgres",
+    "postgis",
+    "mysql",
+    "mariadb",
+    "percona",
+    "mongo",
+    "mongodb",
+    "redis",
+    "valkey",
+    "elasticsearch",
+    "opensearch",
+    "rabbitmq",
+    "cassandra",
+    "clickhouse",
+    "etcd",
+    "zookeeper",
+    "kafka",
+    "influxdb",
+    "couchdb",
+    "neo4j",
+    "minio",
+    "timescaledb",
+    "cockroach",
 ];
 
 /// Mount destinations that mean "this container keeps data".
@@ -36,7 +56,12 @@ pub fn stateful_reason(c: &Container, spec: &ServiceSpec) -> Option<String> {
 /// The strategy to run for `c`: `requested` (from `dso rotate --strategy`) else the label,
 /// with `auto` resolved. `rolling` is refused, with the reason and how to override it,
 /// when the container publishes its own host ports or looks stateful.
-pub fn resolve(key: &ServiceKey, c: &Container, spec: &ServiceSpec, requested: Option<Strategy>) -> Result<Strategy, Error> {
+pub fn resolve(
+    key: &ServiceKey,
+    c: &Container,
+    spec: &ServiceSpec,
+    requested: Option<Strategy>,
+) -> Result<Strategy, Error> {
     let asked = requested.unwrap_or(spec.strategy);
     let stateful = stateful_reason(c, spec);
     let chosen = match asked {
@@ -53,7 +78,10 @@ pub fn resolve(key: &ServiceKey, c: &Container, spec: &ServiceSpec, requested: O
         };
         if c.publishes_ports {
             return Err(refuse(
-                format!("container {} publishes host ports itself, so a second copy cannot start", c.name),
+                format!(
+                    "container {} publishes host ports itself, so a second copy cannot start",
+                    c.name
+                ),
                 "remove its `ports:` and list them in the dso.host_ports label, or use --strategy restart",
             ));
         }
@@ -108,22 +136,51 @@ mod tests {
     #[test]
     fn auto_picks_restart_for_databases_and_rolling_otherwise() {
         let pg = container("library/postgres:16", &[], false);
-        assert_eq!(resolve(&key(), &pg, &spec(Strategy::Auto, None), None).unwrap(), Strategy::Restart);
+        assert_eq!(
+            resolve(&key(), &pg, &spec(Strategy::Auto, None), None).unwrap(),
+            Strategy::Restart
+        );
         let vol = container("myapp", &[("volume", "/var/lib/myapp")], false);
-        assert_eq!(resolve(&key(), &vol, &spec(Strategy::Auto, None), None).unwrap(), Strategy::Restart);
-        let web = container("nginx:1", &[("tmpfs", "/var/lib/x"), ("bind", "/etc/nginx")], false);
-        assert_eq!(resolve(&key(), &web, &spec(Strategy::Auto, None), None).unwrap(), Strategy::Rolling);
-        assert_eq!(resolve(&key(), &pg, &spec(Strategy::Auto, Some(false)), None).unwrap(), Strategy::Rolling);
+        assert_eq!(
+            resolve(&key(), &vol, &spec(Strategy::Auto, None), None).unwrap(),
+            Strategy::Restart
+        );
+        let web = container(
+            "nginx:1",
+            &[("tmpfs", "/var/lib/x"), ("bind", "/etc/nginx")],
+            false,
+        );
+        assert_eq!(
+            resolve(&key(), &web, &spec(Strategy::Auto, None), None).unwrap(),
+            Strategy::Rolling
+        );
+        assert_eq!(
+            resolve(&key(), &pg, &spec(Strategy::Auto, Some(false)), None).unwrap(),
+            Strategy::Rolling
+        );
     }
 
     #[test]
     fn rolling_is_refused_with_reason_and_override() {
         let pg = container("postgres", &[], false);
-        let e = resolve(&key(), &pg, &spec(Strategy::Rolling, None), None).unwrap_err().to_string();
-        assert!(e.contains("stateful") && e.contains("--strategy restart") && e.contains("dso.stateful=false"), "{e}");
+        let e = resolve(&key(), &pg, &spec(Strategy::Rolling, None), None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("stateful") && e.contains("--strategy restart") && e.contains("dso.stateful=false"),
+            "{e}"
+        );
         let web = container("nginx", &[], true);
-        let e = resolve(&key(), &web, &spec(Strategy::Auto, None), Some(Strategy::Rolling)).unwrap_err().to_string();
-        assert!(e.contains("publishes host ports") && e.contains("dso.host_ports"), "{e}");
-        assert_eq!(resolve(&key(), &web, &spec(Strategy::Auto, None), Some(Strategy::Signal)).unwrap(), Strategy::Signal);
+        let e = resolve(&key(), &web, &spec(Strategy::Auto, None), Some(Strategy::Rolling))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("publishes host ports") && e.contains("dso.host_ports"),
+            "{e}"
+        );
+        assert_eq!(
+            resolve(&key(), &web, &spec(Strategy::Auto, None), Some(Strategy::Signal)).unwrap(),
+            Strategy::Signal
+        );
     }
 }

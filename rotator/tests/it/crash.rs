@@ -14,7 +14,11 @@ use crate::support::{Agent, Svc, World, exchange, key, short};
 fn kill_at(strategy: Strategy, step: Step) {
     let w = World::new();
     let mut svc = Svc::new("web");
-    svc.strategy = if strategy == Strategy::Restart { "restart" } else { "rolling" };
+    svc.strategy = if strategy == Strategy::Restart {
+        "restart"
+    } else {
+        "rolling"
+    };
     let blue = w.start(&svc);
     let agent = Agent::start(&w);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -47,19 +51,36 @@ fn kill_at(strategy: Strategy, step: Step) {
     agent.kill();
 
     let agent = Agent::start(&w);
-    assert_eq!(agent.recovered.len(), 1, "{strategy} {step:?}: one interrupted rotation recovered");
+    assert_eq!(
+        agent.recovered.len(),
+        1,
+        "{strategy} {step:?}: one interrupted rotation recovered"
+    );
     let survivor = agent.recovered[0].survivor.clone().expect("a survivor");
     let cs = w.containers();
-    assert_eq!(cs.len(), 1, "{strategy} {step:?}: exactly one container left: {cs:?}");
+    assert_eq!(
+        cs.len(),
+        1,
+        "{strategy} {step:?}: exactly one container left: {cs:?}"
+    );
     let (name, (id, running)) = cs.into_iter().next().unwrap();
-    assert_eq!(name, format!("{}-web-1", w.run), "{strategy} {step:?}: original name");
+    assert_eq!(
+        name,
+        format!("{}-web-1", w.run),
+        "{strategy} {step:?}: original name"
+    );
     assert!(running, "{strategy} {step:?}: survivor runs");
     assert_eq!(id, survivor);
     let forward = match strategy {
         Strategy::Restart => step >= Step::GreenHealthy,
         _ => step >= Step::Swapped,
     };
-    assert_eq!(id != blue, forward, "{strategy} {step:?}: survivor is {} ", if forward { "green" } else { "blue" });
+    assert_eq!(
+        id != blue,
+        forward,
+        "{strategy} {step:?}: survivor is {} ",
+        if forward { "green" } else { "blue" }
+    );
     let addr = agent.addr(&key(&w, "web"), 8080);
     let served = agent.rt.block_on(async {
         // The survivor may have been started by recovery: give it its health interval.
@@ -72,7 +93,11 @@ fn kill_at(strategy: Strategy, step: Step) {
             }
         }
     });
-    assert_eq!(served, short(&id), "{strategy} {step:?}: the proxy routes to the survivor");
+    assert_eq!(
+        served,
+        short(&id),
+        "{strategy} {step:?}: the proxy routes to the survivor"
+    );
     // The journal is closed: a third start recovers nothing.
     agent.kill();
     let again = Agent::start(&w);
@@ -126,7 +151,9 @@ fn agent_restart_readopts_without_rotating() {
     let kb = key(&w, "db");
     let served = |agent: &Agent| {
         let (pa, pb) = (agent.addr(&ka, 8080), agent.addr(&kb, 8080));
-        agent.rt.block_on(async { (exchange(pa, "x").await.unwrap(), exchange(pb, "y").await.unwrap()) })
+        agent
+            .rt
+            .block_on(async { (exchange(pa, "x").await.unwrap(), exchange(pb, "y").await.unwrap()) })
     };
     assert_eq!(served(&agent), (short(&a), short(&b)));
     agent.kill();
@@ -134,13 +161,21 @@ fn agent_restart_readopts_without_rotating() {
     let agent = Agent::start(&w);
     assert!(agent.recovered.is_empty());
     assert_eq!(w.containers(), before, "no container created, removed or renamed");
-    assert_eq!(served(&agent), (short(&a), short(&b)), "re-adopted with the same containers");
+    assert_eq!(
+        served(&agent),
+        (short(&a), short(&b)),
+        "re-adopted with the same containers"
+    );
     let status = agent.rt.block_on(agent.rotator.status()).unwrap();
     assert_eq!(status.len(), 2);
     for s in &status {
         assert!(s.last.is_none(), "no rotation recorded: {s:?}");
         assert_eq!(s.containers.len(), 1);
-        assert!(s.ports[0].starts_with("127.0.0.1:") && !s.ports[0].starts_with("127.0.0.1:0:"), "{:?}", s.ports);
+        assert!(
+            s.ports[0].starts_with("127.0.0.1:") && !s.ports[0].starts_with("127.0.0.1:0:"),
+            "{:?}",
+            s.ports
+        );
     }
 }
 
@@ -169,6 +204,9 @@ fn events_add_a_new_container_of_a_service_to_its_route() {
     ids.sort();
     let mut want = vec![a, b];
     want.sort();
-    assert_eq!(ids, want, "the second container joined the route after its start event");
+    assert_eq!(
+        ids, want,
+        "the second container joined the route after its start event"
+    );
     stop.cancel();
 }

@@ -22,7 +22,10 @@ async fn http_get(ip: std::net::IpAddr, path: &str) -> String {
 async fn until<F: AsyncFnMut() -> bool>(what: &str, mut f: F) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while !f().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -32,7 +35,9 @@ async fn engine_negotiates_inspects_clones_renames_signals_and_execs() {
     let w = World::new();
     let e = DockerEngine::connect().await.expect("connect");
     // Docker 20.10 speaks 1.41; bollard's default is newer, so this proves negotiation.
-    let server_api = w.docker(&["version", "--format", "{{.Server.APIVersion}}"]).unwrap();
+    let server_api = w
+        .docker(&["version", "--format", "{{.Server.APIVersion}}"])
+        .unwrap();
     assert_eq!(e.api_version(), server_api, "negotiated API version");
 
     let mut events = e.events();
@@ -50,13 +55,20 @@ async fn engine_negotiates_inspects_clones_renames_signals_and_execs() {
     assert_eq!(ev.action, "start");
 
     let managed = e.list_managed().await.unwrap();
-    let c = managed.iter().find(|c| c.id == id).expect("listed as managed").clone();
+    let c = managed
+        .iter()
+        .find(|c| c.id == id)
+        .expect("listed as managed")
+        .clone();
     assert_eq!(c.name, format!("{}-web-1", w.run));
     assert!(c.running);
     assert!(c.image_id.starts_with("sha256:"));
     assert!(!c.publishes_ports);
     let ip = c.networks[&w.network].expect("an IP on the project network");
-    until("healthy", async || e.inspect(&id).await.unwrap().unwrap().health == DockerHealth::Healthy).await;
+    until("healthy", async || {
+        e.inspect(&id).await.unwrap().unwrap().health == DockerHealth::Healthy
+    })
+    .await;
     assert_eq!(exchange((ip, 8080).into(), "hi").await.unwrap(), short(&id));
 
     // Clone with a new environment value and an extra label; the copy keeps the network.
@@ -69,27 +81,47 @@ async fn engine_negotiates_inspects_clones_renames_signals_and_execs() {
     };
     let green = e.create_clone(&spec).await.unwrap();
     e.start(&green).await.unwrap();
-    e.start(&green).await.expect("starting a started container is not an error");
+    e.start(&green)
+        .await
+        .expect("starting a started container is not an error");
     let g = e.inspect(&green).await.unwrap().unwrap();
     assert_eq!(g.image_id, c.image_id, "image pinned by ID");
     assert_eq!(g.labels["dso.rotation.id"], "t1");
     assert_eq!(g.labels["dso.host_ports"], c.labels["dso.host_ports"]);
     let gip = g.networks[&w.network].expect("green on the project network");
     assert_ne!(gip, ip, "static IP dropped");
-    until("green http", async || tokio::net::TcpStream::connect((gip, 8081)).await.is_ok()).await;
+    until("green http", async || {
+        tokio::net::TcpStream::connect((gip, 8081)).await.is_ok()
+    })
+    .await;
     assert_eq!(http_get(gip, "/env/DSO_TEST_VALUE").await, "v2");
-    assert_eq!(exchange((gip, 8080).into(), "g").await.unwrap(), short(&green), "hostname dropped");
+    assert_eq!(
+        exchange((gip, 8080).into(), "g").await.unwrap(),
+        short(&green),
+        "hostname dropped"
+    );
     assert_eq!(e.list_labeled("dso.rotation.id", "t1").await.unwrap().len(), 1);
 
     // Exec waits for the real exit code.
-    let ok = vec!["/dso-testsrv".into(), "probe".into(), "127.0.0.1:8081/health".into()];
+    let ok = vec![
+        "/dso-testsrv".into(),
+        "probe".into(),
+        "127.0.0.1:8081/health".into(),
+    ];
     assert_eq!(e.exec(&green, &ok).await.unwrap(), 0);
-    let bad = vec!["/dso-testsrv".into(), "probe".into(), "127.0.0.1:8081/nope".into()];
+    let bad = vec![
+        "/dso-testsrv".into(),
+        "probe".into(),
+        "127.0.0.1:8081/nope".into(),
+    ];
     assert_eq!(e.exec(&green, &bad).await.unwrap(), 1);
 
     // Signal: the test server counts SIGHUPs.
     e.signal(&green, "SIGHUP").await.unwrap();
-    until("reload counted", async || http_get(gip, "/reloads").await.trim() == "1").await;
+    until("reload counted", async || {
+        http_get(gip, "/reloads").await.trim() == "1"
+    })
+    .await;
 
     let renamed = format!("{}-web-renamed", w.run);
     e.rename(&green, &renamed).await.unwrap();
@@ -98,7 +130,9 @@ async fn engine_negotiates_inspects_clones_renames_signals_and_execs() {
 
     e.stop(&green, Duration::from_secs(5)).await.unwrap();
     assert!(!e.inspect(&green).await.unwrap().unwrap().running);
-    e.stop(&green, Duration::from_secs(5)).await.expect("stopping a stopped container is not an error");
+    e.stop(&green, Duration::from_secs(5))
+        .await
+        .expect("stopping a stopped container is not an error");
     e.remove(&green).await.unwrap();
     assert!(e.inspect(&green).await.unwrap().is_none());
     let err = e.remove(&green).await.unwrap_err();

@@ -10,7 +10,11 @@ use crate::support::{Agent, Load, Svc, World, exchange, key, short};
 fn one_serving(w: &World, service: &str) -> String {
     let cs = w.service_containers(service);
     let all = w.containers();
-    assert_eq!(all.len(), cs.len(), "a container outside the service's names remains: {all:?}");
+    assert_eq!(
+        all.len(),
+        cs.len(),
+        "a container outside the service's names remains: {all:?}"
+    );
     assert_eq!(cs.len(), 1, "expected one container of {service}: {cs:?}");
     let (name, (id, running)) = cs.into_iter().next().unwrap();
     assert_eq!(name, format!("{}-{service}-1", w.run));
@@ -25,7 +29,10 @@ fn twenty_rolling_rotations_under_load_fail_no_connection() {
     let agent = Agent::start(&w);
     let k = key(&w, "web");
     let addr = agent.addr(&k, 8080);
-    assert!(addr.ip().is_loopback(), "bind IP 127.0.0.1 from the label is kept: {addr}");
+    assert!(
+        addr.ip().is_loopback(),
+        "bind IP 127.0.0.1 from the label is kept: {addr}"
+    );
     let rt = agent.rt.handle().clone();
     let (ok, failures, seen, ids) = rt.block_on(async {
         // Blue is healthy before load starts: the proxy serves it already.
@@ -46,7 +53,11 @@ fn twenty_rolling_rotations_under_load_fail_no_connection() {
             assert_eq!(c.strategy, Strategy::Rolling);
             assert_eq!(c.old_id, *ids.last().unwrap());
             assert_ne!(c.new_id, c.old_id);
-            assert_eq!(one_serving(&w, "web"), c.new_id, "rotation {i} ends with one container under the original name");
+            assert_eq!(
+                one_serving(&w, "web"),
+                c.new_id,
+                "rotation {i} ends with one container under the original name"
+            );
             ids.push(c.new_id.clone());
         }
         // Let the load see the last green for a moment.
@@ -54,10 +65,22 @@ fn twenty_rolling_rotations_under_load_fail_no_connection() {
         let (ok, failures, seen) = load.finish().await;
         (ok, failures, seen, ids)
     });
-    assert!(failures.is_empty(), "{} failed connections out of {}: {:?}", failures.len(), ok + failures.len() as u64, &failures[..failures.len().min(10)]);
+    assert!(
+        failures.is_empty(),
+        "{} failed connections out of {}: {:?}",
+        failures.len(),
+        ok + failures.len() as u64,
+        &failures[..failures.len().min(10)]
+    );
     assert!(ok > 200, "too little load to mean anything: {ok}");
-    assert!(seen.contains(&short(&ids[0])) && seen.contains(&short(ids.last().unwrap())), "served by first and last: {seen:?}");
-    assert!(seen.len() >= 15, "most of the 21 containers served clients: {seen:?}");
+    assert!(
+        seen.contains(&short(&ids[0])) && seen.contains(&short(ids.last().unwrap())),
+        "served by first and last: {seen:?}"
+    );
+    assert!(
+        seen.len() >= 15,
+        "most of the 21 containers served clients: {seen:?}"
+    );
 }
 
 #[test]
@@ -91,12 +114,33 @@ fn restart_holds_new_connections_and_fails_none() {
     assert_eq!(c.old_id, blue);
     assert_eq!(one_serving(&w, "db"), c.new_id);
     assert!(failures.is_empty(), "failed connections: {failures:?}");
-    assert!(seen.contains(&short(&blue)) && seen.contains(&short(&c.new_id)), "{seen:?}");
+    assert!(
+        seen.contains(&short(&blue)) && seen.contains(&short(&c.new_id)),
+        "{seen:?}"
+    );
     assert!(ok > 20, "{ok}");
-    let resumed = c.steps.iter().find(|s| s.step == dso_rotator::journal::Step::Resumed).unwrap();
-    let held: u64 = resumed.detail.split("; ").nth(1).and_then(|d| d.split(' ').next()).unwrap().parse().unwrap();
-    assert!(held > 0, "clients connected during the restart were held, then served: {resumed:?}");
-    let snap = agent.proxy.listener(&dso_rotator::listener_name(&k, 8080)).unwrap().snapshot();
+    let resumed = c
+        .steps
+        .iter()
+        .find(|s| s.step == dso_rotator::journal::Step::Resumed)
+        .unwrap();
+    let held: u64 = resumed
+        .detail
+        .split("; ")
+        .nth(1)
+        .and_then(|d| d.split(' ').next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        held > 0,
+        "clients connected during the restart were held, then served: {resumed:?}"
+    );
+    let snap = agent
+        .proxy
+        .listener(&dso_rotator::listener_name(&k, 8080))
+        .unwrap()
+        .snapshot();
     assert_eq!(snap.counters.hold_timeouts, 0);
     assert_eq!(snap.counters.failed, 0);
 }
@@ -105,7 +149,7 @@ fn restart_holds_new_connections_and_fails_none() {
 fn rollback_when_green_never_becomes_healthy() {
     let w = World::new();
     let mut svc = Svc::new("web");
-    svc.extra_labels = vec![("dso.health.timeout".into(), "3s".into())];
+    svc.extra_labels = vec![("dso.health.timeout", "3s".into())];
     let blue = w.start(&svc);
     let agent = Agent::start(&w);
     let addr = agent.addr(&key(&w, "web"), 8080);
@@ -120,8 +164,16 @@ fn rollback_when_green_never_becomes_healthy() {
             }))
             .unwrap_err();
         assert!(matches!(err, Error::Unhealthy { .. }), "{strategy}: {err}");
-        assert_eq!(one_serving(&w, "web"), blue, "{strategy}: blue still serves and green is gone");
-        assert_eq!(rt.block_on(exchange(addr, "after")).unwrap(), short(&blue), "{strategy}");
+        assert_eq!(
+            one_serving(&w, "web"),
+            blue,
+            "{strategy}: blue still serves and green is gone"
+        );
+        assert_eq!(
+            rt.block_on(exchange(addr, "after")).unwrap(),
+            short(&blue),
+            "{strategy}"
+        );
     }
     let status = rt.block_on(agent.rotator.status()).unwrap();
     let last = status[0].last.as_ref().unwrap();
@@ -141,7 +193,11 @@ fn two_services_are_never_mixed_and_bind_ips_are_kept() {
     let addr_a = agent.addr(&ka, 8080);
     let addr_b = agent.addr(&kb, 8080);
     assert_eq!(addr_a.ip().to_string(), "127.0.0.1");
-    assert_eq!(addr_b.ip().to_string(), "0.0.0.0", "no IP in the label binds all interfaces");
+    assert_eq!(
+        addr_b.ip().to_string(),
+        "0.0.0.0",
+        "no IP in the label binds all interfaces"
+    );
     let addr_b = std::net::SocketAddr::from(([127, 0, 0, 1], addr_b.port()));
     let rt = agent.rt.handle().clone();
     rt.block_on(async {
@@ -196,8 +252,14 @@ fn queued_requests_are_coalesced_not_dropped() {
         out
     });
     let first = &results[0].containers[0];
-    let merged: Vec<_> = results[1..].iter().map(|r| r.containers[0].new_id.clone()).collect();
-    assert!(merged.iter().all(|m| *m == merged[0]), "requests 2-4 share one rotation: {merged:?}");
+    let merged: Vec<_> = results[1..]
+        .iter()
+        .map(|r| r.containers[0].new_id.clone())
+        .collect();
+    assert!(
+        merged.iter().all(|m| *m == merged[0]),
+        "requests 2-4 share one rotation: {merged:?}"
+    );
     assert_ne!(merged[0], first.new_id, "the merged rotation ran after the first");
     assert_eq!(one_serving(&w, "web"), merged[0]);
 }
@@ -209,10 +271,25 @@ fn refuses_rolling_for_a_container_publishing_its_own_ports() {
     // A second service that publishes a host port itself (OS-chosen).
     let name = format!("{}-pub-1", w.run);
     w.docker(&[
-        "run", "-d", "--name", &name, "--network", &w.network, "-p", "127.0.0.1::8080",
-        "--label", &format!("dso.test.run={}", w.run), "--label", "dso.reloader=true",
-        "--label", "dso.update.strategy=rolling", "--label", &format!("com.docker.compose.project={}", w.run),
-        "--label", "com.docker.compose.service=pub", &crate::support::image(),
+        "run",
+        "-d",
+        "--name",
+        &name,
+        "--network",
+        &w.network,
+        "-p",
+        "127.0.0.1::8080",
+        "--label",
+        &format!("dso.test.run={}", w.run),
+        "--label",
+        "dso.reloader=true",
+        "--label",
+        "dso.update.strategy=rolling",
+        "--label",
+        &format!("com.docker.compose.project={}", w.run),
+        "--label",
+        "com.docker.compose.service=pub",
+        &crate::support::image(),
     ])
     .unwrap();
     let agent = Agent::start(&w);
@@ -224,7 +301,12 @@ fn refuses_rolling_for_a_container_publishing_its_own_ports() {
         }))
         .unwrap_err();
     let msg = err.to_string();
-    assert!(matches!(err, Error::Refused { .. }) && msg.contains("publishes host ports") && msg.contains("--strategy restart"), "{msg}");
+    assert!(
+        matches!(err, Error::Refused { .. })
+            && msg.contains("publishes host ports")
+            && msg.contains("--strategy restart"),
+        "{msg}"
+    );
     assert_eq!(w.containers().len(), 2, "nothing was created");
     assert!(w.containers().values().any(|(i, _)| *i == id));
 }

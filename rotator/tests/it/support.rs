@@ -43,7 +43,9 @@ fn docker(args: &[&str]) -> Result<String, String> {
 /// Fails the test loudly when the engine or the image is missing.
 pub fn require_docker() {
     if let Err(e) = docker(&["version", "--format", "{{.Server.APIVersion}}"]) {
-        panic!("Docker is not reachable ({e}). These tests need it: run `bash .ci/services.sh docker` (ensure_docker) first.");
+        panic!(
+            "Docker is not reachable ({e}). These tests need it: run `bash .ci/services.sh docker` (ensure_docker) first."
+        );
     }
     if docker(&["image", "inspect", &image()]).is_err() {
         panic!(
@@ -79,7 +81,10 @@ impl<'a> Svc<'a> {
             service,
             ports: "127.0.0.1:0:8080",
             strategy: "rolling",
-            extra_labels: vec![("dso.drain.timeout", "2s".to_owned()), ("dso.health.timeout", "20s".to_owned())],
+            extra_labels: vec![
+                ("dso.drain.timeout", "2s".to_owned()),
+                ("dso.health.timeout", "20s".to_owned()),
+            ],
             health_interval: Some("200ms"),
         }
     }
@@ -95,7 +100,14 @@ impl World {
             .subsec_nanos();
         let run = format!("dsot{}x{n}x{nanos:x}", std::process::id());
         let network = format!("{run}_default");
-        docker(&["network", "create", "--label", &format!("{RUN_LABEL}={run}"), &network]).unwrap();
+        docker(&[
+            "network",
+            "create",
+            "--label",
+            &format!("{RUN_LABEL}={run}"),
+            &network,
+        ])
+        .unwrap();
         World {
             run,
             network,
@@ -153,7 +165,10 @@ impl World {
         out.lines()
             .filter_map(|l| {
                 let mut it = l.split_whitespace();
-                Some((it.next()?.to_owned(), (it.next()?.to_owned(), it.next()? == "running")))
+                Some((
+                    it.next()?.to_owned(),
+                    (it.next()?.to_owned(), it.next()? == "running"),
+                ))
             })
             .collect()
     }
@@ -161,7 +176,10 @@ impl World {
     /// Containers of one service.
     pub fn service_containers(&self, service: &str) -> BTreeMap<String, (String, bool)> {
         let prefix = format!("{}-{service}-", self.run);
-        self.containers().into_iter().filter(|(n, _)| n.starts_with(&prefix)).collect()
+        self.containers()
+            .into_iter()
+            .filter(|(n, _)| n.starts_with(&prefix))
+            .collect()
     }
 
     pub fn docker(&self, args: &[&str]) -> Result<String, String> {
@@ -175,7 +193,13 @@ impl World {
 
 impl Drop for World {
     fn drop(&mut self) {
-        let ids = docker(&["ps", "-aq", "--filter", &format!("label={RUN_LABEL}={}", self.run)]).unwrap_or_default();
+        let ids = docker(&[
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label={RUN_LABEL}={}", self.run),
+        ])
+        .unwrap_or_default();
         for id in ids.lines() {
             let _ = docker(&["rm", "-f", id]);
         }

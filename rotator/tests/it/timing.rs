@@ -49,6 +49,9 @@ fn rolling_rotation_serves_green_within_two_seconds() {
         serving.sort();
         let median = serving[serving.len() / 2];
         // The target is < 2 s; the bound leaves room for a loaded CI machine.
-        assert!(median < 3000, "{label}: median time until green serves {median} ms");
+        assert!(
+            median < 3000,
+            "{label}: median time until green serves {median} ms"
+        );
     }
 }
