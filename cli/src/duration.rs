@@ -82,6 +82,7 @@ pub fn format(d: Duration) -> String {
 pub fn format_ms(ms: u64) -> String {
     match ms {
         0..1000 => format!("{ms}ms"),
+        1000..60_000 if ms.is_multiple_of(1000) => format!("{}s", ms / 1000),
         1000..60_000 => format!("{:.1}s", ms as f64 / 1000.0),
         _ => format!("{}m{:02}s", ms / 60_000, (ms % 60_000) / 1000),
     }
@@ -171,6 +172,7 @@ mod tests {
         }
         assert_eq!(format_ms(840), "840ms");
         assert_eq!(format_ms(2400), "2.4s");
+        assert_eq!(format_ms(10_000), "10s");
         assert_eq!(format_ms(185_000), "3m05s");
         assert_eq!(format_us(85), "85µs");
         assert_eq!(format_us(1200), "1.2ms");
