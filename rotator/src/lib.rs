@@ -16,6 +16,8 @@
 mod discovery;
 pub mod engine;
 mod error;
+#[cfg(test)]
+mod fake;
 mod gateway;
 mod health;
 pub mod journal;

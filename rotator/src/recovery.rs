@@ -110,3 +110,105 @@ async fn find_green<E: Engine>(engine: &E, rec: &Record) -> Result<Option<Contai
     let found = engine.list_labeled(ROTATION_ID, &rec.rotation).await?;
     Ok(found.into_iter().find(|c| Some(&c.id) != rec.blue.id.as_ref()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake::Fake;
+    use crate::journal::Side;
+    use crate::labels::ServiceKey;
+
+    fn rec(strategy: Strategy, step: Step, green_id: Option<&str>) -> Record {
+        Record {
+            rotation: "r1".into(),
+            service: ServiceKey {
+                project: "p".into(),
+                service: "web".into(),
+            },
+            strategy,
+            step,
+            original_name: "web-1".into(),
+            blue: Side {
+                id: Some("blue".into()),
+                name: "web-1".into(),
+            },
+            green: Side {
+                id: green_id.map(str::to_owned),
+                name: "web-1-dso-r1".into(),
+            },
+            at_ms: 0,
+            error: None,
+        }
+    }
+
+    async fn recover_from(fake: &Fake, r: Record) -> Recovered {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let mut e = j.begin(r.clone()).unwrap();
+        e.step(r.step, r.green.id.as_deref()).unwrap();
+        let out = recover_all(fake, &j).await.unwrap();
+        assert!(j.interrupted().unwrap().is_empty(), "journal closed");
+        out.into_iter().next().unwrap()
+    }
+
+    #[tokio::test]
+    async fn before_the_swap_green_goes_and_blue_stays() {
+        let f = Fake::default();
+        f.add("blue", "web-1", &[], true);
+        // Created but not yet recorded: found by the rotation label.
+        f.add("g1", "web-1-dso-r1", &[(ROTATION_ID, "r1")], true);
+        // A look-alike that no journal names is never touched.
+        f.add("other", "web-1-dso-old", &[(ROTATION_ID, "r0")], true);
+        let r = recover_from(&f, rec(Strategy::Rolling, Step::Begin, None)).await;
+        assert_eq!(r.survivor.as_deref(), Some("blue"));
+        assert_eq!(r.removed, vec!["g1".to_owned()]);
+        assert_eq!(
+            f.names(),
+            vec![("web-1".into(), true), ("web-1-dso-old".into(), true)]
+        );
+    }
+
+    #[tokio::test]
+    async fn after_the_swap_green_takes_the_name_and_blue_goes() {
+        let f = Fake::default();
+        f.add("blue", "web-1", &[], true);
+        f.add("g1", "web-1-dso-r1", &[(ROTATION_ID, "r1")], true);
+        let r = recover_from(&f, rec(Strategy::Rolling, Step::Swapped, Some("g1"))).await;
+        assert_eq!(r.survivor.as_deref(), Some("g1"));
+        assert_eq!(f.names(), vec![("web-1".into(), true)]);
+    }
+
+    #[tokio::test]
+    async fn the_last_copy_is_never_removed() {
+        // Rolled back expected, but blue is gone: green is the last copy and is kept.
+        let f = Fake::default();
+        f.add("g1", "web-1-dso-r1", &[(ROTATION_ID, "r1")], false);
+        let r = recover_from(&f, rec(Strategy::Rolling, Step::GreenStarted, Some("g1"))).await;
+        assert_eq!(r.survivor.as_deref(), Some("g1"));
+        assert!(r.removed.is_empty());
+        assert_eq!(f.names(), vec![("web-1".into(), true)], "renamed and started");
+        // Forward expected, but green is gone: blue is kept.
+        let f = Fake::default();
+        f.add("blue", "web-1", &[], true);
+        let r = recover_from(&f, rec(Strategy::Rolling, Step::Drained, Some("g1"))).await;
+        assert_eq!(r.survivor.as_deref(), Some("blue"));
+        assert!(r.removed.is_empty());
+        assert!(!f.calls.lock().unwrap().iter().any(|c| c.starts_with("remove")));
+    }
+
+    #[tokio::test]
+    async fn restart_before_green_is_healthy_brings_blue_back_under_its_name() {
+        let f = Fake::default();
+        f.add("blue", "web-1-dso-old-r1", &[], false);
+        f.add("g1", "web-1", &[(ROTATION_ID, "r1")], true);
+        let r = recover_from(&f, rec(Strategy::Restart, Step::GreenStarted, Some("g1"))).await;
+        assert_eq!(r.survivor.as_deref(), Some("blue"));
+        assert_eq!(f.names(), vec![("web-1".into(), true)]);
+        let calls = f.calls.lock().unwrap().clone();
+        let pos = |p: &str| calls.iter().position(|c| c.starts_with(p)).unwrap();
+        assert!(
+            pos("remove g1") < pos("rename blue"),
+            "green frees the name first: {calls:?}"
+        );
+    }
+}

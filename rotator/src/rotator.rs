@@ -434,3 +434,142 @@ fn relevant(action: &str) -> bool {
         "start" | "die" | "destroy" | "rename" | "stop" | "kill" | "unpause" | "pause"
     ) || action.starts_with("health_status")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::DockerHealth;
+    use crate::fake::Fake;
+    use dso_proxy::ProxyConfig;
+
+    const LABELS: &[(&str, &str)] = &[
+        ("dso.reloader", "true"),
+        ("dso.host_ports", "127.0.0.1:0:8080"),
+        ("dso.health.timeout", "300ms"),
+        ("dso.drain.timeout", "1s"),
+    ];
+
+    async fn rotator(fake: Fake) -> (Rotator<Fake>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let (r, rec) = Rotator::start(fake, Proxy::new(ProxyConfig::default()), Config::new(dir.path()))
+            .await
+            .unwrap();
+        assert!(rec.is_empty());
+        (r, dir)
+    }
+
+    fn calls(r: &Rotator<Fake>) -> Vec<String> {
+        r.engine().calls.lock().unwrap().clone()
+    }
+
+    #[tokio::test]
+    async fn rolling_runs_its_steps_in_order_and_swaps_the_route() {
+        let f = Fake::default();
+        f.add("blue", "web", LABELS, true);
+        let (r, _dir) = rotator(f).await;
+        let key = ServiceKey::of("web", &Default::default());
+        assert_eq!(r.gateway().members(&key)[0].id, "blue");
+        let report = r
+            .rotate(RotateRequest {
+                target: "web".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let c = &report.containers[0];
+        let steps: Vec<Step> = c.steps.iter().map(|s| s.step).collect();
+        use Step::*;
+        assert_eq!(
+            steps,
+            [
+                Begin,
+                GreenCreated,
+                GreenStarted,
+                GreenHealthy,
+                Swapped,
+                Drained,
+                BlueRemoved,
+                GreenRenamed,
+                Done
+            ]
+        );
+        assert_eq!(r.gateway().members(&key)[0].id, c.new_id);
+        let rid = &c.rotation;
+        assert_eq!(
+            calls(&r),
+            [
+                format!("create web-dso-{rid}"),
+                "start green1".into(),
+                "stop blue".into(),
+                "remove blue".into(),
+                "rename green1 web".into()
+            ]
+        );
+        assert_eq!(r.engine().names(), vec![("web".to_owned(), true)]);
+        let st = r.status().await.unwrap();
+        assert_eq!(st[0].last.as_ref().unwrap().result, "done");
+        assert_eq!(st[0].containers, vec!["web (green1)".to_owned()]);
+    }
+
+    #[tokio::test]
+    async fn a_green_that_never_turns_healthy_is_removed_and_blue_keeps_serving() {
+        let f = Fake {
+            clone_health: Some(DockerHealth::Unhealthy),
+            ..Default::default()
+        };
+        f.add("blue", "web", LABELS, true);
+        let (r, _dir) = rotator(f).await;
+        let err = r
+            .rotate(RotateRequest {
+                target: "web".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Unhealthy { .. }), "{err}");
+        assert_eq!(r.engine().names(), vec![("web".to_owned(), true)]);
+        assert!(calls(&r).contains(&"remove green1".to_owned()));
+        assert!(
+            !calls(&r).iter().any(|c| c.contains("blue")),
+            "blue untouched: {:?}",
+            calls(&r)
+        );
+        let key = ServiceKey::of("web", &Default::default());
+        assert_eq!(r.gateway().members(&key)[0].id, "blue");
+    }
+
+    #[tokio::test]
+    async fn a_failed_create_leaves_blue_alone_and_unknown_targets_name_the_services() {
+        let f = Fake {
+            fail_create: true,
+            ..Default::default()
+        };
+        f.add("blue", "web", LABELS, true);
+        let (r, _dir) = rotator(f).await;
+        let req = |t: &str| RotateRequest {
+            target: t.into(),
+            ..Default::default()
+        };
+        assert!(matches!(r.rotate(req("web")).await, Err(Error::Engine(_))));
+        assert_eq!(r.engine().names(), vec![("web".to_owned(), true)]);
+        let e = r.rotate(req("nope")).await.unwrap_err().to_string();
+        assert!(e.contains("nope") && e.contains("web"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn signal_and_none_do_not_replace_the_container() {
+        let f = Fake::default();
+        f.add("blue", "web", LABELS, true);
+        let (r, _dir) = rotator(f).await;
+        let req = |s| RotateRequest {
+            target: "web".into(),
+            strategy: Some(s),
+            ..Default::default()
+        };
+        let rep = r.rotate(req(Strategy::Signal)).await.unwrap();
+        assert_eq!(rep.containers[0].new_id, "blue");
+        assert_eq!(calls(&r), ["signal blue SIGHUP"]);
+        r.rotate(req(Strategy::None)).await.unwrap();
+        assert_eq!(calls(&r).len(), 1);
+    }
+}

@@ -1,0 +1,173 @@
+//! An in-memory [`Engine`] for tests of rotation logic without a daemon. Containers get
+//! addresses on `127.0.0.x`; the tests decide whether anything listens there.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::engine::{CloneSpec, Container, DockerHealth, Engine, EngineError, EventStream};
+
+type Fut<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, EngineError>> + Send + 'a>>;
+
+#[derive(Debug, Default)]
+pub(crate) struct Fake {
+    pub containers: Mutex<BTreeMap<String, Container>>,
+    /// Calls in order, e.g. `remove abc`.
+    pub calls: Mutex<Vec<String>>,
+    /// Makes `create_clone` fail.
+    pub fail_create: bool,
+    /// Health that started clones report.
+    pub clone_health: Option<DockerHealth>,
+    pub seq: Mutex<u32>,
+}
+
+impl Fake {
+    pub fn add(&self, id: &str, name: &str, labels: &[(&str, &str)], running: bool) {
+        let c = Container {
+            id: id.to_owned(),
+            name: name.to_owned(),
+            image: "app".into(),
+            image_id: "sha256:app".into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            running,
+            health: DockerHealth::Healthy,
+            networks: BTreeMap::from([("bridge".to_owned(), Some("127.0.0.9".parse().unwrap()))]),
+            publishes_ports: false,
+            mounts: vec![],
+        };
+        self.containers.lock().unwrap().insert(id.to_owned(), c);
+    }
+
+    pub fn names(&self) -> Vec<(String, bool)> {
+        self.containers
+            .lock()
+            .unwrap()
+            .values()
+            .map(|c| (c.name.clone(), c.running))
+            .collect()
+    }
+
+    fn call(&self, s: String) {
+        self.calls.lock().unwrap().push(s);
+    }
+
+    fn with<T>(&self, id: &str, op: &str, f: impl FnOnce(&mut Container) -> T) -> Result<T, EngineError> {
+        let mut cs = self.containers.lock().unwrap();
+        let c = cs
+            .values_mut()
+            .find(|c| c.id == id || c.name == id)
+            .ok_or_else(|| EngineError {
+                op: format!("{op} {id}"),
+                status: Some(404),
+                message: "no such container".into(),
+            })?;
+        Ok(f(c))
+    }
+}
+
+impl Engine for Fake {
+    fn list_managed(&self) -> Fut<'_, Vec<Container>> {
+        Box::pin(async move { Ok(self.containers.lock().unwrap().values().cloned().collect()) })
+    }
+
+    fn list_labeled<'a>(&'a self, key: &'a str, value: &'a str) -> Fut<'a, Vec<Container>> {
+        Box::pin(async move {
+            Ok(self
+                .containers
+                .lock()
+                .unwrap()
+                .values()
+                .filter(|c| c.labels.get(key).map(String::as_str) == Some(value))
+                .cloned()
+                .collect())
+        })
+    }
+
+    fn inspect<'a>(&'a self, id: &'a str) -> Fut<'a, Option<Container>> {
+        Box::pin(async move {
+            Ok(self
+                .containers
+                .lock()
+                .unwrap()
+                .values()
+                .find(|c| c.id == id || c.name == id)
+                .cloned())
+        })
+    }
+
+    fn create_clone<'a>(&'a self, spec: &'a CloneSpec) -> Fut<'a, String> {
+        Box::pin(async move {
+            self.call(format!("create {}", spec.name));
+            if self.fail_create {
+                return Err(EngineError::new("create", "refused by the fake"));
+            }
+            let mut c = self.with(&spec.from, "create", |c| c.clone())?;
+            let mut n = self.seq.lock().unwrap();
+            *n += 1;
+            c.id = format!("green{n}");
+            c.name = spec.name.clone();
+            c.running = false;
+            c.health = DockerHealth::Starting;
+            for (k, v) in &spec.labels {
+                c.labels.insert(k.clone(), v.clone());
+            }
+            let id = c.id.clone();
+            self.containers.lock().unwrap().insert(id.clone(), c);
+            Ok(id)
+        })
+    }
+
+    fn start<'a>(&'a self, id: &'a str) -> Fut<'a, ()> {
+        Box::pin(async move {
+            self.call(format!("start {id}"));
+            let h = self.clone_health.unwrap_or(DockerHealth::Healthy);
+            self.with(id, "start", |c| {
+                c.running = true;
+                if c.id.starts_with("green") {
+                    c.health = h;
+                }
+            })
+        })
+    }
+
+    fn stop<'a>(&'a self, id: &'a str, _grace: Duration) -> Fut<'a, ()> {
+        Box::pin(async move {
+            self.call(format!("stop {id}"));
+            self.with(id, "stop", |c| c.running = false)
+        })
+    }
+
+    fn remove<'a>(&'a self, id: &'a str) -> Fut<'a, ()> {
+        Box::pin(async move {
+            self.call(format!("remove {id}"));
+            self.with(id, "remove", |_| ())?;
+            self.containers.lock().unwrap().retain(|_, c| c.id != id);
+            Ok(())
+        })
+    }
+
+    fn rename<'a>(&'a self, id: &'a str, name: &'a str) -> Fut<'a, ()> {
+        Box::pin(async move {
+            self.call(format!("rename {id} {name}"));
+            self.with(id, "rename", |c| c.name = name.to_owned())
+        })
+    }
+
+    fn signal<'a>(&'a self, id: &'a str, signal: &'a str) -> Fut<'a, ()> {
+        Box::pin(async move {
+            self.call(format!("signal {id} {signal}"));
+            self.with(id, "signal", |_| ())
+        })
+    }
+
+    fn exec<'a>(&'a self, _id: &'a str, _cmd: &'a [String]) -> Fut<'a, i64> {
+        Box::pin(async move { Ok(0) })
+    }
+
+    fn events(&self) -> EventStream {
+        Box::pin(futures_util::stream::empty())
+    }
+}
