@@ -104,6 +104,69 @@ mod tests {
     }
 
     #[test]
+    fn row_shows_hold_labels_errors_and_latency() {
+        use dso_proxy::{BackendSnapshot, CounterSnapshot, LatencySnapshot, ListenerSnapshot};
+        let counters = CounterSnapshot {
+            active: 2,
+            held: 3,
+            bytes_in: 2048,
+            bytes_out: 10,
+            dial_errors: 4,
+            failed: 1,
+            ..Default::default()
+        };
+        let l = ListenerSnapshot {
+            name: "pg".into(),
+            bind: "127.0.0.1:15432".parse().unwrap(),
+            mode: "hold".into(),
+            hold_remaining_ms: Some(12_500),
+            generation: 3,
+            backends: vec![BackendSnapshot {
+                addr: "127.0.0.1:5433".parse().unwrap(),
+                label: Some("green".into()),
+                counters: CounterSnapshot::default(),
+                connect: LatencySnapshot::default(),
+            }],
+            draining: 1,
+            counters,
+            connect: LatencySnapshot {
+                count: 9,
+                p50_us: 140,
+                p99_us: 2500,
+                max_us: 3000,
+            },
+            generations: Vec::new(),
+        };
+        let text = render(&ProxySnapshot { listeners: vec![l] });
+        let row: Vec<&str> = text
+            .lines()
+            .nth(1)
+            .unwrap()
+            .split("  ")
+            .filter(|c| !c.is_empty())
+            .collect();
+        let row: Vec<&str> = row.iter().map(|c| c.trim()).collect();
+        assert_eq!(
+            row,
+            [
+                "pg",
+                "127.0.0.1:15432",
+                "hold (12.5s left)",
+                "3",
+                "127.0.0.1:5433 (green)",
+                "2",
+                "3",
+                "1",
+                "2.0 KiB",
+                "10 B",
+                "5",
+                "140µs",
+                "2.5ms"
+            ]
+        );
+    }
+
+    #[test]
     fn empty_snapshot_says_so() {
         assert!(render(&ProxySnapshot::default()).contains("no listeners"));
     }

@@ -153,3 +153,45 @@ async fn a_second_agent_on_the_same_socket_is_refused() {
         stderr(&out)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_is_not_root_owner_or_dso_gets_403() {
+    let own_uid = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Uid:")
+                .map(|r| r.split_whitespace().next().unwrap().to_owned())
+        })
+        .unwrap();
+    if own_uid != "0" {
+        eprintln!(
+            "SKIPPED LOUDLY: a_peer_that_is_not_root_owner_or_dso_gets_403 needs root to run a client as nobody"
+        );
+        return;
+    }
+    let blue = Echo::start("blue").await;
+    let agent = Agent::start(&listener_yaml("echo", &[blue.addr], ""), &[]).await;
+    // Open the file permissions so that only the SO_PEERCRED check stands in the way.
+    for p in [agent.dir.path(), agent.socket.parent().unwrap()] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    std::fs::set_permissions(&agent.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = tokio::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            DSO,
+            "--socket",
+        ])
+        .arg(&agent.socket)
+        .args(["proxy", "status"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("permission denied"), "{}", stderr(&out));
+    poll(|| async { agent.log().contains("control client refused") }).await;
+    assert!(agent.log().contains("uid=65534"), "{}", agent.log());
+}
