@@ -1,6 +1,6 @@
 //! The control API over raw HTTP, the way `curl --unix-socket` uses it.
 
-use crate::harness::{Agent, Conn, Echo, http, listener_yaml};
+use crate::harness::{Agent, Conn, Echo, http, listener_yaml, poll};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endpoints_answer_json_and_errors_name_the_field() {
@@ -112,6 +112,13 @@ async fn metrics_come_from_the_real_counters() {
     assert_eq!(c.greeting().await, "blue");
     c.echo("12345678").await;
 
+    // Byte counters are added after each write: wait until they include the echo.
+    let needle = "dso_proxy_bytes_total{listener=\"echo\",direction=\"out\"} 13";
+    poll(|| async {
+        let (_, text) = http(&agent.socket, "GET", "/metrics", "").await.unwrap();
+        text.lines().any(|l| l == needle)
+    })
+    .await;
     let (code, text) = http(&agent.socket, "GET", "/metrics", "").await.unwrap();
     assert_eq!(code, 200);
     for line in [

@@ -12,6 +12,12 @@ async fn status_table_and_json_show_the_real_listener() {
     let mut c = Conn::open(addr).await;
     assert_eq!(c.greeting().await, "blue");
     c.echo("hello").await;
+    // Byte counters are added after each write: wait until they include the echo.
+    poll(|| async {
+        let l = &agent.status().await["listeners"][0];
+        l["bytes_in"] == 5 && l["bytes_out"] == 10
+    })
+    .await;
 
     let out = agent.dso(&["proxy", "status"]).await;
     assert!(out.status.success(), "{}", stderr(&out));
