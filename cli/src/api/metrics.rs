@@ -255,3 +255,21 @@ fn render_labels(labels: &[(&str, &str)]) -> String {
 fn escape(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape(r#"a"b\c"#), r#"a\"b\\c"#);
+        assert_eq!(render_labels(&[("label", "x\ny")]), "label=\"x\\ny\"");
+    }
+
+    #[test]
+    fn empty_proxy_renders_only_families() {
+        let text = render(&ProxySnapshot::default());
+        assert!(text.lines().all(|l| l.starts_with('#')), "{text}");
+        assert!(text.contains("# TYPE dso_proxy_connect_seconds summary"));
+    }
+}

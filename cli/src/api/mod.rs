@@ -212,3 +212,53 @@ fn parse_query(q: &str) -> HashMap<String, String> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> State {
+        State {
+            proxy: Proxy::new(dso_proxy::ProxyConfig::default()),
+            started: Instant::now(),
+        }
+    }
+
+    async fn status(method: Method, path: &str, query: Option<&str>) -> StatusCode {
+        match Router::new()
+            .route(state(), method, path, query, Bytes::new())
+            .await
+        {
+            Ok(r) => r.status(),
+            Err(e) => e.status,
+        }
+    }
+
+    #[tokio::test]
+    async fn prefixes_match_whole_segments_only() {
+        assert_eq!(status(Method::GET, "/v1/health", None).await, StatusCode::OK);
+        assert_eq!(status(Method::GET, "/v1/proxy", None).await, StatusCode::OK);
+        assert_eq!(status(Method::GET, "/v1/proxy/", None).await, StatusCode::OK);
+        assert_eq!(
+            status(Method::GET, "/v1/proxyx", None).await,
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(status(Method::GET, "/metrics", None).await, StatusCode::OK);
+        assert_eq!(
+            status(Method::POST, "/v1/health", None).await,
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            status(Method::GET, "/v1/proxy/listeners/x", None).await,
+            StatusCode::NOT_FOUND
+        );
+    }
+
+    #[test]
+    fn query_pairs() {
+        let q = parse_query("timeout=30s&x&&y=1");
+        assert_eq!(q.get("timeout").map(String::as_str), Some("30s"));
+        assert_eq!(q.get("x").map(String::as_str), Some(""));
+        assert_eq!(q.len(), 3);
+    }
+}

@@ -19,11 +19,13 @@ const PATIENCE: Duration = Duration::from_secs(15);
 
 /// A TCP backend that greets each client with `NAME\n`, then echoes.
 pub struct Echo {
+    /// Where it listens.
     pub addr: SocketAddr,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Echo {
+    /// Binds `127.0.0.1:0` and serves until dropped.
     pub async fn start(name: &str) -> Echo {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -61,6 +63,7 @@ impl Drop for Echo {
 pub struct Conn(BufReader<TcpStream>);
 
 impl Conn {
+    /// Connects to `addr`.
     pub async fn open(addr: SocketAddr) -> Conn {
         Conn(BufReader::new(TcpStream::connect(addr).await.unwrap()))
     }
@@ -104,8 +107,11 @@ impl Conn {
 
 /// A running `dso agent` with its temp directory.
 pub struct Agent {
+    /// Holds the config, the socket and the log; removed on drop.
     pub dir: TempDir,
+    /// The control socket.
     pub socket: PathBuf,
+    /// The agent process, killed on drop.
     pub child: Child,
 }
 
@@ -210,10 +216,12 @@ pub async fn dso(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// A command's stdout as text.
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// A command's stderr as text.
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }

@@ -1,0 +1,153 @@
+//! The agent's Docker side: the `dso-rotator` it hosts when started with `--docker`, and
+//! the rotations requested through the control API, tracked so `dso rotate` can show each
+//! step as it happens.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use dso_proxy::Proxy;
+use dso_rotator::{Config, DockerEngine, Progress, RotateRequest, RotationReport, Rotator, Strategy};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// How many finished rotations the agent remembers for `GET /v1/rotations`.
+const KEEP: usize = 64;
+
+/// What `--docker` gives the agent.
+#[derive(Debug)]
+pub struct Docker {
+    /// The rotator, adopting and rotating the managed containers.
+    pub rotator: Rotator<DockerEngine>,
+    tracked: Mutex<VecDeque<Tracked>>,
+    seq: std::sync::atomic::AtomicU64,
+}
+
+/// A rotation request as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Tracked {
+    /// Request ID (per agent run).
+    pub id: String,
+    /// What was asked to rotate.
+    pub target: String,
+    /// `running`, `done` or `failed`.
+    pub state: &'static str,
+    /// Steps so far.
+    pub steps: Vec<Progress>,
+    /// The report when done.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub report: Option<RotationReport>,
+    /// The error when failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Docker {
+    /// Connects to Docker, recovers interrupted rotations, adopts the managed containers
+    /// (no rotation), and follows Docker events until `stop`.
+    pub async fn start(
+        proxy: Proxy,
+        state_dir: PathBuf,
+        scope: Option<(String, String)>,
+        stop: CancellationToken,
+    ) -> anyhow::Result<Arc<Docker>> {
+        let engine = DockerEngine::connect()
+            .await
+            .context("connecting to Docker (is the daemon running?)")?;
+        info!(api = engine.api_version(), state_dir = %state_dir.display(), "docker connected");
+        let mut cfg = Config::new(&state_dir);
+        cfg.scope = scope;
+        let (rotator, recovered) = Rotator::start(engine, proxy, cfg)
+            .await
+            .with_context(|| format!("starting the rotator on state directory {}", state_dir.display()))?;
+        for r in &recovered {
+            warn!(service = %r.from.service, rotation = %r.from.rotation, step = ?r.from.step, survivor = ?r.survivor, "finished an interrupted rotation");
+        }
+        let services = rotator.gateway().services().len();
+        info!(services, "managed containers adopted");
+        let watcher = rotator.clone();
+        tokio::spawn(async move { watcher.watch(stop).await });
+        Ok(Arc::new(Docker {
+            rotator,
+            tracked: Mutex::new(VecDeque::new()),
+            seq: Default::default(),
+        }))
+    }
+
+    /// Starts a rotation in the background; returns its request ID.
+    pub fn submit(self: &Arc<Self>, target: String, strategy: Option<Strategy>, env: Vec<(String, String)>) -> String {
+        let n = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        let id = n.to_string();
+        {
+            let mut t = self.lock();
+            t.push_back(Tracked {
+                id: id.clone(),
+                target: target.clone(),
+                state: "running",
+                steps: Vec::new(),
+                report: None,
+                error: None,
+            });
+            while t.len() > KEEP {
+                t.pop_front();
+            }
+        }
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let me = Arc::clone(self);
+        let pump_id = id.clone();
+        tokio::spawn(async move {
+            while let Some(p) = rx.recv().await {
+                me.update(&pump_id, |t| t.steps.push(p));
+            }
+        });
+        let me = Arc::clone(self);
+        let run_id = id.clone();
+        tokio::spawn(async move {
+            let result = me
+                .rotator
+                .rotate(RotateRequest {
+                    target,
+                    strategy,
+                    env,
+                    progress: Some(tx),
+                    ..Default::default()
+                })
+                .await;
+            // Let the step pump catch up before the final state shows.
+            tokio::task::yield_now().await;
+            me.update(&run_id, |t| match result {
+                Ok(r) => {
+                    t.state = "done";
+                    t.report = Some(r);
+                }
+                Err(e) => {
+                    t.state = "failed";
+                    t.error = Some(e.to_string());
+                }
+            });
+        });
+        id
+    }
+
+    /// The request with this ID.
+    pub fn get(&self, id: &str) -> Option<Tracked> {
+        self.lock().iter().find(|t| t.id == id).cloned()
+    }
+
+    /// Every remembered request, oldest first.
+    pub fn list(&self) -> Vec<Tracked> {
+        self.lock().iter().cloned().collect()
+    }
+
+    fn update(&self, id: &str, f: impl FnOnce(&mut Tracked)) {
+        if let Some(t) = self.lock().iter_mut().find(|t| t.id == id) {
+            f(t);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Tracked>> {
+        self.tracked.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
