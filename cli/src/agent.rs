@@ -36,7 +36,7 @@ pub fn main(args: AgentArgs, socket: Option<PathBuf>) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
-    runtime.block_on(run(cfg, &args.config, &socket, shutdown))
+    runtime.block_on(run(cfg, &args, &socket, shutdown))
 }
 
 fn init_logging() {
@@ -48,7 +48,8 @@ fn init_logging() {
         .init();
 }
 
-async fn run(cfg: Config, path: &Path, socket: &Path, shutdown: Duration) -> anyhow::Result<()> {
+async fn run(cfg: Config, args: &AgentArgs, socket: &Path, shutdown: Duration) -> anyhow::Result<()> {
+    let path = args.config.as_path();
     // Signal streams first, so a signal that arrives during start-up is not lost.
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
@@ -62,9 +63,24 @@ async fn run(cfg: Config, path: &Path, socket: &Path, shutdown: Duration) -> any
     }
     let server = api::bind(socket).await?;
     let stop_api = CancellationToken::new();
+    let stop_docker = CancellationToken::new();
+    let docker = if args.docker {
+        let scope = args
+            .docker_scope
+            .as_deref()
+            .and_then(|s| s.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        Some(
+            crate::docker::Docker::start(proxy.clone(), args.state_dir.clone(), scope, stop_docker.clone())
+                .await?,
+        )
+    } else {
+        None
+    };
     let state = State {
         proxy: proxy.clone(),
         started: Instant::now(),
+        docker,
     };
     let api_task = tokio::spawn(server.serve(state, Router::new(), stop_api.clone()));
     info!(
@@ -97,6 +113,7 @@ async fn run(cfg: Config, path: &Path, socket: &Path, shutdown: Duration) -> any
         }
     }
     stop_api.cancel();
+    stop_docker.cancel();
     let _ = api_task.await;
     Ok(())
 }

@@ -62,6 +62,18 @@ RUST_LOG=debug dso agent --config dso.yaml --shutdown-timeout 2m"
     /// Helpers for trying dso out on a machine with nothing else running.
     #[command(subcommand)]
     Debug(DebugCommand),
+    /// Replace a managed container (or signal it) without a failed connection.
+    #[command(
+        long_about = "Rotate a service managed by an agent started with --docker: rolling \
+(blue-green behind the proxy), restart (hold new connections while the container is \
+replaced), signal, or none, as the container's dso.update.strategy label says or --strategy \
+overrides. Prints each step as it happens and the total time; exits 1 when the rotation \
+failed (a failure before the swap leaves the old container serving). See docs/rotation.md.",
+        after_long_help = "Examples:\n  dso rotate shop/web\n  dso rotate web --env API_KEY=new --strategy rolling\n  dso rotate shop-db-1 --strategy restart --json"
+    )]
+    Rotate(crate::cmd::rotate::RotateArgs),
+    /// Managed services: strategy, ports, container, last rotation.
+    Status(crate::cmd::rotate::StatusArgs),
 }
 
 /// `dso agent` options.
@@ -74,6 +86,22 @@ pub struct AgentArgs {
     /// `agent.shutdown_timeout`, else 30s].
     #[arg(long, value_name = "DURATION")]
     pub shutdown_timeout: Option<HumanDuration>,
+    /// Manage Docker containers labelled dso.reloader=true: adopt their ports, follow
+    /// events, serve `dso rotate` and `dso status`.
+    #[arg(long, env = "DSO_DOCKER")]
+    pub docker: bool,
+    /// Journal, rotation history and lock files of the Docker side.
+    #[arg(
+        long,
+        env = "DSO_STATE_DIR",
+        value_name = "DIR",
+        default_value = "/var/lib/dso"
+    )]
+    pub state_dir: PathBuf,
+    /// Manage only containers with this extra label (LABEL=VALUE), e.g. one agent per
+    /// test run on a shared engine.
+    #[arg(long, value_name = "LABEL=VALUE", hide = true)]
+    pub docker_scope: Option<String>,
 }
 
 /// `dso config ...`.

@@ -77,7 +77,12 @@ impl Docker {
     }
 
     /// Starts a rotation in the background; returns its request ID.
-    pub fn submit(self: &Arc<Self>, target: String, strategy: Option<Strategy>, env: Vec<(String, String)>) -> String {
+    pub fn submit(
+        self: &Arc<Self>,
+        target: String,
+        strategy: Option<Strategy>,
+        env: Vec<(String, String)>,
+    ) -> String {
         let n = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         let id = n.to_string();
         {

@@ -14,6 +14,7 @@ mod args;
 mod client;
 mod cmd;
 mod config;
+mod docker;
 mod duration;
 mod plugin;
 
@@ -37,6 +38,8 @@ fn main() -> ExitCode {
         Command::Config(c) => cmd::config::run(c),
         Command::Proxy(p) => cmd::proxy::run(p, cmd::socket_path(cli.socket)),
         Command::Debug(d) => cmd::debug::run(d),
+        Command::Rotate(r) => cmd::rotate::rotate(r, cmd::socket_path(cli.socket)),
+        Command::Status(s) => cmd::rotate::status(s, cmd::socket_path(cli.socket)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -8,6 +8,7 @@
 mod metrics;
 mod peer;
 mod proxy;
+mod rotations;
 mod server;
 
 use std::collections::HashMap;
@@ -31,6 +32,8 @@ pub struct State {
     pub proxy: Proxy,
     /// When the agent started, for `/v1/health`.
     pub started: Instant,
+    /// The Docker side (`dso agent --docker`), for `/v1/rotations` and `/v1/services`.
+    pub docker: Option<std::sync::Arc<crate::docker::Docker>>,
 }
 
 /// One request, body read, path split after the module's prefix.
@@ -113,6 +116,8 @@ impl Router {
             .mount("/v1/health", |s, r| Box::pin(health(s, r)))
             .mount("/v1/proxy", |s, r| Box::pin(proxy::handle(s, r)))
             .mount("/metrics", |s, r| Box::pin(metrics::handle(s, r)))
+            .mount("/v1/rotations", |s, r| Box::pin(rotations::rotations(s, r)))
+            .mount("/v1/services", |s, r| Box::pin(rotations::services(s, r)))
     }
 
     /// Adds a module answering under `prefix`.
@@ -221,6 +226,7 @@ mod tests {
         State {
             proxy: Proxy::new(dso_proxy::ProxyConfig::default()),
             started: Instant::now(),
+            docker: None,
         }
     }
 

@@ -3,6 +3,7 @@
 pub mod config;
 pub mod debug;
 pub mod proxy;
+pub mod rotate;
 mod table;
 
 use std::path::PathBuf;

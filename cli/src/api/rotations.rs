@@ -1,0 +1,92 @@
+//! `/v1/rotations` and `/v1/services`: rotations of managed containers and their status.
+//! Answered only by an agent started with `--docker`.
+
+use std::sync::Arc;
+
+use hyper::{Method, StatusCode};
+use serde::Deserialize;
+
+use super::{ApiError, ApiRequest, Reply, State, json};
+use crate::docker::Docker;
+
+/// Body of `POST /v1/rotations`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RotateBody {
+    /// Service (`project/service` or `service`) or container name or ID.
+    target: String,
+    /// `rolling`, `restart`, `signal`, `none` or `auto`; default: the container's label.
+    #[serde(default)]
+    strategy: Option<String>,
+    /// Environment values for the new container, as `KEY=VALUE` strings.
+    #[serde(default)]
+    env: Vec<String>,
+}
+
+fn docker(state: &State) -> Result<Arc<Docker>, ApiError> {
+    state.docker.clone().ok_or_else(|| ApiError {
+        status: StatusCode::CONFLICT,
+        message: "the agent runs without Docker; start it with `dso agent --docker`".to_owned(),
+    })
+}
+
+/// Routes `/v1/rotations/...`.
+pub async fn rotations(state: State, req: ApiRequest) -> Option<Reply> {
+    let seg = req.segments();
+    let reply = match (&req.method, seg.as_slice()) {
+        (&Method::POST, []) => submit(&state, &req),
+        (&Method::GET, []) => docker(&state).and_then(|d| json(StatusCode::OK, &d.list())),
+        (&Method::GET, [id]) => docker(&state).and_then(|d| {
+            let t = d
+                .get(id)
+                .ok_or_else(|| ApiError::not_found(format!("no rotation request {id}")))?;
+            json(StatusCode::OK, &t)
+        }),
+        _ => return None,
+    };
+    Some(reply)
+}
+
+/// Routes `/v1/services`.
+pub async fn services(state: State, req: ApiRequest) -> Option<Reply> {
+    if req.method != Method::GET || !req.path.is_empty() {
+        return None;
+    }
+    let d = match docker(&state) {
+        Ok(d) => d,
+        Err(e) => return Some(Err(e)),
+    };
+    Some(match d.rotator.status().await {
+        Ok(s) => json(StatusCode::OK, &s),
+        Err(e) => Err(ApiError {
+            status: StatusCode::BAD_GATEWAY,
+            message: e.to_string(),
+        }),
+    })
+}
+
+fn submit(state: &State, req: &ApiRequest) -> Reply {
+    let d = docker(state)?;
+    let body: RotateBody = req.json()?;
+    let strategy = body
+        .strategy
+        .as_deref()
+        .map(str::parse)
+        .transpose()
+        .map_err(|e: String| ApiError::bad_request(format!("strategy: {e}")))?;
+    let env = body
+        .env
+        .iter()
+        .map(|kv| {
+            kv.split_once('=')
+                .filter(|(k, _)| !k.is_empty())
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .ok_or_else(|| ApiError::bad_request(format!("env: {kv:?} is not KEY=VALUE")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if body.target.trim().is_empty() {
+        return Err(ApiError::bad_request("target: empty"));
+    }
+    let id = d.submit(body.target, strategy, env);
+    json(StatusCode::ACCEPTED, &serde_json::json!({ "id": id }))
+}
