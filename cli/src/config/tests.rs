@@ -180,6 +180,16 @@ fn duplicate_listen_points_at_second_line() {
         "{e}"
     );
     assert!(e.contains("line 6"), "{e}");
+    let e = err(
+        "proxy:\n  listeners:\n    - name: a\n      listen: 0.0.0.0:80\n    - name: b\n      listen: 127.0.0.1:80\n",
+    );
+    assert!(
+        e.contains(
+            "proxy.listeners[1].listen: listen address 127.0.0.1:80 is already used by proxy.listeners[0]"
+        ),
+        "{e}"
+    );
+    assert!(e.contains("line 6"), "{e}");
     // Port 0 means "any free port" and may repeat.
     parse("proxy:\n  listeners:\n    - name: a\n      listen: 127.0.0.1:0\n    - name: b\n      listen: 127.0.0.1:0\n", no_env).unwrap();
 }

@@ -57,12 +57,18 @@ impl TryFrom<Source<'_>> for Config {
                 });
             }
             // Port 0 asks the kernel for a free port: several such listeners do not clash.
+            // A wildcard address (0.0.0.0, [::]) clashes with every address of its family.
+            let clash = binds
+                .iter()
+                .find(|(a, _)| overlaps(**a, cfg.listen))
+                .map(|(_, j)| *j);
+            binds.insert(cfg.listen, i);
             if cfg.listen.port() != 0
-                && let Some(first) = binds.insert(cfg.listen, i)
+                && let Some(first) = clash
             {
                 return Err(ConfigError::Invalid {
                     key: format!("proxy.listeners[{i}].listen"),
-                    line: lines.find_value("listen", &cfg.listen.to_string(), 1),
+                    line: lines.find_key("listen", &format!("proxy.listeners[{i}].listen")),
                     message: format!(
                         "listen address {} is already used by proxy.listeners[{first}]",
                         cfg.listen
@@ -163,6 +169,13 @@ fn listener(lines: &Lines<'_>, i: usize, e: ListenerEntry) -> Result<ListenerCon
         cfg.keepalive = s.get().map(|d| positive("keepalive", d)).transpose()?;
     }
     Ok(cfg)
+}
+
+/// Whether two bind addresses would take the same port.
+fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.is_ipv4() == b.is_ipv4()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 fn invalid(lines: &Lines<'_>, key: &str, leaf: &str, message: &str) -> ConfigError {
