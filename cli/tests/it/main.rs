@@ -7,3 +7,4 @@ mod config;
 mod harness;
 mod plugin;
 mod proxy;
+mod rotate;

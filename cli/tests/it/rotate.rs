@@ -1,0 +1,256 @@
+//! `dso agent --docker` with `dso rotate` / `dso status`, against the real Docker engine and
+//! the `dso-testsrv:test` image: a real SIGKILL of the agent process during a rotation, then
+//! a restart that recovers to one container and re-adopts it without rotating.
+//! These fail (never skip) when Docker or the image is missing.
+
+use std::net::SocketAddr;
+use std::process::Command as StdCommand;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::TcpStream;
+
+use crate::harness::{Agent, http, stderr, stdout};
+
+fn docker(args: &[&str]) -> String {
+    let out = StdCommand::new("docker")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run docker ({e}): run `bash .ci/services.sh docker` first"));
+    assert!(
+        out.status.success(),
+        "docker {}: {} (Docker must run: `bash .ci/services.sh docker`; image: `bash .ci/build-test-image.sh`)",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A network and one managed container, removed (with anything else of the run) on drop.
+struct Project {
+    run: String,
+}
+
+impl Project {
+    fn start(strategy: &str) -> Project {
+        let image = std::env::var("DSO_TESTSRV_IMAGE").unwrap_or_else(|_| "dso-testsrv:test".to_owned());
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        let run = format!("dsocli{}x{strategy}x{nanos:x}", std::process::id());
+        let p = Project { run };
+        docker(&[
+            "network",
+            "create",
+            "--label",
+            &format!("dso.test.run={}", p.run),
+            &format!("{}_default", p.run),
+        ]);
+        docker(&[
+            "run",
+            "-d",
+            "--name",
+            &p.name(),
+            "--network",
+            &format!("{}_default", p.run),
+            "--label",
+            &format!("dso.test.run={}", p.run),
+            "--label",
+            "dso.reloader=true",
+            "--label",
+            "dso.host_ports=127.0.0.1:0:8080",
+            "--label",
+            &format!("dso.update.strategy={strategy}"),
+            "--label",
+            "dso.drain.timeout=2s",
+            "--label",
+            &format!("com.docker.compose.project={}", p.run),
+            "--label",
+            "com.docker.compose.service=web",
+            "--health-interval=200ms",
+            "--health-retries=1",
+            &image,
+        ]);
+        p
+    }
+
+    fn name(&self) -> String {
+        format!("{}-web-1", self.run)
+    }
+
+    /// `(name, id, running)` of every container of the run.
+    fn containers(&self) -> Vec<(String, String, bool)> {
+        docker(&[
+            "ps",
+            "-a",
+            "--no-trunc",
+            "--filter",
+            &format!("label=dso.test.run={}", self.run),
+            "--format",
+            "{{.Names}} {{.ID}} {{.State}}",
+        ])
+        .lines()
+        .map(|l| {
+            let v: Vec<&str> = l.split_whitespace().collect();
+            (v[0].to_owned(), v[1].to_owned(), v[2] == "running")
+        })
+        .collect()
+    }
+
+    async fn agent(&self, state: &std::path::Path) -> Agent {
+        let scope = format!("dso.test.run={}", self.run);
+        let state = state.to_str().unwrap();
+        Agent::start("", &["--docker", "--state-dir", state, "--docker-scope", &scope]).await
+    }
+}
+
+impl Drop for Project {
+    fn drop(&mut self) {
+        let ids = docker(&[
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=dso.test.run={}", self.run),
+        ]);
+        for id in ids.lines() {
+            let _ = StdCommand::new("docker").args(["rm", "-f", id]).output();
+        }
+        let _ = StdCommand::new("docker")
+            .args(["network", "rm", &format!("{}_default", self.run)])
+            .output();
+    }
+}
+
+async fn greeting(addr: SocketAddr) -> String {
+    let s = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut line = String::new();
+    tokio::time::timeout(Duration::from_secs(10), BufReader::new(s).read_line(&mut line))
+        .await
+        .unwrap()
+        .unwrap();
+    line.trim_end()
+        .strip_prefix("dso-testsrv ")
+        .unwrap_or(&line)
+        .to_owned()
+}
+
+/// Starts a rotation through the API, SIGKILLs the agent as soon as `step` is reported,
+/// restarts it, and checks: one container, original name, running, served by the proxy;
+/// a further restart changes nothing.
+async fn kill_during(strategy: &str, step: &str) {
+    let p = Project::start(strategy);
+    let state = tempfile::tempdir().unwrap();
+    let agent = p.agent(state.path()).await;
+    let listener = format!("{}/web:8080", p.run);
+    let (code, body) = http(
+        &agent.socket,
+        "POST",
+        "/v1/rotations",
+        &format!(r#"{{"target":"{}/web"}}"#, p.run),
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, 202, "{body}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, body) = http(&agent.socket, "GET", "/v1/rotations/1", "").await.unwrap();
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if v["steps"].as_array().unwrap().iter().any(|s| s["step"] == step) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "step {step} never reported: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    agent.signal("KILL");
+    drop(agent);
+
+    let agent = p.agent(state.path()).await;
+    assert!(
+        agent.log().contains("finished an interrupted rotation"),
+        "{}",
+        agent.log()
+    );
+    let cs = p.containers();
+    assert_eq!(
+        cs.len(),
+        1,
+        "{strategy} killed after {step}: one container left: {cs:?}\n{}",
+        agent.log()
+    );
+    let (name, id, running) = cs[0].clone();
+    assert_eq!(name, p.name());
+    assert!(running);
+    let addr = agent.addr(&listener).await;
+    let mut served = String::new();
+    for _ in 0..100 {
+        served = greeting(addr).await;
+        if id.starts_with(&served) && !served.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        id.starts_with(&served) && !served.is_empty(),
+        "proxy serves {served}, survivor is {id}"
+    );
+
+    // A graceful restart with nothing interrupted re-adopts and rotates nothing.
+    agent.signal("TERM");
+    drop(agent);
+    let agent = p.agent(state.path()).await;
+    assert_eq!(p.containers(), vec![(name, id.clone(), true)]);
+    let out = agent.dso(&["status", "--json"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        v[0]["containers"][0].as_str().unwrap(),
+        format!("{} ({})", p.name(), &id[..12])
+    );
+}
+
+#[tokio::test]
+async fn sigkill_during_a_rolling_rotation_then_restart_recovers() {
+    kill_during("rolling", "green_started").await;
+    kill_during("rolling", "swapped").await;
+}
+
+#[tokio::test]
+async fn sigkill_during_a_restart_rotation_then_restart_recovers() {
+    kill_during("restart", "blue_stopped").await;
+    kill_during("restart", "green_healthy").await;
+}
+
+#[tokio::test]
+async fn dso_rotate_prints_steps_and_status_shows_the_result() {
+    let p = Project::start("rolling");
+    let state = tempfile::tempdir().unwrap();
+    let agent = p.agent(state.path()).await;
+    let target = format!("{}/web", p.run);
+    let out = agent.dso(&["rotate", &target, "--env", "K=v"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    for step in [
+        "green_created",
+        "green_healthy",
+        "swapped",
+        "drained",
+        "blue_removed",
+        "green_renamed",
+        "total ",
+    ] {
+        assert!(text.contains(step), "{step} missing in:\n{text}");
+    }
+    let out = agent.dso(&["status"]).await;
+    let text = stdout(&out);
+    assert!(text.contains(&target) && text.contains("done"), "{text}");
+    let out = agent.dso(&["rotate", "nope"]).await;
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("nope"), "{}", stderr(&out));
+}
