@@ -1,6 +1,6 @@
 //! The `dso proxy status` table, built only from the agent's snapshot.
 
-use dso_proxy::{ListenerSnapshot, ProxySnapshot};
+use dso_proxy::{GenerationPhase, ListenerSnapshot, ProxySnapshot};
 
 use crate::duration::{format_ms, format_us};
 
@@ -9,7 +9,8 @@ const HEADER: [&str; 13] = [
     "P50", "P99",
 ];
 
-/// Renders the snapshot as an aligned text table, one row per listener.
+/// Renders the snapshot as an aligned text table, one row per listener, followed by one line
+/// per generation that is still draining.
 pub fn render(snap: &ProxySnapshot) -> String {
     if snap.listeners.is_empty() {
         return "no listeners (add some under proxy.listeners in the config file)\n".to_owned();
@@ -31,6 +32,23 @@ pub fn render(snap: &ProxySnapshot) -> String {
             .collect();
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
+    }
+    for l in &snap.listeners {
+        for g in l
+            .generations
+            .iter()
+            .filter(|g| g.phase == GenerationPhase::Draining)
+        {
+            let backends: Vec<String> = g.backends.iter().map(ToString::to_string).collect();
+            out.push_str(&format!(
+                "{}: generation {} ({}) draining: {} open, closed in {} if still open\n",
+                l.name,
+                g.generation,
+                backends.join(", "),
+                g.active,
+                format_ms(g.drain_remaining_ms.unwrap_or(0))
+            ));
+        }
     }
     out
 }

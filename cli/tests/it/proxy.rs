@@ -75,6 +75,8 @@ async fn swap_sends_new_connections_to_the_new_backend_and_keeps_old_ones() {
         table.contains(&format!("{} (green-1)", green.addr)),
         "labels shown: {table}"
     );
+    let draining = format!("echo: generation 1 ({}) draining: 1 open, closed in ", blue.addr);
+    assert!(table.contains(&draining), "draining generation shown: {table}");
     let json = agent.status().await;
     assert_eq!(json["listeners"][0]["generation"], 2);
     assert_eq!(json["listeners"][0]["draining"], 1);
