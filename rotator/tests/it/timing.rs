@@ -48,9 +48,10 @@ fn rolling_rotation_serves_green_within_two_seconds() {
         let mut serving: Vec<u64> = runs.iter().map(|x| x.1).collect();
         serving.sort();
         let median = serving[serving.len() / 2];
-        // The target is < 2 s; the bound leaves room for a loaded CI machine.
+        // The target is < 2 s (docs/benchmarks.md has the measurements); this bound only
+        // catches a gross regression without failing on a loaded CI machine.
         assert!(
-            median < 3000,
+            median < 5000,
             "{label}: median time until green serves {median} ms"
         );
     }
