@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The listening socket could not be created, bound or put into listening state.
-    #[error("listener {listener}: cannot listen on {addr}: {source}")]
+    #[error("listener {listener}: cannot listen on {addr}")]
     Bind {
         /// Name of the listener.
         listener: String,

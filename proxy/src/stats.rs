@@ -55,32 +55,36 @@ impl Counters {
 }
 
 /// Connect latency: from the moment a connection is routed (after any hold) until the
-/// backend accepted it, retries included. Microseconds, 3 significant digits.
+/// backend accepted it, retries included. Microseconds, 3 significant digits, plus the
+/// exact sum (the histogram only keeps bucketed values).
 #[derive(Debug)]
-pub(crate) struct Latency(Mutex<Histogram<u64>>);
+pub(crate) struct Latency(Mutex<(Histogram<u64>, u64)>);
 
 impl Default for Latency {
     fn default() -> Self {
         // 1 µs .. 1 h covers every connect timeout a user can configure.
         let h = Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("static bounds are valid");
-        Latency(Mutex::new(h))
+        Latency(Mutex::new((h, 0)))
     }
 }
 
 impl Latency {
     pub(crate) fn record(&self, d: Duration) {
         let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1);
-        let mut h = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        h.saturating_record(us);
+        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        g.0.saturating_record(us);
+        g.1 = g.1.saturating_add(us);
     }
 
     pub(crate) fn snapshot(&self) -> LatencySnapshot {
-        let h = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let (h, sum_us) = (&g.0, g.1);
         if h.is_empty() {
             return LatencySnapshot::default();
         }
         LatencySnapshot {
             count: h.len(),
+            sum_us,
             p50_us: h.value_at_quantile(0.50),
             p99_us: h.value_at_quantile(0.99),
             max_us: h.max(),
@@ -121,6 +125,9 @@ pub struct CounterSnapshot {
 pub struct LatencySnapshot {
     /// Number of connects recorded.
     pub count: u64,
+    /// Sum of every recorded connect time (exact, not bucketed).
+    #[serde(default)]
+    pub sum_us: u64,
     /// Median.
     pub p50_us: u64,
     /// 99th percentile.

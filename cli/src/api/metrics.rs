@@ -234,13 +234,13 @@ fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: u64) {
     let _ = writeln!(out, "{name}{{{}}} {value}", render_labels(labels));
 }
 
-/// Quantiles 0.5, 0.99 and 1 (the maximum), and the count. There is no `_sum`: the proxy's
-/// histogram does not keep one, and a made-up sum would be a fake number.
+/// Quantiles 0.5, 0.99 and 1 (the maximum), the exact sum and the count.
 fn latency(out: &mut String, name: &str, labels: &[(&str, &str)], l: &LatencySnapshot) {
     let base = render_labels(labels);
     for (q, us) in [("0.5", l.p50_us), ("0.99", l.p99_us), ("1", l.max_us)] {
         let _ = writeln!(out, "{name}{{{base},quantile=\"{q}\"}} {}", us as f64 / 1e6);
     }
+    let _ = writeln!(out, "{name}_sum{{{base}}} {}", l.sum_us as f64 / 1e6);
     let _ = writeln!(out, "{name}_count{{{base}}} {}", l.count);
 }
 

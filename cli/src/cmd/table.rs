@@ -149,6 +149,7 @@ mod tests {
             counters,
             connect: LatencySnapshot {
                 count: 9,
+                sum_us: 4000,
                 p50_us: 140,
                 p99_us: 2500,
                 max_us: 3000,

@@ -78,6 +78,7 @@ async fn connect_latency_is_recorded() {
     }
     let snap = listener.snapshot();
     assert_eq!(snap.connect.count, 20);
+    assert!(snap.connect.sum_us >= 20 * snap.connect.p50_us / 2);
     assert!(snap.connect.p50_us > 0 && snap.connect.p50_us <= snap.connect.p99_us);
     assert!(snap.connect.p99_us <= snap.connect.max_us);
     assert_eq!(snap.backends[0].connect.count, 20);

@@ -32,7 +32,7 @@ async fn a_taken_port_is_reported_with_listener_and_address() {
     assert!(matches!(err, Error::Bind { .. }));
     assert!(
         err.to_string()
-            .starts_with(&format!("listener pg: cannot listen on {addr}: ")),
+            .starts_with(&format!("listener pg: cannot listen on {addr}")),
         "{err}"
     );
 }
