@@ -30,7 +30,9 @@ pub(crate) async fn serve(
     let (guard, backend, server) = match route(&shared, peer).await {
         Routed::Ready(guard, backend, server) => (guard, backend, server),
         Routed::HoldExpired => {
-            close_cleanly(&client).await;
+            // Boxed: its 4 KiB read buffer would otherwise sit in every connection's
+            // future, idle or not (the task's size is that of its largest state).
+            Box::pin(close_cleanly(&client)).await;
             return;
         }
         Routed::Closed => return,

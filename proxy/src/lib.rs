@@ -9,7 +9,8 @@
 //! Where to start reading: [`Proxy`] (`proxy.rs`) holds the listeners; `listener.rs` owns
 //! a port, its accept loop and the control operations; `route.rs` defines the route value
 //! and its generations; `conn.rs` takes one connection through hold, dial and retry;
-//! `forward.rs` moves the bytes; `stats.rs` has the counters and snapshots; `socket.rs`
+//! `forward.rs` moves the bytes (bulk data zero-copy through `splice.rs` on Linux);
+//! `stats.rs` has the counters and snapshots; `socket.rs`
 //! keeps socket options (socket2) in one place.
 //!
 //! Signals and process lifetime are the binary's business: [`Proxy::shutdown`] and
@@ -23,6 +24,8 @@ mod listener;
 mod proxy;
 mod route;
 mod socket;
+#[cfg(target_os = "linux")]
+mod splice;
 mod stats;
 
 pub use config::{ListenerConfig, ProxyConfig};
