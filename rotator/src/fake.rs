@@ -18,6 +18,8 @@ pub(crate) struct Fake {
     pub fail_create: bool,
     /// Health that started clones report.
     pub clone_health: Option<DockerHealth>,
+    /// How many times the managed containers were listed (one per scan).
+    pub lists: std::sync::atomic::AtomicUsize,
     pub seq: Mutex<u32>,
 }
 
@@ -70,6 +72,7 @@ impl Fake {
 
 impl Engine for Fake {
     fn list_managed(&self) -> Fut<'_, Vec<Container>> {
+        self.lists.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Box::pin(async move { Ok(self.containers.lock().unwrap().values().cloned().collect()) })
     }
 

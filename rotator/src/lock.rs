@@ -19,8 +19,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fs2::FileExt;
+use futures_util::FutureExt;
+use std::panic::AssertUnwindSafe;
 use tokio::sync::oneshot;
-use tracing::info;
+use tracing::{error, info};
 
 use crate::labels::ServiceKey;
 
@@ -102,14 +104,15 @@ impl<R: Send + 'static, T: Clone + Send + 'static> Queue<R, T> {
 
     /// Runs `request` for `service` through `run`, after any rotation in progress.
     /// `merge(waiting, new)` folds a later request into one already waiting. The work runs
-    /// in a spawned task, so a caller that goes away does not stop it.
+    /// in a spawned task, so a caller that goes away does not stop it. `None` when `run`
+    /// panicked (a bug); the queue goes on with the next request.
     pub async fn submit<F, Fut>(
         self: &Arc<Self>,
         service: ServiceKey,
         request: R,
         merge: fn(&mut R, R),
         run: F,
-    ) -> T
+    ) -> Option<T>
     where
         F: Fn(R) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = T> + Send + 'static,
@@ -145,7 +148,7 @@ impl<R: Send + 'static, T: Clone + Send + 'static> Queue<R, T> {
             let me = Arc::clone(self);
             tokio::spawn(async move { me.drive(service, run).await });
         }
-        rx.await.expect("the rotation task ended without an answer")
+        rx.await.ok()
     }
 
     /// Runs waiting requests of `service` until none is left.
@@ -166,9 +169,14 @@ impl<R: Send + 'static, T: Clone + Send + 'static> Queue<R, T> {
                     }
                 }
             };
-            let result = run(next.request).await;
-            for w in next.waiters {
-                let _ = w.send(result.clone());
+            match AssertUnwindSafe(run(next.request)).catch_unwind().await {
+                Ok(result) => {
+                    for w in next.waiters {
+                        let _ = w.send(result.clone());
+                    }
+                }
+                // Dropping the senders tells every waiter.
+                Err(_) => error!(service = %service, "rotation task panicked"),
             }
         }
     }
@@ -212,7 +220,7 @@ mod tests {
         let first = tokio::spawn({
             let q = q.clone();
             let run = run.clone();
-            async move { q.submit(key("web"), vec![1], merge, run).await }
+            async move { q.submit(key("web"), vec![1], merge, run).await.unwrap() }
         });
         while runs.load(Ordering::SeqCst) == 0 {
             tokio::task::yield_now().await;
@@ -231,7 +239,7 @@ mod tests {
         let other = tokio::spawn({
             let q = q.clone();
             let run = run.clone();
-            async move { q.submit(key("db"), vec![9], merge, run).await }
+            async move { q.submit(key("db"), vec![9], merge, run).await.unwrap() }
         });
         gate.add_permits(3);
         assert_eq!(first.await.unwrap(), vec![1]);
@@ -239,7 +247,7 @@ mod tests {
         for h in later {
             assert_eq!(
                 h.await.unwrap(),
-                vec![2, 3, 4],
+                Some(vec![2, 3, 4]),
                 "every later request gets the merged result"
             );
         }
@@ -248,6 +256,19 @@ mod tests {
             3,
             "one run for web, one merged run, one for db"
         );
+        assert!(!q.is_busy(&key("web")));
+    }
+
+    #[tokio::test]
+    async fn a_panicking_rotation_answers_none_and_the_queue_goes_on() {
+        let q: Arc<Queue<u32, u32>> = Arc::default();
+        let merge: fn(&mut u32, u32) = |a, b| *a = b;
+        let run = |r: u32| async move {
+            assert!(r != 0, "boom");
+            r
+        };
+        assert_eq!(q.submit(key("web"), 0, merge, run).await, None);
+        assert_eq!(q.submit(key("web"), 7, merge, run).await, Some(7));
         assert!(!q.is_busy(&key("web")));
     }
 

@@ -177,42 +177,44 @@ impl<E: Engine> Rotator<E> {
     /// Follows Docker events until `stop`, reconciling after each relevant event and
     /// after each reconnect (with backoff from 200 ms to 10 s while the daemon is away).
     pub async fn watch(&self, stop: CancellationToken) {
-        let mut backoff = Duration::from_millis(200);
+        const FIRST: Duration = Duration::from_millis(200);
+        let mut backoff = FIRST;
         while !stop.is_cancelled() {
             let mut events = self.inner.engine.events();
-            if let Err(e) = self.reconcile().await {
-                warn!(error = %e, retry_in = ?backoff, "docker unreachable");
-                tokio::select! {
-                    () = stop.cancelled() => return,
-                    () = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(10));
-                continue;
-            }
-            backoff = Duration::from_millis(200);
-            loop {
-                let ev = tokio::select! {
-                    () = stop.cancelled() => return,
-                    ev = events.next() => ev,
-                };
-                match ev {
-                    Some(Ok(ev)) if relevant(&ev.action) => {
-                        info!(container = short(&ev.id), action = %ev.action, "docker event");
-                        if let Err(e) = self.reconcile().await {
-                            warn!(error = %e, "reconcile failed");
+            match self.reconcile().await {
+                Err(e) => warn!(error = %e, retry_in = ?backoff, "docker unreachable"),
+                Ok(_) => loop {
+                    let ev = tokio::select! {
+                        () = stop.cancelled() => return,
+                        ev = events.next() => ev,
+                    };
+                    match ev {
+                        Some(Ok(ev)) => {
+                            // The stream works: the next break starts from a short wait.
+                            backoff = FIRST;
+                            if relevant(&ev.action) {
+                                info!(container = short(&ev.id), action = %ev.action, "docker event");
+                                if let Err(e) = self.reconcile().await {
+                                    warn!(error = %e, "reconcile failed");
+                                }
+                            }
+                        }
+                        Some(Err(e)) => {
+                            warn!(error = %e, retry_in = ?backoff, "docker event stream broke; reconnecting");
+                            break;
+                        }
+                        None => {
+                            warn!(retry_in = ?backoff, "docker event stream ended; reconnecting");
+                            break;
                         }
                     }
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => {
-                        warn!(error = %e, "docker event stream broke; reconnecting");
-                        break;
-                    }
-                    None => {
-                        warn!("docker event stream ended; reconnecting");
-                        break;
-                    }
-                }
+                },
             }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(10));
         }
     }
 
@@ -233,7 +235,13 @@ impl<E: Engine> Rotator<E> {
                 let k = k.clone();
                 async move { me.run(k, req).await }
             })
-            .await;
+            .await
+            .unwrap_or_else(|| {
+                Err(Error::State {
+                    what: "rotation".to_owned(),
+                    message: "the rotation task panicked; see the agent log".to_owned(),
+                })
+            });
         if let Ok(r) = &mut out {
             r.took_ms = ms(queued_at.elapsed());
         }
@@ -246,6 +254,16 @@ impl<E: Engine> Rotator<E> {
         let _lock = ServiceLock::acquire(&self.inner.cfg.state_dir, &key)
             .await
             .map_err(|e| Error::state("service lock", e))?;
+        // A rotation of this service left unfinished (a failed recovery, or another process
+        // killed while holding the lock) is finished before its journal is reused.
+        let pending = self
+            .inner
+            .journal
+            .interrupted()
+            .map_err(|e| Error::state("reading journal", e))?;
+        for rec in pending.into_iter().filter(|r| r.service == key) {
+            recovery::recover(&self.inner.engine, &self.inner.journal, rec).await?;
+        }
         // Fresh state: the service may have changed while the request waited.
         let scan = discovery::scan(&self.inner.engine, self.inner.cfg.scope.as_ref()).await?;
         let m = scan.services.get(&key).cloned().ok_or_else(|| Error::NotFound {
@@ -554,6 +572,26 @@ mod tests {
         assert_eq!(r.engine().names(), vec![("web".to_owned(), true)]);
         let e = r.rotate(req("nope")).await.unwrap_err().to_string();
         assert!(e.contains("nope") && e.contains("web"), "{e}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_broken_event_stream_reconnects_with_backoff_and_rescans() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let f = Fake::default();
+        f.add("blue", "web", LABELS, true);
+        let (r, _dir) = rotator(f).await;
+        let after_start = r.engine().lists.load(SeqCst);
+        let stop = CancellationToken::new();
+        let w = tokio::spawn({
+            let r = r.clone();
+            let stop = stop.clone();
+            async move { r.watch(stop).await }
+        });
+        // The fake's stream ends at once: rescans at 0, 0.2, 0.6, 1.4 and 3.0 s.
+        tokio::time::sleep(Duration::from_millis(3100)).await;
+        stop.cancel();
+        w.await.unwrap();
+        assert_eq!(r.engine().lists.load(SeqCst) - after_start, 5);
     }
 
     #[tokio::test]

@@ -139,3 +139,63 @@ async fn engine_negotiates_inspects_clones_renames_signals_and_execs() {
     assert!(err.is_not_found(), "{err}");
     assert!(err.to_string().contains("remove"), "{err}");
 }
+
+#[tokio::test]
+async fn a_clone_mounts_the_same_volumes() {
+    let w = World::new();
+    let e = DockerEngine::connect().await.expect("connect");
+    let name = format!("{}-vol-1", w.run);
+    let vol = format!("{}-named", w.run);
+    let run_label = format!("{}={}", crate::support::RUN_LABEL, w.run);
+    let id = w
+        .docker(&[
+            "run",
+            "-d",
+            "--name",
+            &name,
+            "--network",
+            &w.network,
+            "--label",
+            &run_label,
+            "-v",
+            "/anon",
+            "-v",
+            &format!("{vol}:/named"),
+            &crate::support::image(),
+        ])
+        .unwrap();
+    let mounts = |id: &str| {
+        let out = w
+            .docker(&[
+                "inspect",
+                "-f",
+                "{{range .Mounts}}{{.Destination}}={{.Name}} {{end}}",
+                id,
+            ])
+            .unwrap();
+        let mut v: Vec<String> = out.split_whitespace().map(str::to_owned).collect();
+        v.sort();
+        v
+    };
+    let spec = CloneSpec {
+        from: id.clone(),
+        name: format!("{}-vol-2", w.run),
+        env: vec![],
+        labels: vec![],
+        primary_network: None,
+    };
+    let green = e.create_clone(&spec).await.unwrap();
+    let before = mounts(&id);
+    assert_eq!(before.len(), 2, "{before:?}");
+    assert_eq!(mounts(&green), before, "same anonymous and named volumes");
+    e.remove(&green).await.unwrap();
+    e.remove(&id).await.unwrap();
+    let _ = w.docker(&["volume", "rm", &vol]);
+    let anon = before
+        .iter()
+        .find(|m| m.starts_with("/anon="))
+        .unwrap()
+        .trim_start_matches("/anon=")
+        .to_owned();
+    let _ = w.docker(&["volume", "rm", &anon]);
+}

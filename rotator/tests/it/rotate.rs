@@ -310,3 +310,56 @@ fn refuses_rolling_for_a_container_publishing_its_own_ports() {
     assert_eq!(w.containers().len(), 2, "nothing was created");
     assert!(w.containers().values().any(|(i, _)| *i == id));
 }
+
+#[test]
+fn exec_probe_runs_in_green_and_a_failing_one_rolls_back() {
+    let w = World::new();
+    let mut svc = Svc::new("web");
+    svc.health_interval = None;
+    svc.extra_labels = vec![
+        ("dso.health.timeout", "2s".into()),
+        (
+            "dso.health.exec",
+            r#"["/dso-testsrv","probe","127.0.0.1:8081/health"]"#.into(),
+        ),
+    ];
+    w.start(&svc);
+    let mut bad = Svc::new("bad");
+    bad.health_interval = None;
+    bad.extra_labels = vec![
+        ("dso.health.timeout", "2s".into()),
+        ("dso.health.exec", "/dso-testsrv probe 127.0.0.1:8081/nope".into()),
+    ];
+    let bad_id = w.start(&bad);
+    let agent = Agent::start(&w);
+    let ok = agent
+        .rt
+        .block_on(agent.rotator.rotate(RotateRequest {
+            target: format!("{}/web", w.run),
+            ..Default::default()
+        }))
+        .unwrap();
+    assert_ne!(ok.containers[0].new_id, ok.containers[0].old_id);
+    let err = agent
+        .rt
+        .block_on(agent.rotator.rotate(RotateRequest {
+            target: format!("{}/bad", w.run),
+            ..Default::default()
+        }))
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("exited with 1"),
+        "the probe's real exit code is reported: {msg}"
+    );
+    assert_eq!(one_serving_of(&w, "bad"), bad_id);
+}
+
+/// Like [`one_serving`], for one service among several.
+fn one_serving_of(w: &World, service: &str) -> String {
+    let cs = w.service_containers(service);
+    assert_eq!(cs.len(), 1, "expected one container of {service}: {cs:?}");
+    let (_, (id, running)) = cs.into_iter().next().unwrap();
+    assert!(running);
+    id
+}

@@ -201,7 +201,8 @@ impl Drop for World {
         ])
         .unwrap_or_default();
         for id in ids.lines() {
-            let _ = docker(&["rm", "-f", id]);
+            // -v: anonymous volumes of test containers go too.
+            let _ = docker(&["rm", "-fv", id]);
         }
         let _ = docker(&["network", "rm", &self.network]);
     }
