@@ -18,6 +18,8 @@ pub(crate) struct Fake {
     pub fail_create: bool,
     /// Health that started clones report.
     pub clone_health: Option<DockerHealth>,
+    /// Makes the next `remove` fail once.
+    pub fail_remove_once: std::sync::atomic::AtomicBool,
     /// How many times the managed containers were listed (one per scan).
     pub lists: std::sync::atomic::AtomicUsize,
     pub seq: Mutex<u32>,
@@ -146,6 +148,12 @@ impl Engine for Fake {
     fn remove<'a>(&'a self, id: &'a str) -> Fut<'a, ()> {
         Box::pin(async move {
             self.call(format!("remove {id}"));
+            if self
+                .fail_remove_once
+                .swap(false, std::sync::atomic::Ordering::SeqCst)
+            {
+                return Err(EngineError::new("remove", "refused once by the fake"));
+            }
             self.with(id, "remove", |_| ())?;
             self.containers.lock().unwrap().retain(|_, c| c.id != id);
             Ok(())

@@ -44,12 +44,11 @@ pub(crate) async fn run<E: Engine>(r: &mut Run<'_, E>) -> Result<String, Error> 
             }
             Ok(next) => step = next,
             Err(e) if step < Step::GreenHealthy => {
-                let restored = rollback(r, &g, step).await;
-                let detail = match &restored {
-                    Ok(()) => format!("rolled back: {e}"),
-                    Err(e2) => format!("rolled back with an error: {e}; then {e2}"),
-                };
-                r.finish(Step::RolledBack, Some(e.to_string()), detail)?;
+                match rollback(r, &g, step).await {
+                    Ok(()) => r.finish(Step::RolledBack, Some(e.to_string()), format!("rolled back: {e}"))?,
+                    // The journal stays open: recovery finishes the rollback.
+                    Err(e2) => tracing::warn!(error = %e2, "rollback incomplete; recovery takes over"),
+                }
                 return Err(e);
             }
             Err(e) => return Err(e),
@@ -165,7 +164,10 @@ async fn rollback<E: Engine>(r: &Run<'_, E>, g: &Green, failed_from: Step) -> Re
     ids.sort();
     ids.dedup();
     for id in ids.iter().filter(|id| **id != r.blue.id) {
-        r.engine.remove(id).await?;
+        match r.engine.remove(id).await {
+            Err(e) if !e.is_not_found() => return Err(e.into()),
+            _ => {}
+        }
     }
     if failed_from >= Step::BlueRenamed {
         r.engine.rename(&r.blue.id, &r.blue.name).await?;

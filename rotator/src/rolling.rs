@@ -27,6 +27,8 @@ struct Green {
     id: Option<String>,
     member: Option<Member>,
     swaps: Vec<(dso_proxy::Listener, dso_proxy::Swap)>,
+    /// Connections open on blue at the swap.
+    draining: u64,
 }
 
 /// Runs a rolling rotation. Returns green's ID.
@@ -46,8 +48,11 @@ pub(crate) async fn run<E: Engine>(r: &mut Run<'_, E>) -> Result<String, Error> 
             }
             Ok(next) => step = next,
             Err(e) if step < Step::GreenHealthy || (step == Step::GreenHealthy && g.swaps.is_empty()) => {
-                rollback(r, &g).await;
-                r.finish(Step::RolledBack, Some(e.to_string()), format!("rolled back: {e}"))?;
+                match rollback(r, &g).await {
+                    Ok(()) => r.finish(Step::RolledBack, Some(e.to_string()), format!("rolled back: {e}"))?,
+                    // The journal stays open: recovery finishes the rollback.
+                    Err(e2) => tracing::warn!(error = %e2, "rollback incomplete; recovery takes over"),
+                }
                 return Err(e);
             }
             Err(e) => return Err(e),
@@ -118,6 +123,7 @@ async fn advance<E: Engine>(r: &mut Run<'_, E>, g: &mut Green, from: Step) -> Re
                         .sum::<u64>()
                 })
                 .sum();
+            g.draining = draining;
             r.record(
                 Step::Swapped,
                 None,
@@ -139,7 +145,8 @@ async fn advance<E: Engine>(r: &mut Run<'_, E>, g: &mut Green, from: Step) -> Re
                 Step::Drained,
                 None,
                 format!(
-                    "drained in {} ms ({forced} closed at the deadline)",
+                    "drained {} connections in {} ms ({forced} closed at the deadline)",
+                    g.draining,
                     ms(started.elapsed())
                 ),
             )
@@ -171,17 +178,18 @@ async fn advance<E: Engine>(r: &mut Run<'_, E>, g: &mut Green, from: Step) -> Re
 }
 
 /// Before the swap: removes green; blue was never touched.
-async fn rollback<E: Engine>(r: &Run<'_, E>, g: &Green) {
+async fn rollback<E: Engine>(r: &Run<'_, E>, g: &Green) -> Result<(), Error> {
     let mut ids: Vec<String> = g.id.iter().cloned().collect();
     // Green may exist without a recorded ID when the create call failed half-way.
-    if let Ok(found) = r.engine.list_labeled(ROTATION_ID, &r.rotation()).await {
-        ids.extend(found.into_iter().map(|c| c.id));
-    }
+    let found = r.engine.list_labeled(ROTATION_ID, &r.rotation()).await?;
+    ids.extend(found.into_iter().map(|c| c.id));
     ids.sort();
     ids.dedup();
     for id in ids.into_iter().filter(|id| *id != r.blue.id) {
-        if let Err(e) = r.engine.remove(&id).await {
-            tracing::warn!(container = short(&id), error = %e, "cannot remove green during rollback");
+        match r.engine.remove(&id).await {
+            Err(e) if !e.is_not_found() => return Err(e.into()),
+            _ => {}
         }
     }
+    Ok(())
 }

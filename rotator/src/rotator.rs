@@ -346,12 +346,21 @@ impl<E: Engine> Rotator<E> {
                     Ok(green) => Ok(run.into_report(strategy, green)),
                     Err(e) => {
                         if !run.entry.last().step.is_terminal() {
-                            // Past the point of no return: finish forward now.
-                            warn!(service = %m.key, error = %e, "rotation failed after its point of no return; recovering");
+                            // Past the point of no return, or a rollback that did not
+                            // complete: recovery brings the service to one container now.
+                            warn!(service = %m.key, error = %e, "rotation left unfinished; recovering");
                             let rec = run.entry.last().clone();
                             drop(run);
                             recovery::recover(&inner.engine, &inner.journal, rec).await?;
-                            self.reconcile().await?;
+                            let scan = discovery::scan(&inner.engine, inner.cfg.scope.as_ref()).await?;
+                            if let Some(now) = scan.services.get(&m.key) {
+                                let timing = rotation::timing(&now.spec, inner.cfg.stop_grace);
+                                inner
+                                    .gateway
+                                    .install(&m.key, &now.spec.ports, now.members(), timing)?;
+                            }
+                            // A restart may have left the listeners holding.
+                            inner.gateway.resume(&m.key)?;
                         }
                         Err(e)
                     }
@@ -554,6 +563,35 @@ mod tests {
         );
         let key = ServiceKey::of("web", &Default::default());
         assert_eq!(r.gateway().members(&key)[0].id, "blue");
+    }
+
+    #[tokio::test]
+    async fn an_incomplete_rollback_is_finished_by_recovery_at_once() {
+        let f = Fake {
+            clone_health: Some(DockerHealth::Unhealthy),
+            ..Default::default()
+        };
+        f.fail_remove_once
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        f.add("blue", "web", LABELS, true);
+        let (r, dir) = rotator(f).await;
+        let err = r
+            .rotate(RotateRequest {
+                target: "web".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Unhealthy { .. }), "{err}");
+        assert_eq!(
+            r.engine().names(),
+            vec![("web".to_owned(), true)],
+            "green removed by recovery"
+        );
+        let removes = calls(&r).iter().filter(|c| *c == "remove green1").count();
+        assert_eq!(removes, 2, "{:?}", calls(&r));
+        let j = Journal::open(dir.path()).unwrap();
+        assert!(j.interrupted().unwrap().is_empty(), "journal closed by recovery");
     }
 
     #[tokio::test]
