@@ -363,3 +363,63 @@ fn one_serving_of(w: &World, service: &str) -> String {
     assert!(running);
     id
 }
+
+#[test]
+fn an_open_connection_keeps_blue_until_it_closes() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let w = World::new();
+    let blue = w.start(&Svc::new("web"));
+    let agent = Agent::start(&w);
+    let addr = agent.addr(&key(&w, "web"), 8080);
+    let rt = agent.rt.handle().clone();
+    let report = rt.block_on(async {
+        let conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (r, mut wr) = conn.into_split();
+        let mut r = BufReader::new(r);
+        let mut line = String::new();
+        r.read_line(&mut line).await.unwrap();
+        assert_eq!(line.trim_end(), format!("dso-testsrv {}", short(&blue)));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let rot = agent.rotator.clone();
+        let target = format!("{}/web", w.run);
+        let task = tokio::spawn(async move {
+            rot.rotate(RotateRequest {
+                target,
+                progress: Some(tx),
+                ..Default::default()
+            })
+            .await
+        });
+        while rx.recv().await.unwrap().step != dso_rotator::journal::Step::Swapped {}
+        // New connections go to green; the open one still talks to blue.
+        let green = exchange(addr, "new").await.unwrap();
+        assert_ne!(green, short(&blue));
+        for i in 0..5 {
+            wr.write_all(format!("old{i}\n").as_bytes()).await.unwrap();
+            line.clear();
+            r.read_line(&mut line).await.unwrap();
+            assert_eq!(
+                line.trim_end(),
+                format!("old{i}"),
+                "the open connection still works after the swap"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert!(
+            !task.is_finished(),
+            "blue is not removed while its connection is open"
+        );
+        drop(wr);
+        drop(r);
+        task.await.unwrap().unwrap()
+    });
+    let drained = report.containers[0]
+        .steps
+        .iter()
+        .find(|s| s.step == dso_rotator::journal::Step::Drained)
+        .unwrap();
+    assert!(
+        drained.detail.starts_with("drained 1 connections") && drained.detail.contains("(0 closed"),
+        "{drained:?}"
+    );
+}
