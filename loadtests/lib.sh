@@ -165,7 +165,7 @@ lt_pg_init() {
 lt_pg_start() {
     local dir=$1 port=$2
     LT_PG_DIRS+=("$dir")
-    runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$dir" -l "$dir.log" -w -t 60 \
+    runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$dir" -l "$dir/server.log" -w -t 60 \
         -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c max_connections=200 -c shared_buffers=128MB -c fsync=off -c synchronous_commit=off" \
         start >/dev/null
 }
@@ -204,3 +204,57 @@ PY
 }
 
 trap lt_cleanup EXIT
+
+# Appends one raw figure to the run's CSV: lt_row SCENARIO TARGET ROUND METRIC VALUE
+lt_row() {
+    printf '%s,%s,%s,%s,%s\n' "$1" "$2" "$3" "$4" "$5" >>"$LT_CSV"
+}
+
+# A private MariaDB (no grant tables: any user connects, like trust auth) on loopback:
+# lt_my_init DIR PORT
+lt_my_init() {
+    local dir=$1 port=$2
+    mkdir -p "$dir" && chown mysql:mysql "$dir"
+    mariadb-install-db --user=mysql --datadir="$dir/data" --auth-root-authentication-method=normal \
+        --skip-test-db >"$dir/install.log" 2>&1
+    lt_my_start "$dir" "$port"
+}
+
+lt_my_start() {
+    local dir=$1 port=$2
+    LT_MY_DIRS+=("$dir")
+    runuser -u mysql -- mariadbd --no-defaults --datadir="$dir/data" --port="$port" \
+        --bind-address=127.0.0.1 --socket="$dir/sock" --pid-file="$dir/pid" --skip-grant-tables \
+        --max-connections=300 --innodb-buffer-pool-size=128M --innodb-flush-log-at-trx-commit=0 \
+        --skip-log-bin --log-error="$dir/error.log" &
+    LT_PIDS+=($!)
+    lt_wait_port "$port" 60
+}
+
+lt_my_stop() {
+    local dir=$1
+    [[ -f "$dir/pid" ]] || return 0
+    local pid
+    pid=$(cat "$dir/pid")
+    kill "$pid" 2>/dev/null || true
+    local i
+    for ((i = 0; i < 300; i++)); do
+        kill -0 "$pid" 2>/dev/null || return 0
+        sleep 0.1
+    done
+}
+
+# Resident set size of a process, in KiB.
+lt_rss_kib() {
+    awk '/^VmRSS:/ {print $2}' "/proc/$1/status"
+}
+
+# Swaps listener NAME between two backends every PERIOD seconds, COUNT times, with drain
+# DRAIN_MS: lt_swap_loop NAME ADDR_A ADDR_B PERIOD COUNT DRAIN_MS. Run it in the background.
+lt_swap_loop() {
+    local name=$1 a=$2 b=$3 period=$4 count=$5 drain=$6 i
+    for ((i = 1; i <= count; i++)); do
+        sleep "$period"
+        if ((i % 2)); then lt_ctl "$name" swap "$b" "$drain" >/dev/null; else lt_ctl "$name" swap "$a" "$drain" >/dev/null; fi
+    done
+}

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Load-test smoke run for CI (issue 3), at most about a minute and a half of load:
+#   1. pgbench -C -S (a new connection per transaction, 8 clients) for 26 s through a dso
+#      listener swapped between two PostgreSQL instances every 2 s (12 swaps, 5 s drain);
+#   2. restart with hold: pause the listener, restart PostgreSQL (smart stop, start), resume,
+#      under the same kind of load.
+# Exits non-zero on any failed transaction, aborted client, connection error or too few
+# swaps; never on timing. Uses the debug build CI already made (DSO_LOAD overrides).
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+source "$LT_ROOT/scenarios.sh"
+
+: "${DSO_LOAD:=$LT_REPO/target/debug/dso-load}"
+export DSO_LOAD
+LT_OUT="$LT_SCRATCH/out"
+mkdir -p "$LT_OUT/logs"
+LT_CSV="$LT_OUT/results.csv"
+echo "scenario,target,round,metric,value" >"$LT_CSV"
+started=$SECONDS
+
+lt_install
+if [[ ! -x "$DSO_LOAD" || -z "${LT_NO_BUILD:-}" ]]; then
+    (cd "$LT_REPO" && cargo build -q -p dso-loadtests)
+fi
+
+fail=0
+check() { # check SCENARIO METRIC OP VALUE
+    local v
+    v=$(awk -F, -v s="$1" -v m="$2" '$1 == s && $4 == m {print $5}' "$LT_CSV" | tail -1)
+    if [[ -z "$v" ]] || ! python3 -c "import sys; sys.exit(0 if float('$v') $3 float('$4') else 1)"; then
+        echo "smoke: FAIL $1 $2 = '${v}' (want $3 $4)" >&2
+        fail=1
+    else
+        echo "smoke: ok   $1 $2 = $v" >&2
+    fi
+}
+
+lt_setup_pg
+p=$(lt_port)
+lt_dso smoke "$p" "127.0.0.1:$PG_A" --drain-ms 5000
+lt_log "smoke: pgbench -C -S 8 clients 26 s, swap every 2 s"
+lt_swap_loop smoke "127.0.0.1:$PG_B" "127.0.0.1:$PG_A" 2 12 5000 &
+loop=$!
+rc=0
+lt_pgbench_run smoke_C "$p" -C -S -c 8 -j 2 -T 26 -n || rc=$?
+wait "$loop" || { echo "smoke: a swap command failed" >&2; fail=1; }
+lt_row smoke_bluegreen dso 1 pgbench_exit "$rc"
+lt_row smoke_bluegreen dso 1 swaps "$(grep -c ',swap,' "$LT_SCRATCH/events-smoke.csv" || true)"
+lt_pgbench_rows smoke_bluegreen dso 1 smoke_C "$LT_SCRATCH/events-smoke.csv"
+stats=$(lt_ctl smoke stats || true)
+lt_row smoke_bluegreen dso 1 proxy_failed "$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["failed"])' "$stats" 2>/dev/null || echo NaN)"
+lt_dso_stop smoke
+
+sc_restart_hold 16
+
+check smoke_bluegreen pgbench_exit == 0
+check smoke_bluegreen swaps '>=' 10
+check smoke_bluegreen failed_tx == 0
+check smoke_bluegreen aborted_clients == 0
+check smoke_bluegreen tx_logged '>' 0
+check smoke_bluegreen tx_logged_failed == 0
+check smoke_bluegreen proxy_failed == 0
+check restart_hold pgbench_exit == 0
+check restart_hold failed_tx == 0
+check restart_hold aborted_clients == 0
+check restart_hold tx_logged '>' 0
+check restart_hold tx_logged_failed == 0
+
+echo "smoke: figures (not judged): $(grep -E 'tps|p99|pause_to_resume' "$LT_CSV" | tr '\n' ' ')" >&2
+if ((fail)); then
+    echo "smoke: pgbench output follows" >&2
+    tail -n 30 "$LT_OUT"/logs/*.txt >&2 || true
+    echo "smoke: FAILED after $((SECONDS - started)) s" >&2
+    exit 1
+fi
+echo "smoke: passed in $((SECONDS - started)) s" >&2
