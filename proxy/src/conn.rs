@@ -3,6 +3,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
@@ -35,18 +36,22 @@ pub(crate) async fn serve(
             Box::pin(close_cleanly(&client)).await;
             return;
         }
-        Routed::Closed => return,
+        Routed::Failed => {
+            // Same reason as above: the client learns with FIN that it was not served.
+            Box::pin(close_cleanly(&client)).await;
+            return;
+        }
+        Routed::Killed => return,
     };
     let generation = guard.generation();
     let c = &shared.counters;
     let b = &backend.counters;
-    Counters::add(&c.active, 1);
-    Counters::add(&b.active, 1);
     // Spread forced closes over the close window by a per-connection offset.
     let jitter = spread(peer, shared.cfg.close_window);
-    let ended = forward::run(&shared, &backend, generation, &client, &server, jitter).await;
-    Counters::sub(&c.active, 1);
-    Counters::sub(&b.active, 1);
+    let ended = {
+        let _active = Gauge::new(&c.active, &b.active);
+        forward::run(&shared, &backend, generation, &client, &server, jitter).await
+    };
     match ended {
         Ended::Done => {}
         Ended::Broken(e) => {
@@ -57,9 +62,7 @@ pub(crate) async fn serve(
             socket::set_linger_zero(&server);
         }
         Ended::Forced => {
-            generation
-                .forced
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            generation.forced.fetch_add(1, Ordering::Relaxed);
             Counters::add(&c.forced_closes, 1);
             Counters::add(&b.forced_closes, 1);
         }
@@ -70,6 +73,26 @@ pub(crate) async fn serve(
         Ended::Idle => {
             Counters::add(&c.idle_timeouts, 1);
             Counters::add(&b.idle_timeouts, 1);
+        }
+    }
+}
+
+/// Counts a connection as active on its listener and backend until dropped, whatever way
+/// forwarding ends (including a panic or the task being dropped).
+struct Gauge<'a>([&'a AtomicU64; 2]);
+
+impl<'a> Gauge<'a> {
+    fn new(listener: &'a AtomicU64, backend: &'a AtomicU64) -> Self {
+        Counters::add(listener, 1);
+        Counters::add(backend, 1);
+        Gauge([listener, backend])
+    }
+}
+
+impl Drop for Gauge<'_> {
+    fn drop(&mut self) {
+        for g in self.0 {
+            Counters::sub(g, 1);
         }
     }
 }
@@ -96,8 +119,11 @@ enum Routed {
     Ready(GenerationGuard, Arc<BackendState>, TcpStream),
     /// The hold ran past its maximum; the client is closed cleanly.
     HoldExpired,
-    /// No backend could be dialed, or the proxy is closing everything.
-    Closed,
+    /// No backend could be dialed within the budget, the route has none, or the listener
+    /// stopped while the connection was held; the client is closed cleanly.
+    Failed,
+    /// The proxy is closing every connection now.
+    Killed,
 }
 
 /// Closes a client that never reached a backend with FIN rather than RST: shuts down our
@@ -138,6 +164,9 @@ async fn route(shared: &Shared, peer: SocketAddr) -> Routed {
         let route = shared.route.load_full();
         if let Mode::Hold(hold) = &route.mode {
             held.get_or_insert_with(|| Held::new(c));
+            // Time spent held is not dial time: the budget starts again after the hold.
+            attempts = 0;
+            started = None;
             let mut changed = shared.changed.subscribe();
             // A store between our load and the subscription would otherwise be missed.
             if !Arc::ptr_eq(&shared.route.load(), &route) {
@@ -146,14 +175,18 @@ async fn route(shared: &Shared, peer: SocketAddr) -> Routed {
             tokio::select! {
                 _ = changed.changed() => {}
                 () = tokio::time::sleep_until(hold.until) => {}
-                () = shared.kill.cancelled() => return Routed::Closed,
+                () = shared.stop.cancelled() => {
+                    // Shutting down while paused: nothing will resume this listener.
+                    Counters::add(&c.failed, 1);
+                    debug!(listener = %cfg.name, peer = %peer, "listener stopped while the connection was held");
+                    return Routed::Failed;
+                }
+                () = shared.kill.cancelled() => return Routed::Killed,
             }
             // A later pause replaces this hold with a new clock; only the hold that is
             // still in force (or one marked expired) closes the connection.
             let still_in_force = matches!(&shared.route.load().mode, Mode::Hold(h) if Arc::ptr_eq(h, hold));
-            if hold.expired.load(std::sync::atomic::Ordering::SeqCst)
-                || (still_in_force && Instant::now() >= hold.until)
-            {
+            if hold.expired.load(Ordering::SeqCst) || (still_in_force && Instant::now() >= hold.until) {
                 Counters::add(&c.hold_timeouts, 1);
                 debug!(listener = %cfg.name, peer = %peer, "hold expired; closing held connection");
                 return Routed::HoldExpired;
@@ -175,15 +208,22 @@ async fn route(shared: &Shared, peer: SocketAddr) -> Routed {
         let Some(backend) = generation.pick().cloned() else {
             Counters::add(&c.failed, 1);
             warn!(listener = %cfg.name, peer = %peer, generation = generation.id, "route has no backend; closing connection");
-            return Routed::Closed;
+            return Routed::Failed;
         };
         let start = *started.get_or_insert_with(Instant::now);
         let addr = backend.backend.addr;
-        let dialed = match tokio::time::timeout(cfg.connect_timeout, socket::connect(addr)).await {
-            Ok(r) => r,
-            Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
+        let dial = tokio::time::timeout(cfg.connect_timeout, socket::connect(addr));
+        let dialed = tokio::select! {
+            r = dial => match r {
+                Ok(r) => r,
+                Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
+            },
+            // The generation passed its drain deadline while we dialed: nothing has been
+            // forwarded, so go to the current route instead.
+            () = generation.force.cancelled() => continue,
         };
         match dialed {
+            Ok(_) if generation.force.is_cancelled() => continue,
             Ok(server) => {
                 if let Err(e) = socket::tune(&server, cfg.keepalive) {
                     debug!(listener = %cfg.name, backend = %addr, error = %e, "cannot set backend socket options");
@@ -197,25 +237,43 @@ async fn route(shared: &Shared, peer: SocketAddr) -> Routed {
             }
             Err(e) => {
                 Counters::add(&c.dial_errors, 1);
-                Counters::add(&backend.counters.dial_errors, 1);
-                backend.mark_refused();
+                let local = is_local_error(&e);
+                if !local {
+                    // Out of file descriptors or ports here says nothing about the backend.
+                    Counters::add(&backend.counters.dial_errors, 1);
+                    backend.mark_refused();
+                }
                 attempts += 1;
                 let spent = start.elapsed();
                 if attempts >= cfg.dial_attempts || spent >= cfg.dial_budget {
                     Counters::add(&c.failed, 1);
-                    Counters::add(&backend.counters.failed, 1);
-                    warn!(listener = %cfg.name, peer = %peer, backend = %addr, attempts, error = %e, "dial failed; closing client connection");
-                    return Routed::Closed;
+                    if !local {
+                        Counters::add(&backend.counters.failed, 1);
+                    }
+                    warn!(listener = %cfg.name, peer = %peer, backend = %addr, attempts, local, error = %e, "dial failed; closing client connection");
+                    return Routed::Failed;
                 }
                 Counters::add(&c.retries, 1);
                 Counters::add(&backend.counters.retries, 1);
-                debug!(listener = %cfg.name, backend = %addr, attempt = attempts, error = %e, "dial failed; retrying");
+                debug!(listener = %cfg.name, backend = %addr, attempt = attempts, local, error = %e, "dial failed; retrying");
                 drop(guard);
                 let pause = backoff(attempts).min(cfg.dial_budget.saturating_sub(spent));
                 tokio::time::sleep(pause).await;
             }
         }
     }
+}
+
+/// Whether a dial failed for a reason of this host (descriptors, memory, local ports)
+/// rather than of the backend.
+fn is_local_error(e: &io::Error) -> bool {
+    use nix::errno::Errno;
+    e.raw_os_error().is_some_and(|code| {
+        matches!(
+            Errno::from_raw(code),
+            Errno::EMFILE | Errno::ENFILE | Errno::ENOBUFS | Errno::ENOMEM | Errno::EADDRNOTAVAIL
+        )
+    })
 }
 
 /// Wait before retry `attempt` (1-based): 10 ms, 20 ms, 40 ms ... up to 500 ms. Short,

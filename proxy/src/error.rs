@@ -48,6 +48,14 @@ pub enum Error {
         /// Name of the listener.
         listener: String,
     },
+    /// A backend address is the listener's own address: connections would loop.
+    #[error("listener {listener}: backend {backend} is the listener's own address")]
+    SelfLoop {
+        /// Name of the listener.
+        listener: String,
+        /// The offending backend.
+        backend: SocketAddr,
+    },
     /// The proxy is shutting down and takes no new listeners.
     #[error("the proxy is shutting down")]
     ShuttingDown,

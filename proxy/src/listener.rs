@@ -5,10 +5,10 @@
 //! pauses and resumes change only the route. Control operations are serialized by a mutex;
 //! the accept path never takes it.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -27,7 +27,7 @@ use crate::route::{Backend, BackendState, Generation, Hold, Mode, Route};
 use crate::stats::{Counters, Latency, ListenerSnapshot};
 
 /// How many finished drains each listener remembers for [`Listener::wait_drained`].
-const DRAIN_HISTORY: usize = 32;
+const DRAIN_HISTORY: usize = 256;
 
 /// Result of a swap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,6 +85,9 @@ pub(crate) struct Shared {
     /// Current generation first, then retired ones that still have connections.
     generations: Mutex<VecDeque<Arc<Generation>>>,
     reports: Mutex<VecDeque<DrainReport>>,
+    /// Backend states by (address, label), so a backend that comes back after a swap
+    /// (blue, green, blue) continues its counters. Entries die with their last generation.
+    backends: Mutex<HashMap<Backend, Weak<BackendState>>>,
     next_generation: AtomicU64,
     /// Serializes swap, pause and resume so route transitions happen in call order.
     control: Mutex<Option<CancellationToken>>,
@@ -121,11 +124,18 @@ impl Listener {
             addr: cfg.listen,
             source,
         })?;
+        if let Some(b) = cfg.backends.iter().find(|b| routes_to_itself(bind, b.addr)) {
+            return Err(Error::SelfLoop {
+                listener: cfg.name.clone(),
+                backend: b.addr,
+            });
+        }
         let epoch = Instant::now();
+        let mut registry = HashMap::new();
         let backends = cfg
             .backends
             .iter()
-            .map(|b| Arc::new(BackendState::new(b.clone(), epoch)))
+            .map(|b| backend_state(&mut registry, b.clone(), epoch))
             .collect();
         let first = Arc::new(Generation::new(1, backends, epoch));
         let route = Route {
@@ -140,6 +150,7 @@ impl Listener {
             connect: Latency::default(),
             generations: Mutex::new(VecDeque::from([first])),
             reports: Mutex::new(VecDeque::new()),
+            backends: Mutex::new(registry),
             next_generation: AtomicU64::new(2),
             control: Mutex::new(None),
             epoch,
@@ -190,12 +201,22 @@ impl Listener {
                 listener: self.0.cfg.name.clone(),
             });
         }
+        if let Some(b) = backends.iter().find(|b| routes_to_itself(self.0.bind, b.addr)) {
+            return Err(Error::SelfLoop {
+                listener: self.0.cfg.name.clone(),
+                backend: b.addr,
+            });
+        }
         let mut control = self.lock_control();
         let old = self.0.route.load_full();
-        let states = backends
-            .into_iter()
-            .map(|b| reuse_backend(&old.generation, b, self.0.epoch))
-            .collect();
+        let states = {
+            let mut registry = lock(&self.0.backends);
+            registry.retain(|_, w| w.strong_count() > 0);
+            backends
+                .into_iter()
+                .map(|b| backend_state(&mut registry, b, self.0.epoch))
+                .collect()
+        };
         let id = self.0.next_generation.fetch_add(1, Ordering::Relaxed);
         let generation = Arc::new(Generation::new(id, states, self.0.epoch));
         lock(&self.0.generations).push_front(Arc::clone(&generation));
@@ -229,7 +250,7 @@ impl Listener {
         let now = Instant::now();
         let hold = Arc::new(Hold {
             since: now,
-            until: now + max,
+            until: now + max.min(MAX_WAIT),
             expired: Default::default(),
         });
         let current = self.0.route.load_full();
@@ -286,10 +307,9 @@ impl Listener {
         if !g.is_retired() {
             return Ok(DrainStatus::Current { generation });
         }
-        let _ = tokio::time::timeout(timeout, g.drained.cancelled()).await;
-        if g.drained.is_cancelled() {
-            // The drain task files its report just before cancelling `drained`.
-            return self.report(generation).map(DrainStatus::Drained);
+        let _ = tokio::time::timeout(timeout.min(MAX_WAIT), g.drained.cancelled()).await;
+        if let Some(report) = g.report.get() {
+            return Ok(DrainStatus::Drained(*report));
         }
         let snap = g.snapshot();
         Ok(DrainStatus::Pending {
@@ -362,18 +382,42 @@ fn cancel_hold_timer(control: &mut Option<CancellationToken>) {
     }
 }
 
-/// Keeps the counters of a backend that stays across a swap (same address and label).
-fn reuse_backend(old: &Generation, b: Backend, epoch: Instant) -> Arc<BackendState> {
-    old.backends
-        .iter()
-        .find(|s| s.backend == b)
-        .cloned()
-        .unwrap_or_else(|| Arc::new(BackendState::new(b, epoch)))
+/// The state of backend `b`: the live one when a generation still uses it (its counters
+/// carry on), else a new one.
+fn backend_state(
+    registry: &mut HashMap<Backend, Weak<BackendState>>,
+    b: Backend,
+    epoch: Instant,
+) -> Arc<BackendState> {
+    if let Some(live) = registry.get(&b).and_then(Weak::upgrade) {
+        return live;
+    }
+    let state = Arc::new(BackendState::new(b.clone(), epoch));
+    registry.insert(b, Arc::downgrade(&state));
+    state
+}
+
+/// Whether dialing `backend` would reach the listener bound at `bind` itself: every
+/// connection would then loop through the proxy until descriptors run out.
+pub fn routes_to_itself(bind: SocketAddr, backend: SocketAddr) -> bool {
+    if bind.port() != backend.port() || bind.port() == 0 {
+        return false;
+    }
+    let (b, t) = (bind.ip(), backend.ip());
+    b == t || (b.is_unspecified() && (t.is_loopback() || t.is_unspecified()))
+}
+
+/// Longest drain, hold or deadline the proxy takes; longer ones are cut to it, so that
+/// deadline arithmetic cannot overflow.
+const MAX_WAIT: Duration = Duration::from_secs(365 * 24 * 3600);
+
+fn deadline_after(d: Duration) -> Instant {
+    Instant::now() + d.min(MAX_WAIT)
 }
 
 /// Marks `generation` replaced and drains it in the background.
 fn retire(shared: &Arc<Shared>, generation: Arc<Generation>, drain: Duration) {
-    let deadline = Instant::now() + drain;
+    let deadline = deadline_after(drain);
     generation.retire(deadline);
     tokio::spawn(drain_generation(Arc::clone(shared), generation, deadline));
 }
@@ -390,10 +434,13 @@ async fn drain_generation(shared: Arc<Shared>, generation: Arc<Generation>, dead
             if left > 0 {
                 warn!(listener = %name, generation = generation.id, connections = left, window = ?shared.cfg.close_window, "drain deadline passed; closing remaining connections");
                 generation.force.cancel();
-                // Closing is spread over the window; give stragglers a little more.
+                // Closing is spread over the window. A generation is reported drained only
+                // when it is empty: a connection still dialing gives up at `force` and
+                // goes to the current route, so this ends promptly.
                 let bound = shared.cfg.close_window + Duration::from_secs(5);
                 if tokio::time::timeout(bound, generation.wait_empty()).await.is_err() {
-                    warn!(listener = %name, generation = generation.id, connections = generation.active(), "connections did not close after the drain deadline");
+                    warn!(listener = %name, generation = generation.id, connections = generation.active(), "connections still open after the drain deadline; waiting for them");
+                    generation.wait_empty().await;
                 }
             }
         }
@@ -403,6 +450,7 @@ async fn drain_generation(shared: Arc<Shared>, generation: Arc<Generation>, dead
         took_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         forced: generation.forced.load(Ordering::Relaxed),
     };
+    let _ = generation.report.set(report);
     {
         let mut reports = lock(&shared.reports);
         if reports.len() == DRAIN_HISTORY {
@@ -443,6 +491,7 @@ async fn expire_hold(shared: Arc<Shared>, hold: Arc<Hold>, cancelled: Cancellati
 
 async fn accept_loop(shared: Arc<Shared>, socket: TcpListener, global: Option<Arc<Semaphore>>) {
     let name = shared.cfg.name.clone();
+    let mut last_warning = None;
     loop {
         // Past a limit the listener stops accepting: new connections wait in the kernel's
         // accept queue (up to the backlog) until a slot frees, instead of being refused.
@@ -465,9 +514,16 @@ async fn accept_loop(shared: Arc<Shared>, socket: TcpListener, global: Option<Ar
                     .spawn(conn::serve(Arc::clone(&shared), stream, peer, permits));
             }
             Err(e) => {
-                // EMFILE, ENFILE, ENOBUFS: back off instead of spinning.
-                warn!(listener = %name, error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                // EMFILE, ENFILE, ENOBUFS: back off instead of spinning, and say so at
+                // most once a second.
+                if last_warning.is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(1)) {
+                    warn!(listener = %name, error = %e, "accept failed; retrying in 50 ms");
+                    last_warning = Some(Instant::now());
+                }
+                tokio::select! {
+                    () = shared.stop.cancelled() => break,
+                    () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                }
             }
         }
     }

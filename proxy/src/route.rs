@@ -119,8 +119,10 @@ pub(crate) struct Generation {
     deadline_ms: AtomicU64,
     /// Cancelled when the drain deadline passes: remaining connections close.
     pub force: CancellationToken,
-    /// Cancelled once retired and empty (or forced empty).
+    /// Cancelled once retired and empty (or forced empty), after `report` is set.
     pub drained: CancellationToken,
+    /// How the drain ended, once it has.
+    pub report: std::sync::OnceLock<crate::listener::DrainReport>,
     epoch: Instant,
 }
 
@@ -138,6 +140,7 @@ impl Generation {
             deadline_ms: AtomicU64::new(0),
             force: CancellationToken::new(),
             drained: CancellationToken::new(),
+            report: std::sync::OnceLock::new(),
             epoch,
         }
     }

@@ -145,3 +145,51 @@ where
     }
     out
 }
+
+#[tokio::test]
+async fn a_dial_still_pending_at_the_drain_deadline_goes_to_the_new_route() {
+    // A backend whose accept queue is full: the kernel drops further SYNs, so a dial to it
+    // hangs. Listen with backlog 0 and fill the queue without accepting.
+    let stuck = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    stuck
+        .bind(&"127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap().into())
+        .unwrap();
+    stuck.listen(0).unwrap();
+    let stuck_addr = stuck.local_addr().unwrap().as_socket().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        if let Ok(Ok(s)) = tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::net::TcpStream::connect(stuck_addr),
+        )
+        .await
+        {
+            fillers.push(s);
+        }
+    }
+    let live = EchoBackend::start("live").await;
+    let mut cfg = config("app", &[dso_proxy::Backend::new(stuck_addr)]);
+    cfg.connect_timeout = Duration::from_secs(30);
+    let (_proxy, listener) = start(cfg);
+    let addr = listener.local_addr();
+    let client = tokio::spawn(async move { Client::connect(addr).await.map(|c| c.tag) });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !client.is_finished(),
+        "the stuck backend answered; the test premise failed"
+    );
+    listener
+        .swap(vec![live.backend()], Some(Duration::from_millis(200)))
+        .unwrap();
+    let tag = tokio::time::timeout(Duration::from_secs(5), client)
+        .await
+        .expect("the pending dial did not move to the new route")
+        .unwrap()
+        .unwrap();
+    assert_eq!(tag, "live");
+    match listener.wait_drained(1, Duration::from_secs(5)).await.unwrap() {
+        DrainStatus::Drained(r) => assert_eq!(r.forced, 0),
+        other => panic!("expected drained: {other:?}"),
+    }
+    assert_eq!(listener.snapshot().counters.failed, 0);
+}

@@ -78,3 +78,48 @@ async fn shutdown_with_no_connection_is_immediate_and_clean() {
     assert_eq!(report.forced, 0);
     assert!(report.took_ms < 1000);
 }
+
+#[tokio::test]
+async fn a_backend_that_is_the_listener_itself_is_refused() {
+    let proxy = Proxy::new(ProxyConfig::default());
+    let l = proxy.add_listener(config("loop", &[])).unwrap();
+    let own = l.local_addr();
+    let err = l.swap(vec![own.into()], None).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!("listener loop: backend {own} is the listener's own address")
+    );
+    assert_eq!(l.generation(), 1);
+    assert!(dso_proxy::routes_to_itself(
+        "0.0.0.0:5432".parse().unwrap(),
+        "127.0.0.1:5432".parse().unwrap()
+    ));
+    assert!(!dso_proxy::routes_to_itself(
+        "127.0.0.1:5432".parse().unwrap(),
+        "127.0.0.2:5432".parse().unwrap()
+    ));
+}
+
+#[tokio::test]
+async fn shutdown_while_paused_closes_held_connections_cleanly_and_counts_them() {
+    let live = EchoBackend::start("live").await;
+    let proxy = Proxy::new(ProxyConfig::default());
+    let l = proxy.add_listener(config("db", &[live.backend()])).unwrap();
+    l.pause(Some(Duration::from_secs(60)));
+    let mut raw = tokio::net::TcpStream::connect(l.local_addr()).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut raw, b"startup packet")
+        .await
+        .unwrap();
+    assert!(crate::support::eventually(Duration::from_secs(2), || l.snapshot().counters.held == 1).await);
+    let report = proxy.shutdown(Duration::from_secs(5)).await;
+    assert!(
+        report.drained,
+        "held connections end with the shutdown, not at its deadline"
+    );
+    let mut rest = Vec::new();
+    let n = tokio::io::AsyncReadExt::read_to_end(&mut raw, &mut rest).await;
+    assert!(matches!(n, Ok(0)), "expected a clean close (FIN), got {n:?}");
+    let snap = l.snapshot();
+    assert_eq!(snap.counters.failed, 1);
+    assert_eq!(snap.counters.held, 0);
+}

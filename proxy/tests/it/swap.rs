@@ -174,3 +174,22 @@ async fn round_robin_over_several_backends() {
     assert_eq!(tags.iter().filter(|t| *t == "a").count(), 3, "{tags:?}");
     assert_eq!(tags.iter().filter(|t| *t == "b").count(), 3, "{tags:?}");
 }
+
+#[tokio::test]
+async fn a_backend_that_comes_back_keeps_its_counters() {
+    let blue = EchoBackend::start("blue").await;
+    let green = EchoBackend::start("green").await;
+    let (_proxy, listener) = start(config("app", &[blue.backend()]));
+    // An open connection keeps generation 1 (and so blue's state) alive.
+    let _held_open = Client::connect(listener.local_addr()).await.unwrap();
+    listener.swap(vec![green.backend()], None).unwrap();
+    Client::connect(listener.local_addr()).await.unwrap();
+    listener.swap(vec![blue.backend()], None).unwrap();
+    let snap = listener.snapshot();
+    let b = snap.backends.iter().find(|b| b.addr == blue.addr).unwrap();
+    assert_eq!(
+        b.counters.accepted, 1,
+        "blue's counters restarted after blue, green, blue"
+    );
+    assert_eq!(b.counters.active, 1, "blue's draining connection is not counted");
+}
