@@ -56,7 +56,12 @@ pub struct Scan {
 /// label with that value.
 pub async fn scan<E: Engine>(engine: &E, scope: Option<&(String, String)>) -> Result<Scan, Error> {
     let mut out = Scan::default();
-    for c in engine.list_managed().await? {
+    // With a scope, the daemon filters by it: containers outside it are not even inspected.
+    let listed = match scope {
+        Some((k, v)) => engine.list_labeled(k, v).await?,
+        None => engine.list_managed().await?,
+    };
+    for c in listed {
         if !labels::is_managed(&c.labels) {
             continue;
         }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpStream;
 
-use crate::harness::{Agent, http, stderr, stdout};
+use crate::harness::{Agent, DSO, http, stderr, stdout};
 
 fn docker(args: &[&str]) -> String {
     let out = StdCommand::new("docker")
@@ -98,10 +98,40 @@ impl Project {
         .collect()
     }
 
+    /// Starts `dso agent --docker` scoped to this run; waits up to 60 s for it to answer
+    /// and prints its log when it does not.
     async fn agent(&self, state: &std::path::Path) -> Agent {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("dso.yaml");
+        std::fs::write(&config, "proxy:\n  listeners: []\n").unwrap();
+        let socket = dir.path().join("run/dso.sock");
+        let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
         let scope = format!("dso.test.run={}", self.run);
-        let state = state.to_str().unwrap();
-        Agent::start("", &["--docker", "--state-dir", state, "--docker-scope", &scope]).await
+        let child = tokio::process::Command::new(DSO)
+            .arg("agent")
+            .arg("--config")
+            .arg(&config)
+            .arg("--socket")
+            .arg(&socket)
+            .args(["--docker", "--docker-scope", &scope, "--state-dir"])
+            .arg(state)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let agent = Agent { dir, socket, child };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while http(&agent.socket, "GET", "/v1/health", "").await.is_err() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "agent not ready within 60 s; log:\n{}",
+                agent.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        agent
     }
 }
 
