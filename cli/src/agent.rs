@@ -24,6 +24,7 @@ use crate::config::{self, Config, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_SOCKET};
 pub fn main(args: AgentArgs, socket: Option<PathBuf>) -> anyhow::Result<()> {
     let cfg = config::load(&args.config)?;
     init_logging();
+    raise_fd_limit();
     let socket = socket
         .or_else(|| cfg.agent.socket.clone())
         .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
@@ -37,6 +38,20 @@ pub fn main(args: AgentArgs, socket: Option<PathBuf>) -> anyhow::Result<()> {
         .build()
         .context("starting the tokio runtime")?;
     runtime.block_on(run(cfg, &args, &socket, shutdown))
+}
+
+/// Each proxied connection takes two file descriptors; the usual soft limit of 1024 would
+/// stop an agent near 500 connections. Raise the soft limit to the hard one.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => info!(from = soft, to = hard, "raised the open-file limit"),
+            Err(e) => warn!(soft, hard, error = %e, "cannot raise the open-file limit"),
+        },
+        Ok((soft, _)) => info!(limit = soft, "open-file limit"),
+        Err(e) => warn!(error = %e, "cannot read the open-file limit"),
+    }
 }
 
 fn init_logging() {

@@ -43,8 +43,15 @@ pub async fn bind(path: &Path) -> anyhow::Result<ApiServer> {
                 path.display()
             );
         }
-        if UnixStream::connect(path).await.is_ok() {
-            bail!("another agent is already answering on {}", path.display());
+        // Only "connection refused" proves nobody listens; any other failure (a full
+        // backlog, a permission error) may hide a live agent whose socket must stay.
+        match UnixStream::connect(path).await {
+            Ok(_) => bail!("another agent is already answering on {}", path.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+            Err(e) => bail!(
+                "cannot tell whether an agent is answering on {} ({e}); remove the file if none runs",
+                path.display()
+            ),
         }
         std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
         info!(socket = %path.display(), "removed stale socket");

@@ -242,3 +242,19 @@ fn unreadable_file_names_the_path() {
         "{cause}"
     );
 }
+
+#[test]
+fn a_backend_that_is_the_listener_itself_is_rejected_with_its_line() {
+    let text = "\
+proxy:
+  listeners:
+    - name: pg
+      listen: 0.0.0.0:5432
+      backends: [127.0.0.1:5432]
+";
+    assert_eq!(
+        err(text),
+        "proxy.listeners[0].backends: backend 127.0.0.1:5432 is this listener's own address \
+0.0.0.0:5432; connections would loop through dso at line 5"
+    );
+}

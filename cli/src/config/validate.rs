@@ -120,6 +120,20 @@ fn listener(lines: &Lines<'_>, i: usize, e: ListenerEntry) -> Result<ListenerCon
         .into_iter()
         .map(Backend::from)
         .collect();
+    let backends: Vec<Backend> = backends;
+    if let Some(b) = backends
+        .iter()
+        .find(|b| dso_proxy::routes_to_itself(listen.0, b.addr))
+    {
+        return Err(ConfigError::Invalid {
+            key: key("backends"),
+            line: lines.find_key("backends", &key("backends")),
+            message: format!(
+                "backend {} is this listener's own address {}; connections would loop through dso",
+                b.addr, listen.0
+            ),
+        });
+    }
     let mut cfg = ListenerConfig::new(name, listen.0, backends);
     let at_least_one = |k: &str, v: u64| -> Result<(), ConfigError> {
         if v == 0 {
