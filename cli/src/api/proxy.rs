@@ -144,7 +144,7 @@ fn proxy_error(e: dso_proxy::Error) -> ApiError {
     use dso_proxy::Error as E;
     let status = match &e {
         E::UnknownListener { .. } | E::UnknownGeneration { .. } => StatusCode::NOT_FOUND,
-        E::NoBackends { .. } => StatusCode::BAD_REQUEST,
+        E::NoBackends { .. } | E::SelfLoop { .. } => StatusCode::BAD_REQUEST,
         E::ShuttingDown | E::DuplicateListener { .. } => StatusCode::CONFLICT,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
