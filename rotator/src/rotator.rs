@@ -7,18 +7,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dso_proxy::Proxy;
-use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::warn;
 
 use crate::discovery::{self, Managed, Scan};
-use crate::engine::{Engine, short};
+use crate::engine::Engine;
 use crate::error::Error;
 use crate::gateway::Gateway;
 use crate::journal::{History, Journal, Step, now_ms};
-use crate::labels::{PortMap, ServiceKey, Strategy};
+use crate::labels::{ServiceKey, Strategy};
 use crate::lock::{Queue, ServiceLock};
 use crate::recovery::{self, Recovered};
 use crate::rotation::{self, ContainerReport, Hooks, Progress, Run, ms};
@@ -73,37 +71,22 @@ pub struct RotationReport {
     pub took_ms: u64,
 }
 
-/// A managed service as `dso status` shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ServiceStatus {
-    /// Service key.
-    pub service: ServiceKey,
-    /// Strategy label (`auto` unresolved).
-    pub strategy: Strategy,
-    /// Ports owned, as `IP:HOST:CONTAINER` with the bound host port.
-    pub ports: Vec<String>,
-    /// Containers serving: `name (short id)`.
-    pub containers: Vec<String>,
-    /// Whether a rotation runs now.
-    pub rotating: bool,
-    /// The last finished rotation.
-    pub last: Option<History>,
-}
-
 type Outcome = Result<RotationReport, Error>;
 
-struct Inner<E: Engine> {
-    engine: E,
-    gateway: Gateway,
-    journal: Journal,
-    cfg: Config,
-    queue: Arc<Queue<RotateRequest, Outcome>>,
+pub(crate) struct Inner<E: Engine> {
+    pub(crate) engine: E,
+    pub(crate) gateway: Gateway,
+    pub(crate) journal: Journal,
+    pub(crate) cfg: Config,
+    /// One rotation per service at a time, later requests merged.
+    pub(crate) queue: Arc<Queue<RotateRequest, Outcome>>,
+    /// Makes rotation IDs unique within one millisecond.
     seq: std::sync::atomic::AtomicU64,
 }
 
 /// The rotator. Cheap to clone.
 pub struct Rotator<E: Engine> {
-    inner: Arc<Inner<E>>,
+    pub(crate) inner: Arc<Inner<E>>,
 }
 
 impl<E: Engine> Clone for Rotator<E> {
@@ -173,51 +156,6 @@ impl<E: Engine> Rotator<E> {
         }
         Ok(scan)
     }
-
-    /// Follows Docker events until `stop`, reconciling after each relevant event and
-    /// after each reconnect (with backoff from 200 ms to 10 s while the daemon is away).
-    pub async fn watch(&self, stop: CancellationToken) {
-        const FIRST: Duration = Duration::from_millis(200);
-        let mut backoff = FIRST;
-        while !stop.is_cancelled() {
-            let mut events = self.inner.engine.events();
-            match self.reconcile().await {
-                Err(e) => warn!(error = %e, retry_in = ?backoff, "docker unreachable"),
-                Ok(_) => loop {
-                    let ev = tokio::select! {
-                        () = stop.cancelled() => return,
-                        ev = events.next() => ev,
-                    };
-                    match ev {
-                        Some(Ok(ev)) => {
-                            // The stream works: the next break starts from a short wait.
-                            backoff = FIRST;
-                            if relevant(&ev.action) {
-                                info!(container = short(&ev.id), action = %ev.action, "docker event");
-                                if let Err(e) = self.reconcile().await {
-                                    warn!(error = %e, "reconcile failed");
-                                }
-                            }
-                        }
-                        Some(Err(e)) => {
-                            warn!(error = %e, retry_in = ?backoff, "docker event stream broke; reconnecting");
-                            break;
-                        }
-                        None => {
-                            warn!(retry_in = ?backoff, "docker event stream ended; reconnecting");
-                            break;
-                        }
-                    }
-                },
-            }
-            tokio::select! {
-                () = stop.cancelled() => return,
-                () = tokio::time::sleep(backoff) => {}
-            }
-            backoff = (backoff * 2).min(Duration::from_secs(10));
-        }
-    }
-
     /// Rotates the service `req.target` names: every container of it, one after the
     /// other. Waits behind a rotation of the same service in progress; requests that
     /// arrive while one already waits are merged into it.
@@ -403,41 +341,6 @@ impl<E: Engine> Rotator<E> {
             }),
         }
     }
-
-    /// Every managed service with its ports, containers and last rotation.
-    pub async fn status(&self) -> Result<Vec<ServiceStatus>, Error> {
-        let scan = discovery::scan(&self.inner.engine, self.inner.cfg.scope.as_ref()).await?;
-        let gw = &self.inner.gateway;
-        Ok(scan
-            .services
-            .values()
-            .map(|m| {
-                let listeners = gw.listeners(&m.key);
-                let ports = m
-                    .spec
-                    .ports
-                    .iter()
-                    .zip(listeners.iter().map(Some).chain(std::iter::repeat(None)))
-                    .map(|(p, l)| {
-                        let bound = l.map_or(p.host, |l| l.local_addr().port());
-                        PortMap { host: bound, ..*p }.to_string()
-                    })
-                    .collect();
-                ServiceStatus {
-                    service: m.key.clone(),
-                    strategy: m.spec.strategy,
-                    ports,
-                    containers: gw
-                        .members(&m.key)
-                        .iter()
-                        .map(|x| format!("{} ({})", x.name, short(&x.id)))
-                        .collect(),
-                    rotating: self.inner.queue.is_busy(&m.key),
-                    last: self.inner.journal.history(&m.key),
-                }
-            })
-            .collect())
-    }
 }
 
 /// Later requests win: their environment values replace earlier ones of the same name,
@@ -454,14 +357,6 @@ fn merge(a: &mut RotateRequest, b: RotateRequest) {
         a.progress = b.progress;
     }
 }
-
-fn relevant(action: &str) -> bool {
-    matches!(
-        action,
-        "start" | "die" | "destroy" | "rename" | "stop" | "kill" | "unpause" | "pause"
-    ) || action.starts_with("health_status")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -619,7 +514,7 @@ mod tests {
         f.add("blue", "web", LABELS, true);
         let (r, _dir) = rotator(f).await;
         let after_start = r.engine().lists.load(SeqCst);
-        let stop = CancellationToken::new();
+        let stop = tokio_util::sync::CancellationToken::new();
         let w = tokio::spawn({
             let r = r.clone();
             let stop = stop.clone();

@@ -1,0 +1,134 @@
+//! The create request of a container's copy, from the container's inspect data.
+
+use std::collections::HashMap;
+
+use bollard::models::{ContainerCreateBody, ContainerInspectResponse, EndpointSettings, NetworkingConfig};
+
+use super::CloneSpec;
+
+/// A create request plus the networks to connect before start.
+pub(super) struct CloneBody {
+    pub create: ContainerCreateBody,
+    pub more_networks: Vec<(String, EndpointSettings)>,
+}
+
+/// Copies blue's configuration: image pinned by ID; networks, aliases, volumes and labels
+/// kept; static IP, MAC address and hostname dropped (Docker picks new ones).
+pub(super) fn clone_body(blue: &ContainerInspectResponse, spec: &CloneSpec) -> CloneBody {
+    let cfg = blue.config.clone().unwrap_or_default();
+    let mut hc = blue.host_config.clone().unwrap_or_default();
+    let blue_id = blue.id.clone().unwrap_or_default();
+
+    let mut env: Vec<String> = cfg.env.clone().unwrap_or_default();
+    for (k, v) in &spec.env {
+        env.retain(|e| e.split_once('=').map_or(e.as_str(), |(n, _)| n) != k);
+        env.push(format!("{k}={v}"));
+    }
+    let mut labels = cfg.labels.clone().unwrap_or_default();
+    for (k, v) in &spec.labels {
+        labels.insert(k.clone(), v.clone());
+    }
+
+    // Anonymous and named volumes that are not in Binds/Mounts (declared by the image or
+    // with `-v /path`) are carried over by name, so the replacement sees the same data.
+    let mut binds = hc.binds.clone().unwrap_or_default();
+    let declared: Vec<String> = binds
+        .iter()
+        .filter_map(|b| b.split(':').nth(1).map(str::to_owned))
+        .chain(hc.mounts.iter().flatten().filter_map(|m| m.target.clone()))
+        .collect();
+    for m in blue.mounts.iter().flatten() {
+        let (Some(name), Some(dest)) = (&m.name, &m.destination) else {
+            continue;
+        };
+        if m.typ.as_deref() == Some("volume") && !declared.contains(dest) {
+            let mode = if m.rw == Some(false) { ":ro" } else { "" };
+            binds.push(format!("{name}:{dest}{mode}"));
+        }
+    }
+    if !binds.is_empty() {
+        hc.binds = Some(binds);
+    }
+
+    let mut endpoints: Vec<(String, EndpointSettings)> = blue
+        .network_settings
+        .as_ref()
+        .and_then(|n| n.networks.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(name, ep)| {
+            let aliases = ep.aliases.map(|a| {
+                a.into_iter()
+                    .filter(|x| !blue_id.starts_with(x.as_str()))
+                    .collect::<Vec<_>>()
+            });
+            let keep = EndpointSettings {
+                aliases: aliases.filter(|a| !a.is_empty()),
+                links: ep.links,
+                driver_opts: ep.driver_opts,
+                ..Default::default()
+            };
+            (name, keep)
+        })
+        .collect();
+    endpoints.sort_by(|a, b| a.0.cmp(&b.0));
+    // The network given at create time must be the network mode's (Docker ignores or
+    // rejects another); then the route's network; then the first by name.
+    let mode = hc.network_mode.clone().unwrap_or_default();
+    let mode_net = if mode == "default" {
+        "bridge"
+    } else {
+        mode.as_str()
+    };
+    let first = endpoints
+        .iter()
+        .find(|(e, _)| e == mode_net)
+        .map(|(e, _)| e.clone())
+        .or_else(|| {
+            spec.primary_network
+                .clone()
+                .filter(|n| endpoints.iter().any(|(e, _)| e == n))
+        })
+        .or_else(|| endpoints.first().map(|(e, _)| e.clone()));
+    let mut first_ep = HashMap::new();
+    let mut more = Vec::new();
+    for (name, ep) in endpoints {
+        if Some(&name) == first.as_ref() {
+            first_ep.insert(name, ep);
+        } else if !matches!(mode.as_str(), "host" | "none") && !mode.starts_with("container:") {
+            more.push((name, ep));
+        }
+    }
+
+    let create = ContainerCreateBody {
+        hostname: None,
+        domainname: cfg.domainname,
+        user: cfg.user,
+        exposed_ports: cfg.exposed_ports,
+        tty: cfg.tty,
+        open_stdin: cfg.open_stdin,
+        stdin_once: cfg.stdin_once,
+        env: Some(env),
+        cmd: cfg.cmd,
+        healthcheck: cfg.healthcheck,
+        args_escaped: cfg.args_escaped,
+        image: blue.image.clone(),
+        volumes: cfg.volumes,
+        working_dir: cfg.working_dir,
+        entrypoint: cfg.entrypoint,
+        network_disabled: cfg.network_disabled,
+        labels: Some(labels),
+        stop_signal: cfg.stop_signal,
+        stop_timeout: cfg.stop_timeout,
+        shell: cfg.shell,
+        host_config: Some(hc),
+        networking_config: (!first_ep.is_empty()).then_some(NetworkingConfig {
+            endpoints_config: Some(first_ep),
+        }),
+        ..Default::default()
+    };
+    CloneBody {
+        create,
+        more_networks: more,
+    }
+}
