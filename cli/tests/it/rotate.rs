@@ -284,3 +284,13 @@ async fn dso_rotate_prints_steps_and_status_shows_the_result() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("nope"), "{}", stderr(&out));
 }
+
+#[tokio::test]
+async fn without_docker_the_rotation_commands_say_how_to_enable_it() {
+    let agent = Agent::start("", &[]).await;
+    for args in [&["rotate", "web"][..], &["status"][..]] {
+        let out = agent.dso(args).await;
+        assert!(!out.status.success(), "{args:?} succeeded without --docker");
+        assert!(stderr(&out).contains("--docker"), "{args:?}: {}", stderr(&out));
+    }
+}

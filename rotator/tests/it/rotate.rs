@@ -309,6 +309,22 @@ fn refuses_rolling_for_a_container_publishing_its_own_ports() {
     );
     assert_eq!(w.containers().len(), 2, "nothing was created");
     assert!(w.containers().values().any(|(i, _)| *i == id));
+    // The override the message names works: restart frees the port before green starts.
+    let report = agent
+        .rt
+        .block_on(agent.rotator.rotate(RotateRequest {
+            target: format!("{}/pub", w.run),
+            strategy: Some(Strategy::Restart),
+            ..Default::default()
+        }))
+        .unwrap();
+    let green = &report.containers[0].new_id;
+    let ports = w.docker(&["port", green, "8080"]).unwrap();
+    assert!(
+        ports.starts_with("127.0.0.1:"),
+        "green publishes the port like blue did: {ports}"
+    );
+    assert_eq!(one_serving_of(&w, "pub"), *green);
 }
 
 #[test]
