@@ -42,6 +42,12 @@ pub enum Error {
         /// The matching `project/service` keys.
         candidates: String,
     },
+    /// The service has no running container to rotate.
+    #[error("service {service} has no running container to rotate; start it first")]
+    NothingRunning {
+        /// Service.
+        service: String,
+    },
     /// A new container did not become healthy in time.
     #[error("container {container} not healthy after {}ms: {last}", waited.as_millis())]
     Unhealthy {

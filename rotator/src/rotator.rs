@@ -210,6 +210,12 @@ impl<E: Engine> Rotator<E> {
         })?;
         let mut reports = Vec::new();
         let mut result = Ok(());
+        if !m.containers.iter().any(|c| c.running) {
+            // Doing nothing is not reported as a rotation done.
+            result = Err(Error::NothingRunning {
+                service: key.to_string(),
+            });
+        }
         for c in m.containers.iter().filter(|c| c.running) {
             match self.rotate_one(&m, c.clone(), &req).await {
                 Ok(r) => reports.push(r),
@@ -525,6 +531,25 @@ mod tests {
         stop.cancel();
         w.await.unwrap();
         assert_eq!(r.engine().lists.load(SeqCst) - after_start, 5);
+    }
+
+    #[tokio::test]
+    async fn a_service_with_nothing_running_is_an_error_not_a_done_rotation() {
+        let f = Fake::default();
+        f.add("blue", "web", LABELS, false);
+        let (r, _dir) = rotator(f).await;
+        let err = r
+            .rotate(RotateRequest {
+                target: "web".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::NothingRunning { .. }), "{err}");
+        assert_eq!(
+            r.status().await.unwrap()[0].last.as_ref().unwrap().result,
+            "failed"
+        );
     }
 
     #[tokio::test]
