@@ -33,31 +33,42 @@ pub struct ServiceLock {
 }
 
 impl ServiceLock {
-    /// Waits until the lock on `service` is free and takes it.
-    pub async fn acquire(state_dir: &Path, service: &ServiceKey) -> io::Result<ServiceLock> {
-        let dir = state_dir.join("locks");
-        fs::create_dir_all(&dir)?;
-        let path = dir.join(format!("{}.lock", service.file_stem()));
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)?;
-        let mut logged = false;
-        loop {
-            match file.try_lock_exclusive() {
-                Ok(()) => return Ok(ServiceLock { file }),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.raw_os_error() == Some(11) => {
-                    if !logged {
-                        info!(service = %service, lock = %path.display(), "waiting for another process's rotation");
-                        logged = true;
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Err(e) => return Err(e),
-            }
+    /// Takes the lock on `service` if it is free now; `None` while another holder (a live
+    /// process, or another rotation of this one) has it.
+    pub fn try_acquire(state_dir: &Path, service: &ServiceKey) -> io::Result<Option<ServiceLock>> {
+        let file = lock_file(state_dir, service)?;
+        match file.try_lock_exclusive() {
+            Ok(()) => Ok(Some(ServiceLock { file })),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.raw_os_error() == Some(11) => Ok(None),
+            Err(e) => Err(e),
         }
     }
+
+    /// Waits until the lock on `service` is free and takes it.
+    pub async fn acquire(state_dir: &Path, service: &ServiceKey) -> io::Result<ServiceLock> {
+        let mut logged = false;
+        loop {
+            if let Some(lock) = Self::try_acquire(state_dir, service)? {
+                return Ok(lock);
+            }
+            if !logged {
+                info!(service = %service, "waiting for another process's rotation");
+                logged = true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn lock_file(state_dir: &Path, service: &ServiceKey) -> io::Result<File> {
+    let dir = state_dir.join("locks");
+    fs::create_dir_all(&dir)?;
+    let path = dir.join(format!("{}.lock", service.file_stem()));
+    OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
 }
 
 impl Drop for ServiceLock {

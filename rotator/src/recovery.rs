@@ -9,12 +9,15 @@
 //! label dso puts on containers it creates) are touched; a container is removed only when
 //! the survivor exists, so the last copy of a service is never removed.
 
+use std::path::Path;
+
 use tracing::{info, warn};
 
 use crate::engine::{Container, Engine, short};
 use crate::error::Error;
 use crate::journal::{History, Journal, Record, Step, now_ms};
 use crate::labels::{ROTATION_ID, Strategy};
+use crate::lock::ServiceLock;
 
 /// What recovery did with one interrupted rotation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,13 +30,24 @@ pub struct Recovered {
     pub removed: Vec<String>,
 }
 
-/// Recovers every interrupted rotation in `journal`.
-pub async fn recover_all<E: Engine>(engine: &E, journal: &Journal) -> Result<Vec<Recovered>, Error> {
+/// Recovers every interrupted rotation in `journal`. A rotation whose service lock is
+/// held (in `state_dir/locks`) is still running in a live process and is left alone.
+pub async fn recover_all<E: Engine>(
+    engine: &E,
+    journal: &Journal,
+    state_dir: &Path,
+) -> Result<Vec<Recovered>, Error> {
     let mut out = Vec::new();
     for rec in journal
         .interrupted()
         .map_err(|e| Error::state("reading journal", e))?
     {
+        let lock =
+            ServiceLock::try_acquire(state_dir, &rec.service).map_err(|e| Error::state("service lock", e))?;
+        let Some(_lock) = lock else {
+            info!(service = %rec.service, rotation = %rec.rotation, "rotation in progress in another process; not recovering it");
+            continue;
+        };
         out.push(recover(engine, journal, rec).await?);
     }
     Ok(out)
@@ -146,9 +160,26 @@ mod tests {
         let j = Journal::open(dir.path()).unwrap();
         let mut e = j.begin(r.clone()).unwrap();
         e.step(r.step, r.green.id.as_deref()).unwrap();
-        let out = recover_all(fake, &j).await.unwrap();
+        let out = recover_all(fake, &j, dir.path()).await.unwrap();
         assert!(j.interrupted().unwrap().is_empty(), "journal closed");
         out.into_iter().next().unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_rotation_whose_lock_is_held_is_running_and_left_alone() {
+        let f = Fake::default();
+        f.add("blue", "web-1", &[], true);
+        f.add("g1", "web-1-dso-r1", &[(ROTATION_ID, "r1")], true);
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let r = rec(Strategy::Rolling, Step::GreenStarted, Some("g1"));
+        j.begin(r.clone()).unwrap();
+        let held = ServiceLock::try_acquire(dir.path(), &r.service).unwrap().unwrap();
+        assert!(recover_all(&f, &j, dir.path()).await.unwrap().is_empty());
+        assert_eq!(f.names().len(), 2, "nothing touched");
+        drop(held);
+        assert_eq!(recover_all(&f, &j, dir.path()).await.unwrap().len(), 1);
+        assert_eq!(f.names(), vec![("web-1".into(), true)]);
     }
 
     #[tokio::test]

@@ -112,7 +112,7 @@ impl<E: Engine> Rotator<E> {
     pub async fn start(engine: E, proxy: Proxy, cfg: Config) -> Result<(Self, Vec<Recovered>), Error> {
         let journal =
             Journal::open(&cfg.state_dir).map_err(|e| Error::state("opening state directory", e))?;
-        let recovered = recovery::recover_all(&engine, &journal).await?;
+        let recovered = recovery::recover_all(&engine, &journal, &cfg.state_dir).await?;
         let r = Rotator {
             inner: Arc::new(Inner {
                 engine,

@@ -255,9 +255,11 @@ impl Agent {
             .local_addr()
     }
 
-    /// Drops the agent without any shutdown, as SIGKILL would.
+    /// Drops the agent without any shutdown of its own, as SIGKILL would: every task is
+    /// dropped where it stands (so its lock files close, as the kernel would close them),
+    /// listening sockets included. Returns once that is done.
     pub fn kill(self) {
-        self.rt.shutdown_background();
+        self.rt.shutdown_timeout(Duration::from_secs(10));
     }
 }
 
