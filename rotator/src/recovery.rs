@@ -10,6 +10,7 @@
 //! the survivor exists, so the last copy of a service is never removed.
 
 use std::path::Path;
+use std::time::Duration;
 
 use tracing::{info, warn};
 
@@ -18,6 +19,11 @@ use crate::error::Error;
 use crate::journal::{History, Journal, Record, Step, now_ms};
 use crate::labels::{ROTATION_ID, Strategy};
 use crate::lock::ServiceLock;
+
+/// Grace of a stop recovery makes itself (see `recover`).
+const RECOVERY_STOP_GRACE: Duration = Duration::from_secs(10);
+/// How long after the last journaled step recovery waits before looking at containers.
+const SETTLE: Duration = Duration::from_secs(2);
 
 /// What recovery did with one interrupted rotation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,7 +53,13 @@ pub async fn recover_all<E: Engine>(
         let Some(_lock) = lock else {
             info!(service = %rec.service, rotation = %rec.rotation, "rotation in progress in another process; not recovering it");
             continue;
-        };
+        }; // The dead agent's last Docker call may still be under way in the daemon (a create
+        // takes a few hundred ms): look at the containers only once it has had time to land.
+        let age = Duration::from_millis(now_ms().saturating_sub(rec.at_ms));
+        if age < SETTLE {
+            tokio::time::sleep(SETTLE - age).await;
+        }
+
         out.push(recover(engine, journal, rec).await?);
     }
     Ok(out)
@@ -75,14 +87,33 @@ pub async fn recover<E: Engine>(engine: &E, journal: &Journal, rec: Record) -> R
     };
     let mut removed = Vec::new();
     if let (Some(_), Some(o)) = (&survivor, &other) {
-        engine.remove(&o.id).await?;
+        remove_gone(engine, &o.id).await?;
         removed.push(o.id.clone());
     }
     if let Some(s) = &survivor {
         if s.name != rec.original_name {
+            // A container of this rotation that appeared after the lookup (a create the
+            // daemon finished late) may hold the name; one that is not ours is never touched.
+            if let Some(holder) = engine.inspect(&rec.original_name).await?
+                && holder.id != s.id
+                && holder.labels.get(ROTATION_ID) == Some(&rec.rotation)
+            {
+                remove_gone(engine, &holder.id).await?;
+                removed.push(holder.id);
+            }
             engine.rename(&s.id, &rec.original_name).await?;
         }
-        if !s.running {
+        let stop_in_flight = rec.strategy == Strategy::Restart
+            && rec.step <= Step::Paused
+            && Some(&s.id) == rec.blue.id.as_ref()
+            && s.running;
+        if stop_in_flight {
+            // The killed agent may have sent the stop of blue that follows `paused`; the
+            // daemon carries it out even so (during the grace period blue still shows as
+            // running). Stopping it ourselves waits for that stop; then blue starts again.
+            engine.stop(&s.id, RECOVERY_STOP_GRACE).await?;
+        }
+        if !s.running || stop_in_flight {
             engine.start(&s.id).await?;
         }
     } else {
@@ -112,6 +143,25 @@ pub async fn recover<E: Engine>(engine: &E, journal: &Journal, rec: Record) -> R
         survivor: survivor.map(|s| s.id),
         removed,
     })
+}
+
+/// Removes a container, also when the killed agent's own remove call is still being
+/// carried out by the daemon (404: already gone; 409: removal in progress, waited for).
+async fn remove_gone<E: Engine>(engine: &E, id: &str) -> Result<(), Error> {
+    match engine.remove(id).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.is_not_found() => Ok(()),
+        Err(e) if e.status == Some(409) => {
+            for _ in 0..300 {
+                if engine.inspect(id).await?.is_none() {
+                    return Ok(());
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e.into())
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Green by its recorded ID, else by the rotation label (created, not yet recorded).
@@ -165,7 +215,7 @@ mod tests {
         out.into_iter().next().unwrap()
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_rotation_whose_lock_is_held_is_running_and_left_alone() {
         let f = Fake::default();
         f.add("blue", "web-1", &[], true);
@@ -182,7 +232,25 @@ mod tests {
         assert_eq!(f.names(), vec![("web-1".into(), true)]);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
+    async fn a_container_the_daemon_removed_meanwhile_counts_as_removed() {
+        // The killed agent's own remove call can land between recovery's inspect and its
+        // remove: the 404 that follows means done.
+        let f = Fake::default();
+        remove_gone(&f, "vanished").await.unwrap();
+        assert_eq!(*f.calls.lock().unwrap(), ["remove vanished"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_restart_killed_before_blue_stopped_stops_and_starts_blue() {
+        let f = Fake::default();
+        f.add("blue", "web-1", &[], true);
+        recover_from(&f, rec(Strategy::Restart, Step::Paused, None)).await;
+        assert_eq!(*f.calls.lock().unwrap(), ["stop blue", "start blue"]);
+        assert_eq!(f.names(), vec![("web-1".into(), true)]);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn before_the_swap_green_goes_and_blue_stays() {
         let f = Fake::default();
         f.add("blue", "web-1", &[], true);
@@ -199,7 +267,7 @@ mod tests {
         );
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn after_the_swap_green_takes_the_name_and_blue_goes() {
         let f = Fake::default();
         f.add("blue", "web-1", &[], true);
@@ -209,7 +277,7 @@ mod tests {
         assert_eq!(f.names(), vec![("web-1".into(), true)]);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn the_last_copy_is_never_removed() {
         // Rolled back expected, but blue is gone: green is the last copy and is kept.
         let f = Fake::default();
@@ -227,7 +295,7 @@ mod tests {
         assert!(!f.calls.lock().unwrap().iter().any(|c| c.starts_with("remove")));
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn restart_before_green_is_healthy_brings_blue_back_under_its_name() {
         let f = Fake::default();
         f.add("blue", "web-1-dso-old-r1", &[], false);
