@@ -199,6 +199,9 @@ async fn kill_during(strategy: &str, step: &str) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     agent.signal("KILL");
+    // A supervisor restarts the agent once the old process is gone (its locks with it).
+    let mut agent = agent;
+    agent.child.wait().await.unwrap();
     drop(agent);
 
     let agent = p.agent(state.path()).await;
@@ -233,6 +236,8 @@ async fn kill_during(strategy: &str, step: &str) {
 
     // A graceful restart with nothing interrupted re-adopts and rotates nothing.
     agent.signal("TERM");
+    let mut agent = agent;
+    agent.child.wait().await.unwrap();
     drop(agent);
     let agent = p.agent(state.path()).await;
     assert_eq!(p.containers(), vec![(name, id.clone(), true)]);
