@@ -58,6 +58,12 @@ struct Tracked {
 /// ends with the total time. Exits non-zero when the rotation failed or was rolled back.
 pub fn rotate(args: RotateArgs, socket: PathBuf) -> anyhow::Result<()> {
     let client = Client::new(&socket);
+    if !args.env.is_empty() {
+        eprintln!(
+            "note: --env values become environment variables of the new container, visible to \
+             anyone who can run `docker inspect` on this host (see docs/rotation.md)"
+        );
+    }
     super::runtime()?.block_on(async move {
         let body = json!({ "target": args.target, "strategy": args.strategy, "env": args.env });
         let accepted: Accepted = client.post("/v1/rotations", &body).await?;

@@ -289,6 +289,11 @@ async fn dso_rotate_prints_steps_and_status_shows_the_result() {
     let target = format!("{}/web", p.run);
     let out = agent.dso(&["rotate", &target, "--env", "K=v"]).await;
     assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("docker inspect"),
+        "the env visibility note: {}",
+        stderr(&out)
+    );
     let text = stdout(&out);
     for step in [
         "green_created",
