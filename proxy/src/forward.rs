@@ -188,7 +188,7 @@ enum Copied {
 /// takes without waiting. `WouldBlock` when `from` had nothing.
 fn copy_once(from: &TcpStream, to: &TcpStream) -> io::Result<Copied> {
     BUF.with_borrow_mut(|buf| {
-        let n = from.try_read(buf)?;
+        let n = read(from, buf)?;
         if n == 0 {
             return Ok(Copied::Eof);
         }
@@ -204,6 +204,33 @@ fn copy_once(from: &TcpStream, to: &TcpStream) -> io::Result<Copied> {
         }
         Ok(Copied::Sent(n))
     })
+}
+
+/// Reads what `from` has into `buf`. A short read (less than `buf` holds, not end of
+/// stream) means the socket is drained for now, so its readiness is cleared at once, as
+/// tokio's own `poll_read` does: that saves the read which would only return `EAGAIN`,
+/// one system call per message. Readiness that arrives during the read is kept (tokio
+/// clears only the readiness tick the read started from).
+#[cfg(target_os = "linux")]
+fn read(from: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    let mut got = 0;
+    let r = from.try_io(tokio::io::Interest::READABLE, || {
+        got = nix::unistd::read(from, buf).map_err(io::Error::from)?;
+        if got > 0 && got < buf.len() {
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(got)
+        }
+    });
+    match r {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok(got),
+        other => other,
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn read(from: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    from.try_read(buf)
 }
 
 /// Forwards with splice(2) until `from` has been quiet for [`PIPE_IDLE`] (returns
