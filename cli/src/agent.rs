@@ -80,11 +80,7 @@ async fn run(cfg: Config, args: &AgentArgs, socket: &Path, shutdown: Duration) -
     let stop_api = CancellationToken::new();
     let stop_docker = CancellationToken::new();
     let docker = if args.docker {
-        let scope = args
-            .docker_scope
-            .as_deref()
-            .and_then(|s| s.split_once('='))
-            .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        let scope = args.docker_scope.clone();
         Some(
             crate::docker::Docker::start(proxy.clone(), args.state_dir.clone(), scope, stop_docker.clone())
                 .await?,

@@ -88,7 +88,7 @@ pub struct AgentArgs {
     pub shutdown_timeout: Option<HumanDuration>,
     /// Manage Docker containers labelled dso.reloader=true: adopt their ports, follow
     /// events, serve `dso rotate` and `dso status`.
-    #[arg(long, env = "DSO_DOCKER")]
+    #[arg(long, env = "DSO_DOCKER", value_parser = clap::builder::BoolishValueParser::new())]
     pub docker: bool,
     /// Journal, rotation history and lock files of the Docker side.
     #[arg(
@@ -100,8 +100,8 @@ pub struct AgentArgs {
     pub state_dir: PathBuf,
     /// Manage only containers with this extra label (LABEL=VALUE), e.g. one agent per
     /// test run on a shared engine.
-    #[arg(long, value_name = "LABEL=VALUE", hide = true)]
-    pub docker_scope: Option<String>,
+    #[arg(long, value_name = "LABEL=VALUE", hide = true, value_parser = parse_scope)]
+    pub docker_scope: Option<(String, String)>,
 }
 
 /// `dso config ...`.
@@ -243,6 +243,15 @@ pub fn parse_backend(s: &str) -> Result<BackendArg, String> {
     })
 }
 
+/// `LABEL=VALUE` for `--docker-scope`; anything else is a usage error rather than a scope
+/// that silently matches every container.
+fn parse_scope(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("expected LABEL=VALUE, got {s:?}")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -262,5 +271,12 @@ mod tests {
                 .unwrap_err()
                 .contains("expected IP:PORT")
         );
+    }
+
+    #[test]
+    fn docker_scope_needs_label_and_value() {
+        assert_eq!(super::parse_scope("run=42"), Ok(("run".into(), "42".into())));
+        assert!(super::parse_scope("run").is_err());
+        assert!(super::parse_scope("=42").is_err());
     }
 }

@@ -218,7 +218,11 @@ pub fn render(snap: &ProxySnapshot) -> String {
             latency(
                 &mut out,
                 "dso_proxy_backend_connect_seconds",
-                &[("listener", &l.name), ("backend", &addr)],
+                &[
+                    ("listener", &l.name),
+                    ("backend", &addr),
+                    ("label", b.label.as_deref().unwrap_or("")),
+                ],
                 &b.connect,
             );
         }
@@ -234,11 +238,14 @@ fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: u64) {
     let _ = writeln!(out, "{name}{{{}}} {value}", render_labels(labels));
 }
 
-/// Quantiles 0.5, 0.99 and 1 (the maximum), the exact sum and the count.
+/// Quantiles 0.5, 0.99 and 1 (the maximum; NaN while nothing was measured), the exact sum
+/// and the count.
 fn latency(out: &mut String, name: &str, labels: &[(&str, &str)], l: &LatencySnapshot) {
     let base = render_labels(labels);
     for (q, us) in [("0.5", l.p50_us), ("0.99", l.p99_us), ("1", l.max_us)] {
-        let _ = writeln!(out, "{name}{{{base},quantile=\"{q}\"}} {}", us as f64 / 1e6);
+        // With nothing measured a quantile is undefined: Prometheus' convention is NaN.
+        let v = if l.count == 0 { f64::NAN } else { us as f64 / 1e6 };
+        let _ = writeln!(out, "{name}{{{base},quantile=\"{q}\"}} {v}");
     }
     let _ = writeln!(out, "{name}_sum{{{base}}} {}", l.sum_us as f64 / 1e6);
     let _ = writeln!(out, "{name}_count{{{base}}} {}", l.count);
