@@ -33,6 +33,10 @@ pub const SIGNAL: &str = "dso.signal";
 pub const STATEFUL: &str = "dso.stateful";
 /// Set by dso on a container it creates: the rotation that created it.
 pub const ROTATION_ID: &str = "dso.rotation.id";
+/// Set by dso on a container it creates for a container outside Compose: the service (the
+/// original container name) it belongs to, so that a green container under its temporary
+/// name is not taken for a service of its own.
+pub const SERVICE: &str = "dso.service";
 /// Compose's project label (v1 and v2).
 pub const COMPOSE_PROJECT: &str = "com.docker.compose.project";
 /// Compose's service label (v1 and v2).
@@ -79,7 +83,7 @@ impl ServiceKey {
             },
             _ => ServiceKey {
                 project: String::new(),
-                service: name.to_owned(),
+                service: labels.get(SERVICE).map_or(name, String::as_str).to_owned(),
             },
         }
     }
@@ -321,6 +325,19 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn a_green_container_outside_compose_belongs_to_its_service() {
+        let blue = ServiceKey::of("web", &labels(&[]));
+        let green = ServiceKey::of("web-dso-1a2b", &labels(&[(SERVICE, "web")]));
+        assert_eq!(blue, green);
+        let compose = labels(&[
+            (COMPOSE_PROJECT, "shop"),
+            (COMPOSE_SERVICE, "api"),
+            (SERVICE, "x"),
+        ]);
+        assert_eq!(ServiceKey::of("shop-api-1", &compose).service, "api");
     }
 
     #[test]

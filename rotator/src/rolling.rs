@@ -69,7 +69,7 @@ async fn advance<E: Engine>(r: &mut Run<'_, E>, g: &mut Green, from: Step) -> Re
                 from: r.blue.id.clone(),
                 name: r.green_name(),
                 env: r.env.to_vec(),
-                labels: vec![(ROTATION_ID.to_owned(), r.rotation())],
+                labels: r.clone_labels(),
                 primary_network: r.spec.network.clone(),
             };
             let id = r.engine.create_clone(&spec).await?;

@@ -17,7 +17,7 @@ use crate::error::Error;
 use crate::gateway::{Gateway, Timing};
 use crate::health::HealthCheck;
 use crate::journal::{Entry, Journal, Record, Side, Step, now_ms};
-use crate::labels::{ServiceKey, ServiceSpec, Strategy};
+use crate::labels::{self, ServiceKey, ServiceSpec, Strategy};
 
 /// One step as shown to the user (`dso rotate` prints these as they happen).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,6 +79,15 @@ pub(crate) struct Run<'a, E: Engine> {
 }
 
 impl<'a, E: Engine> Run<'a, E> {
+    /// Labels dso adds to a container it creates for this rotation.
+    pub fn clone_labels(&self) -> Vec<(String, String)> {
+        let mut labels = vec![(labels::ROTATION_ID.to_owned(), self.rotation())];
+        if self.key.project.is_empty() {
+            labels.push((labels::SERVICE.to_owned(), self.key.service.clone()));
+        }
+        labels
+    }
+
     /// Opens the journal with a `Begin` record and returns the context.
     #[allow(clippy::too_many_arguments)]
     pub fn begin(
