@@ -25,9 +25,7 @@ pub(crate) async fn serve(
     peer: SocketAddr,
     _permits: (Option<OwnedSemaphorePermit>, Option<OwnedSemaphorePermit>),
 ) {
-    if let Err(e) = socket::tune(&client, shared.cfg.keepalive) {
-        debug!(listener = %shared.cfg.name, peer = %peer, error = %e, "cannot set client socket options");
-    }
+    // TCP_NODELAY and keepalive came with the accepted socket (see socket::listen).
     let (guard, backend, server) = match route(&shared, peer).await {
         Routed::Ready(guard, backend, server) => (guard, backend, server),
         Routed::HoldExpired => {
@@ -225,7 +223,7 @@ async fn route(shared: &Shared, peer: SocketAddr) -> Routed {
         match dialed {
             Ok(_) if generation.force.is_cancelled() => continue,
             Ok(server) => {
-                if let Err(e) = socket::tune(&server, cfg.keepalive) {
+                if let Err(e) = socket::set_keepalive(&server, cfg.keepalive) {
                     debug!(listener = %cfg.name, backend = %addr, error = %e, "cannot set backend socket options");
                 }
                 let took = start.elapsed();

@@ -114,11 +114,12 @@ pub(crate) struct Parent {
 impl Listener {
     /// Binds the socket and starts accepting. Must run inside a tokio runtime.
     pub(crate) fn start(cfg: ListenerConfig, parent: Parent) -> Result<Listener, Error> {
-        let socket = crate::socket::listen(cfg.listen, cfg.backlog).map_err(|source| Error::Bind {
-            listener: cfg.name.clone(),
-            addr: cfg.listen,
-            source,
-        })?;
+        let socket =
+            crate::socket::listen(cfg.listen, cfg.backlog, cfg.keepalive).map_err(|source| Error::Bind {
+                listener: cfg.name.clone(),
+                addr: cfg.listen,
+                source,
+            })?;
         let bind = socket.local_addr().map_err(|source| Error::Bind {
             listener: cfg.name.clone(),
             addr: cfg.listen,

@@ -9,9 +9,16 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 /// Creates a listening socket on exactly `addr` (an IPv6 address never also takes IPv4),
 /// with SO_REUSEADDR so an agent restart does not wait out TIME_WAIT.
-pub(crate) fn listen(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+///
+/// TCP_NODELAY and keepalive are set here, once: Linux copies them to every accepted
+/// socket, which saves four system calls per connection on the accept path.
+pub(crate) fn listen(addr: SocketAddr, backlog: u32, keepalive: Option<Duration>) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
+    socket.set_tcp_nodelay(true)?;
+    if let Some(idle) = keepalive {
+        socket.set_tcp_keepalive(&keepalive_params(idle))?;
+    }
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
@@ -21,17 +28,20 @@ pub(crate) fn listen(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> 
     TcpListener::from_std(socket.into())
 }
 
-/// Applies the options every proxied leg gets: TCP_NODELAY (the proxy must not add Nagle
-/// delay to small database packets) and, when configured, TCP keepalive.
-pub(crate) fn tune(stream: &TcpStream, keepalive: Option<Duration>) -> io::Result<()> {
-    stream.set_nodelay(true)?;
+/// TCP keepalive for a dialed socket (which got TCP_NODELAY before connecting). Both legs
+/// of a connection have TCP_NODELAY, so the proxy adds no Nagle delay to small database
+/// packets, and the configured keepalive.
+pub(crate) fn set_keepalive(stream: &TcpStream, keepalive: Option<Duration>) -> io::Result<()> {
     if let Some(idle) = keepalive {
-        let ka = TcpKeepalive::new()
-            .with_time(idle)
-            .with_interval(Duration::from_secs(10));
-        SockRef::from(stream).set_tcp_keepalive(&ka)?;
+        SockRef::from(stream).set_tcp_keepalive(&keepalive_params(idle))?;
     }
     Ok(())
+}
+
+fn keepalive_params(idle: Duration) -> TcpKeepalive {
+    TcpKeepalive::new()
+        .with_time(idle)
+        .with_interval(Duration::from_secs(10))
 }
 
 /// Connects to `addr` with TCP_NODELAY set before the handshake.
@@ -59,4 +69,22 @@ pub(crate) fn shutdown_write(stream: &TcpStream) -> io::Result<()> {
 /// truncated reply for a complete one.
 pub(crate) fn set_linger_zero(stream: &TcpStream) {
     let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_sockets_inherit_nodelay_and_keepalive_from_the_listener() {
+        let idle = Duration::from_secs(77);
+        let l = listen("127.0.0.1:0".parse().unwrap(), 16, Some(idle)).unwrap();
+        let _c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (a, _) = l.accept().await.unwrap();
+        assert!(a.nodelay().unwrap());
+        let s = SockRef::from(&a);
+        assert!(s.keepalive().unwrap());
+        assert_eq!(s.tcp_keepalive_time().unwrap(), idle);
+        assert_eq!(s.tcp_keepalive_interval().unwrap(), Duration::from_secs(10));
+    }
 }
