@@ -13,6 +13,11 @@ LT_MY_DIRS=()
 : "${LT_SCRATCH:=$(mktemp -d /tmp/dso-lt.XXXXXX)}"
 chmod 755 "$LT_SCRATCH"
 : "${DSO_LOAD:=$LT_REPO/target/release/dso-load}"
+# The proxy under test: `agent` (default) runs the real `dso agent` and steers it with the
+# `dso proxy` commands, as an operator would; `library` runs `dso-load proxy`, the same
+# dso-proxy library behind a line-based control port (kept for A/B runs of the data path).
+: "${LT_DRIVER:=agent}"
+: "${DSO_BIN:=$LT_REPO/target/release/dso}"
 PG_BIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
 
 lt_log() { printf '%s %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
@@ -29,6 +34,7 @@ lt_install() {
     local want=()
     [[ -n "$PG_BIN" && -x "$PG_BIN/initdb" ]] || want+=(postgresql postgresql-contrib)
     command -v pgbench >/dev/null || want+=(postgresql-contrib)
+    command -v curl >/dev/null || want+=(curl)
     if [[ "${1:-}" == all ]]; then
         command -v haproxy >/dev/null || want+=(haproxy)
         command -v socat >/dev/null || want+=(socat)
@@ -47,7 +53,7 @@ lt_install() {
 # Builds the load driver (release: every measurement is of an optimized build).
 lt_build() {
     if [[ -z "${LT_NO_BUILD:-}" ]]; then
-        (cd "$LT_REPO" && cargo build --release -q -p dso-loadtests)
+        (cd "$LT_REPO" && cargo build --release -q -p dso-loadtests -p dso-cli)
     fi
 }
 
@@ -86,9 +92,101 @@ lt_wait_port() {
     return 1
 }
 
-# Starts the dso proxy driver: lt_dso NAME LISTEN_PORT BACKEND_ADDR [extra args...].
-# Sets DSO_CTL_<NAME> (control port) and DSO_PID_<NAME>.
+# Starts dso in front of BACKEND_ADDR: lt_dso NAME LISTEN_PORT BACKEND_ADDR [--drain-ms N]
+# [--hold-max-ms N]. Sets DSO_PID_<NAME> (and DSO_CTL_<NAME> for the library driver).
+# Every control command is logged to $LT_SCRATCH/events-NAME.csv (epoch_us,event,detail).
 lt_dso() {
+    if [[ $LT_DRIVER == library ]]; then
+        lt_dso_library "$@"
+        return
+    fi
+    local name=$1 port=$2 backend=$3
+    shift 3
+    local drain_ms=30000 hold_ms=30000
+    while (($#)); do
+        case $1 in
+        --drain-ms) drain_ms=$2 ;;
+        --hold-max-ms) hold_ms=$2 ;;
+        *) lt_log "lt_dso: unknown option $1"; return 1 ;;
+        esac
+        shift 2
+    done
+    local cfg="$LT_SCRATCH/dso-$name.yaml" sock="$LT_SCRATCH/dso-$name.sock"
+    cat >"$cfg" <<YAML
+agent:
+  socket: $sock
+  shutdown_timeout: 5s
+proxy:
+  listeners:
+    - name: lt
+      listen: 127.0.0.1:$port
+      backends: [$backend]
+      drain_timeout: ${drain_ms}ms
+      hold_max: ${hold_ms}ms
+YAML
+    echo "epoch_us,event,detail" >"$LT_SCRATCH/events-$name.csv"
+    RUST_LOG=warn "$DSO_BIN" agent --config "$cfg" >"$LT_SCRATCH/dso-$name.log" 2>&1 &
+    LT_PIDS+=($!)
+    printf -v "DSO_PID_$name" '%s' "$!"
+    local i
+    for ((i = 0; i < 200; i++)); do
+        "$DSO_BIN" --socket "$sock" proxy status >/dev/null 2>&1 && break
+        sleep 0.1
+    done
+    lt_wait_port "$port" || { tail -n 20 "$LT_SCRATCH/dso-$name.log" >&2; return 1; }
+    lt_event "$name" start "127.0.0.1:$port"
+}
+
+lt_event() { # lt_event NAME EVENT DETAIL
+    printf '%s,%s,%s\n' "$(date +%s%6N)" "$2" "$3" >>"$LT_SCRATCH/events-$1.csv"
+}
+
+# Sends one control command: lt_ctl NAME COMMAND [ARGS]; prints the reply. Commands:
+# `swap ADDR[,ADDR...] [DRAIN_MS]`, `pause [MAX_MS]`, `resume`, `stats` (JSON), `quit`.
+lt_ctl() {
+    if [[ $LT_DRIVER == library ]]; then
+        lt_ctl_library "$@"
+        return
+    fi
+    local name=$1 cmd=$2
+    shift 2
+    local sock="$LT_SCRATCH/dso-$name.sock" out
+    local dso=("$DSO_BIN" --socket "$sock")
+    case $cmd in
+    swap)
+        local addrs drain=()
+        IFS=, read -r -a addrs <<<"$1"
+        [[ -n "${2:-}" ]] && drain=(--drain "${2}ms")
+        out=$("${dso[@]}" proxy swap lt "${addrs[@]}" "${drain[@]}" 2>&1) || { echo "error: $out"; return 1; }
+        lt_event "$name" swap "$1"
+        ;;
+    pause)
+        out=$("${dso[@]}" proxy pause lt ${1:+--max "${1}ms"} 2>&1) || { echo "error: $out"; return 1; }
+        lt_event "$name" pause "max_ms=${1:-}"
+        ;;
+    resume)
+        out=$("${dso[@]}" proxy resume lt 2>&1) || { echo "error: $out"; return 1; }
+        lt_event "$name" resume ""
+        ;;
+    stats)
+        # The listener's snapshot (counters flattened at the top level: failed, ...).
+        curl -sf --unix-socket "$sock" http://localhost/v1/proxy/listeners/lt || { echo "error: no stats"; return 1; }
+        echo
+        return 0
+        ;;
+    quit)
+        local pid="DSO_PID_$name"
+        kill -TERM "${!pid}" 2>/dev/null || true
+        lt_event "$name" stop ""
+        out=ok
+        ;;
+    *) echo "error: unknown command $cmd"; return 1 ;;
+    esac
+    echo "ok"
+}
+
+# The library driver: `dso-load proxy` with a line-based control port on loopback.
+lt_dso_library() {
     local name=$1 port=$2 backend=$3
     shift 3
     local ctl
@@ -102,8 +200,7 @@ lt_dso() {
     lt_wait_port "$ctl"
 }
 
-# Sends one control command: lt_ctl NAME COMMAND...; prints the reply.
-lt_ctl() {
+lt_ctl_library() {
     local var="DSO_CTL_$1"
     shift
     local reply
@@ -115,7 +212,7 @@ lt_ctl() {
     [[ "$reply" == ok* || "$reply" == "{"* ]]
 }
 
-# Stops a dso driver and copies its event log into the run directory as $2.
+# Stops a dso instance started by lt_dso.
 lt_dso_stop() {
     lt_ctl "$1" quit >/dev/null || true
     local pid="DSO_PID_$1"

@@ -5,13 +5,17 @@
 #   2. restart with hold: pause the listener, restart PostgreSQL (smart stop, start), resume,
 #      under the same kind of load.
 # Exits non-zero on any failed transaction, aborted client, connection error or too few
-# swaps; never on timing. Uses the debug build CI already made (DSO_LOAD overrides).
+# swaps; never on timing. Runs the real `dso agent` (debug build CI already made; DSO_BIN
+# overrides) steered by `dso proxy swap/pause/resume`.
 set -euo pipefail
+# Debug builds (what CI has already built); set before lib.sh, whose defaults are release.
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+: "${DSO_LOAD:=$repo/target/debug/dso-load}"
+: "${DSO_BIN:=$repo/target/debug/dso}"
+export DSO_LOAD DSO_BIN
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 source "$LT_ROOT/scenarios.sh"
 
-: "${DSO_LOAD:=$LT_REPO/target/debug/dso-load}"
-export DSO_LOAD
 LT_OUT="$LT_SCRATCH/out"
 mkdir -p "$LT_OUT/logs"
 LT_CSV="$LT_OUT/results.csv"
@@ -20,7 +24,7 @@ started=$SECONDS
 
 lt_install
 if [[ ! -x "$DSO_LOAD" || -z "${LT_NO_BUILD:-}" ]]; then
-    (cd "$LT_REPO" && cargo build -q -p dso-loadtests)
+    (cd "$LT_REPO" && cargo build -q -p dso-loadtests -p dso-cli)
 fi
 
 fail=0
