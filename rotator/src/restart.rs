@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use crate::engine::{CloneSpec, Engine, short};
+use crate::engine::{Engine, short};
 use crate::error::Error;
 use crate::gateway::Member;
 use crate::health;
@@ -92,44 +92,15 @@ async fn advance<E: Engine>(r: &mut Run<'_, E>, g: &mut Green, from: Step) -> Re
             Step::BlueRenamed
         }
         Step::BlueRenamed => {
-            let spec = CloneSpec {
-                from: r.blue.id.clone(),
-                name: r.blue.name.clone(),
-                env: r.env.to_vec(),
-                labels: r.clone_labels(),
-                primary_network: r.spec.network.clone(),
-            };
-            let id = r.engine.create_clone(&spec).await?;
-            g.id = Some(id.clone());
-            r.record(
-                Step::GreenCreated,
-                Some(&id),
-                format!("created {} ({})", spec.name, short(&id)),
-            )
-            .await?;
+            g.id = Some(r.create_green(r.blue.name.clone()).await?);
             Step::GreenCreated
         }
         Step::GreenCreated => {
-            let id = g.id.clone().unwrap_or_default();
-            r.engine.start(&id).await?;
-            r.record(Step::GreenStarted, None, format!("started {}", short(&id)))
-                .await?;
+            r.start_green(g.id.as_deref().unwrap_or_default()).await?;
             Step::GreenStarted
         }
         Step::GreenStarted => {
-            let id = g.id.clone().unwrap_or_default();
-            let h = health::wait(r.engine, &id, &r.health_check()).await?;
-            g.member = Some(Member {
-                id,
-                name: r.blue.name.clone(),
-                ip: h.ip,
-            });
-            r.record(
-                Step::GreenHealthy,
-                None,
-                format!("healthy after {} ms", ms(h.waited)),
-            )
-            .await?;
+            g.member = Some(r.wait_green_healthy(g.id.as_deref().unwrap_or_default()).await?);
             Step::GreenHealthy
         }
         Step::GreenHealthy => {

@@ -9,10 +9,9 @@
 
 use std::time::Duration;
 
-use crate::engine::{CloneSpec, Engine, short};
+use crate::engine::{Engine, short};
 use crate::error::Error;
 use crate::gateway::Member;
-use crate::health;
 use crate::journal::Step;
 use crate::labels::ROTATION_ID;
 use crate::rotation::{Run, ms};
@@ -65,44 +64,15 @@ pub(crate) async fn run<E: Engine>(r: &mut Run<'_, E>) -> Result<String, Error> 
 async fn advance<E: Engine>(r: &mut Run<'_, E>, g: &mut Green, from: Step) -> Result<Step, Error> {
     let to = match from {
         Step::Begin => {
-            let spec = CloneSpec {
-                from: r.blue.id.clone(),
-                name: r.green_name(),
-                env: r.env.to_vec(),
-                labels: r.clone_labels(),
-                primary_network: r.spec.network.clone(),
-            };
-            let id = r.engine.create_clone(&spec).await?;
-            g.id = Some(id.clone());
-            r.record(
-                Step::GreenCreated,
-                Some(&id),
-                format!("created {} ({})", spec.name, short(&id)),
-            )
-            .await?;
+            g.id = Some(r.create_green(r.green_name()).await?);
             Step::GreenCreated
         }
         Step::GreenCreated => {
-            let id = g.id.clone().unwrap_or_default();
-            r.engine.start(&id).await?;
-            r.record(Step::GreenStarted, None, format!("started {}", short(&id)))
-                .await?;
+            r.start_green(g.id.as_deref().unwrap_or_default()).await?;
             Step::GreenStarted
         }
         Step::GreenStarted => {
-            let id = g.id.clone().unwrap_or_default();
-            let h = health::wait(r.engine, &id, &r.health_check()).await?;
-            g.member = Some(Member {
-                id: id.clone(),
-                name: r.blue.name.clone(),
-                ip: h.ip,
-            });
-            r.record(
-                Step::GreenHealthy,
-                None,
-                format!("healthy after {} ms", ms(h.waited)),
-            )
-            .await?;
+            g.member = Some(r.wait_green_healthy(g.id.as_deref().unwrap_or_default()).await?);
             Step::GreenHealthy
         }
         Step::GreenHealthy => {

@@ -12,10 +12,10 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::info;
 
-use crate::engine::{Container, Engine, short};
+use crate::engine::{CloneSpec, Container, Engine, short};
 use crate::error::Error;
-use crate::gateway::{Gateway, Timing};
-use crate::health::HealthCheck;
+use crate::gateway::{Gateway, Member, Timing};
+use crate::health::{self, HealthCheck};
 use crate::journal::{Entry, Journal, Record, Side, Step, now_ms};
 use crate::labels::{self, ServiceKey, ServiceSpec, Strategy};
 
@@ -151,6 +151,50 @@ impl<'a, E: Engine> Run<'a, E> {
     }
 
     /// Green's planned name.
+    /// Creates green from blue's configuration under `name` and journals `GreenCreated`.
+    /// Returns green's ID.
+    pub async fn create_green(&mut self, name: String) -> Result<String, Error> {
+        let spec = CloneSpec {
+            from: self.blue.id.clone(),
+            name,
+            env: self.env.to_vec(),
+            labels: self.clone_labels(),
+            primary_network: self.spec.network.clone(),
+        };
+        let id = self.engine.create_clone(&spec).await?;
+        self.record(
+            Step::GreenCreated,
+            Some(&id),
+            format!("created {} ({})", spec.name, short(&id)),
+        )
+        .await?;
+        Ok(id)
+    }
+
+    /// Starts green and journals `GreenStarted`.
+    pub async fn start_green(&mut self, id: &str) -> Result<(), Error> {
+        self.engine.start(id).await?;
+        self.record(Step::GreenStarted, None, format!("started {}", short(id)))
+            .await
+    }
+
+    /// Waits until green passes its health check and journals `GreenHealthy`. Returns green
+    /// as a route member under blue's name.
+    pub async fn wait_green_healthy(&mut self, id: &str) -> Result<Member, Error> {
+        let h = health::wait(self.engine, id, &self.health_check()).await?;
+        self.record(
+            Step::GreenHealthy,
+            None,
+            format!("healthy after {} ms", ms(h.waited)),
+        )
+        .await?;
+        Ok(Member {
+            id: id.to_owned(),
+            name: self.blue.name.clone(),
+            ip: h.ip,
+        })
+    }
+
     pub fn green_name(&self) -> String {
         self.entry.last().green.name.clone()
     }
