@@ -12,16 +12,26 @@
 //! Invariant: this crate knows nothing of Docker or of the proxy. Values leave it only
 //! through [`SecretValue::expose`], one greppable call at the place that delivers them.
 
+#[cfg(feature = "aws")]
+pub mod aws;
+#[cfg(feature = "azure")]
+pub mod azure;
 pub mod error;
+pub mod local;
+pub mod plugin;
 pub mod provider;
 pub mod redact;
 pub mod reference;
+pub mod registry;
 pub mod spec;
 pub mod value;
+#[cfg(feature = "vault")]
+pub mod vault;
 
 pub use error::{Error, Result};
 pub use provider::{CheckReport, Provider, Version};
 pub use redact::Redactor;
 pub use reference::Reference;
+pub use registry::connect;
 pub use spec::{ProviderKind, ProviderSpec};
 pub use value::SecretValue;

@@ -1,0 +1,15 @@
+//! The `local` provider. (Being written: `connect` refuses until it lands.)
+
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::provider::Provider;
+use crate::spec::ProviderSpec;
+
+/// Connects a `local` provider instance.
+pub async fn connect(spec: &ProviderSpec) -> Result<Arc<dyn Provider>> {
+    Err(Error::Config {
+        provider: spec.name.clone(),
+        detail: "the local provider is not implemented yet".to_string(),
+    })
+}
