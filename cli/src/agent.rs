@@ -58,7 +58,7 @@ fn init_logging() {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(crate::logwriter::RedactingStderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
 }

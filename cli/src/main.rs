@@ -16,6 +16,7 @@ mod cmd;
 mod config;
 mod docker;
 mod duration;
+mod logwriter;
 mod plugin;
 
 use std::process::ExitCode;
