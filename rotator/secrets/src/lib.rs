@@ -16,6 +16,7 @@
 pub mod aws;
 #[cfg(feature = "azure")]
 pub mod azure;
+pub mod config;
 pub mod error;
 pub mod local;
 pub mod plugin;
