@@ -35,3 +35,5 @@ pub use reference::Reference;
 pub use registry::connect;
 pub use spec::{ProviderKind, ProviderSpec};
 pub use value::SecretValue;
+pub mod state;
+pub mod watcher;
