@@ -119,6 +119,11 @@ prints the key and line at fault and exits with status 2.\n\n\
         /// The file to check.
         #[arg(value_name = "FILE")]
         file: PathBuf,
+        /// Also connect every provider and ask it for each reference's version (metadata
+        /// only, never a value); report ok, missing, forbidden or unreachable per
+        /// reference and exit 1 if any failed.
+        #[arg(long)]
+        check_providers: bool,
     },
 }
 

@@ -10,6 +10,12 @@ use serde::{Deserialize, Serialize, Serializer};
 /// What every duration error says it expected.
 pub const EXPECTED: &str = "a duration like 500ms, 30s, 2m or 1h";
 
+/// The longest duration dso reads anywhere (config keys, command-line flags, API bodies):
+/// 365 days. [`parse`] refuses longer ones, so a deadline computed as `now + d` never
+/// overflows an `Instant` or a timer (issue 9, item 11: `18446744073709551615s` used to
+/// pass and panic later).
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 86_400);
+
 /// A [`Duration`] read from and written as a human string.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct HumanDuration(pub Duration);
@@ -21,7 +27,8 @@ impl HumanDuration {
     }
 }
 
-/// Parses `500ms`, `30s`, `2m`, `1h`, `1d` or a concatenation such as `1m30s`.
+/// Parses `500ms`, `30s`, `2m`, `1h`, `1d` or a concatenation such as `1m30s`, at most
+/// [`MAX_DURATION`].
 pub fn parse(text: &str) -> Result<Duration, String> {
     let s = text.trim();
     if s.is_empty() {
@@ -36,7 +43,7 @@ pub fn parse(text: &str) -> Result<Duration, String> {
         }
         let n: u64 = rest[..digits]
             .parse()
-            .map_err(|_| format!("duration {text:?} is too large"))?;
+            .map_err(|_| format!("duration {text:?} is longer than the longest allowed, 365d"))?;
         rest = &rest[digits..];
         let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
         let unit = &rest[..unit_len];
@@ -57,6 +64,11 @@ pub fn parse(text: &str) -> Result<Duration, String> {
             }
         };
         total = total.saturating_add(part);
+        if total > MAX_DURATION {
+            return Err(format!(
+                "duration {text:?} is longer than the longest allowed, 365d"
+            ));
+        }
     }
     Ok(total)
 }
@@ -163,6 +175,23 @@ mod tests {
         assert!(parse("").unwrap_err().contains("empty"));
         assert!(parse("s").unwrap_err().contains("invalid duration"));
         assert!(parse("-1s").unwrap_err().contains("invalid duration"));
+    }
+
+    /// Issue 9 item 11: these parsed (saturating) and panicked later in timer arithmetic.
+    #[test]
+    fn refuses_durations_past_the_maximum() {
+        assert_eq!(parse("365d"), Ok(MAX_DURATION));
+        assert_eq!(parse("8760h"), Ok(MAX_DURATION));
+        for t in [
+            "366d",
+            "365d1ms",
+            "18446744073709551615s",
+            "99999999999999999999999d",
+            "9000h",
+        ] {
+            let e = parse(t).unwrap_err();
+            assert!(e.contains("longest allowed, 365d"), "{t}: {e}");
+        }
     }
 
     #[test]

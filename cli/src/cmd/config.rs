@@ -1,38 +1,207 @@
-//! `dso config validate`.
+//! `dso config validate [--check-providers]`.
+
+use std::time::Duration;
+
+use dso_secrets::config::{InjectSpec, SecretsConfig};
+use dso_secrets::{Error, Reference, Version};
 
 use crate::args::ConfigCommand;
-use crate::config;
+use crate::config::{self, Config};
 use crate::duration::format;
 
 /// Runs a `dso config` command.
 pub fn run(cmd: ConfigCommand) -> anyhow::Result<()> {
     match cmd {
-        ConfigCommand::Validate { file } => {
+        ConfigCommand::Validate {
+            file,
+            check_providers,
+        } => {
             let cfg = config::load(&file)?;
-            println!("{}: ok, {} listener(s)", file.display(), cfg.listeners.len());
-            for l in &cfg.listeners {
-                let backends = if l.backends.is_empty() {
-                    "(no backend)".to_owned()
-                } else {
-                    l.backends
-                        .iter()
-                        .map(|b| match &b.label {
-                            Some(label) => format!("{} ({label})", b.addr),
-                            None => b.addr.to_string(),
-                        })
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                };
-                println!(
-                    "  {}  {} -> {}  drain {}, hold max {}",
-                    l.name,
-                    l.listen,
-                    backends,
-                    format(l.drain_timeout),
-                    format(l.hold_max)
-                );
+            print_summary(&file, &cfg);
+            if check_providers {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                let outcomes = runtime.block_on(check(&cfg.secrets));
+                let failed = outcomes.iter().filter(|o| !o.ok()).count();
+                println!("providers:");
+                for o in &outcomes {
+                    println!("  {o}");
+                }
+                if failed > 0 {
+                    anyhow::bail!(
+                        "{failed} of {} reference(s) failed the provider check",
+                        outcomes.len()
+                    );
+                }
+                println!("  all {} reference(s) ok", outcomes.len());
             }
             Ok(())
         }
     }
+}
+
+fn print_summary(file: &std::path::Path, cfg: &Config) {
+    let s = &cfg.secrets;
+    println!(
+        "{}: ok, {} listener(s), {} provider(s), {} secret(s), mode {}",
+        file.display(),
+        cfg.listeners.len(),
+        s.providers.len(),
+        s.secrets.len(),
+        s.mode.as_str()
+    );
+    for l in &cfg.listeners {
+        let backends = if l.backends.is_empty() {
+            "(no backend)".to_owned()
+        } else {
+            l.backends
+                .iter()
+                .map(|b| match &b.label {
+                    Some(label) => format!("{} ({label})", b.addr),
+                    None => b.addr.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        println!(
+            "  {}  {} -> {}  drain {}, hold max {}",
+            l.name,
+            l.listen,
+            backends,
+            format(l.drain_timeout),
+            format(l.hold_max)
+        );
+    }
+    for p in &s.providers {
+        println!("  provider {}  type {}", p.name, p.kind());
+    }
+    for sec in &s.secrets {
+        let inject = match &sec.inject {
+            InjectSpec::File { path, mode, .. } => format!("files in {} ({mode:04o})", path.display()),
+            InjectSpec::Env { env_mode } => format!("env ({env_mode:?})").to_lowercase(),
+        };
+        let rotation = if sec.rotation.enabled {
+            sec.rotation.strategy.to_string()
+        } else {
+            "off".to_owned()
+        };
+        println!(
+            "  secret {}  from {}, {} mapping(s), {inject}, rotation {rotation}",
+            sec.name,
+            sec.provider,
+            sec.mappings.len()
+        );
+    }
+    if !s.secrets.is_empty() || !s.providers.is_empty() {
+        println!(
+            "  watch: every {} (up to {} while unchanged), debounce {}",
+            format(s.watch.polling_interval),
+            format(s.watch.max_interval),
+            format(s.watch.debounce)
+        );
+    }
+    println!(
+        "  logging: {} (RUST_LOG, when set, overrides it)",
+        cfg.logging.default_filter()
+    );
+}
+
+/// What the provider said about one reference.
+pub struct Outcome {
+    secret: String,
+    target: String,
+    reference: Reference,
+    result: Result<Version, Failure>,
+}
+
+/// Why a reference failed the check.
+pub enum Failure {
+    /// The provider says the object does not exist.
+    Missing(String),
+    /// The credentials may not read it, or were refused.
+    Forbidden(String),
+    /// No answer, a 5xx, throttling, a timeout, or an answer off the API.
+    Unreachable(String),
+    /// The provider could not be set up or the reference cannot be used.
+    Error(String),
+}
+
+impl Outcome {
+    fn ok(&self) -> bool {
+        self.result.is_ok()
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}  {}  ", self.secret, self.target, self.reference)?;
+        match &self.result {
+            Ok(v) => write!(f, "ok (version {v})"),
+            Err(Failure::Missing(d)) => write!(f, "missing: {d}"),
+            Err(Failure::Forbidden(d)) => write!(f, "forbidden: {d}"),
+            Err(Failure::Unreachable(d)) => write!(f, "unreachable: {d}"),
+            Err(Failure::Error(d)) => write!(f, "error: {d}"),
+        }
+    }
+}
+
+fn classify(e: &Error) -> Failure {
+    let text = dso_secrets::Redactor::global()
+        .redact(&e.to_string())
+        .into_owned();
+    match e {
+        Error::NotFound { .. } => Failure::Missing(text),
+        Error::Forbidden { .. } | Error::Auth { .. } => Failure::Forbidden(text),
+        Error::Unavailable { .. } | Error::Throttled { .. } | Error::Protocol { .. } => {
+            Failure::Unreachable(text)
+        }
+        _ => Failure::Error(text),
+    }
+}
+
+/// Connects every provider that a secret uses and asks it for the version of each
+/// reference (metadata only). A provider that cannot connect fails all its references
+/// with that reason.
+pub async fn check(cfg: &SecretsConfig) -> Vec<Outcome> {
+    let mut out = Vec::new();
+    for name in config::used_providers(cfg) {
+        let Some(spec) = cfg.provider(name) else {
+            continue;
+        };
+        let deadline = spec.limits.timeout.max(Duration::from_millis(1));
+        let connected = match tokio::time::timeout(deadline, dso_secrets::connect(spec)).await {
+            Ok(Ok(p)) => Ok(p),
+            Ok(Err(e)) => Err(classify(&e)),
+            Err(_) => Err(Failure::Unreachable(format!(
+                "provider {name}: no answer to connect within {}",
+                format(deadline)
+            ))),
+        };
+        for (secret, target, reference) in config::references(cfg).filter(|(_, _, r)| r.provider == name) {
+            let result = match &connected {
+                Err(f) => Err(match f {
+                    Failure::Missing(d) => Failure::Missing(d.clone()),
+                    Failure::Forbidden(d) => Failure::Forbidden(d.clone()),
+                    Failure::Unreachable(d) => Failure::Unreachable(d.clone()),
+                    Failure::Error(d) => Failure::Error(d.clone()),
+                }),
+                Ok(p) => match tokio::time::timeout(deadline, p.version(reference)).await {
+                    Ok(Ok(v)) => Ok(v),
+                    Ok(Err(e)) => Err(classify(&e)),
+                    Err(_) => Err(Failure::Unreachable(format!(
+                        "provider {name}: no answer within {}",
+                        format(deadline)
+                    ))),
+                },
+            };
+            out.push(Outcome {
+                secret: secret.to_owned(),
+                target: target.to_owned(),
+                reference: reference.clone(),
+                result,
+            });
+        }
+    }
+    out
 }

@@ -13,14 +13,29 @@ use serde::de::{self, Deserializer, MapAccess, Visitor};
 
 use crate::duration::HumanDuration;
 
+pub use super::file_secrets::*;
+
 /// The whole file.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
+    /// Schema version (`v1`, `v1.0.0`); read for its check only.
+    #[allow(dead_code)]
+    pub version: Option<SchemaVersion>,
+    /// `agent` or `local`.
+    pub mode: Option<ModeWord>,
     /// Settings of the agent process itself.
     pub agent: Option<AgentSection>,
     /// The listeners the agent owns.
     pub proxy: Option<ProxySection>,
+    /// Secret sources, keyed by instance name.
+    pub providers: Option<OrderedMap<ProviderEntry>>,
+    /// Defaults of every secret.
+    pub defaults: Option<DefaultsSection>,
+    /// The secrets.
+    pub secrets: Option<SecretList>,
+    /// Log settings.
+    pub logging: Option<LoggingSection>,
 }
 
 /// `agent:`.
@@ -31,6 +46,14 @@ pub struct AgentSection {
     pub socket: Option<PathBuf>,
     /// How long a SIGTERM waits for connections to finish.
     pub shutdown_timeout: Option<HumanDuration>,
+    /// The original's `cache: true`: accepted (values are always held in memory only);
+    /// read for its check only.
+    #[allow(dead_code)]
+    pub cache: Option<Cache>,
+    /// How providers are polled.
+    pub watch: Option<WatchSection>,
+    /// Agent-wide rotation settings.
+    pub rotation: Option<AgentRotationSection>,
 }
 
 /// `proxy:`.

@@ -1,18 +1,25 @@
-//! The config file: read, `${ENV}`-expanded, parsed (`file.rs`), then checked and converted
-//! into the plain structs the proxy takes (`validate.rs`).
+//! The config file: read, `${ENV}`-expanded (`env.rs`), bounded (`yaml.rs`), parsed
+//! (`file.rs`, `file_secrets.rs`), then checked and converted into the plain structs the
+//! proxy takes (`validate.rs`) and the secret side's `dso_secrets` types (`secrets.rs`).
 //!
-//! Every error names the key and, where it can be found, the line.
+//! Every error names the key and, where it can be found, the line (`lines.rs`).
 
 mod env;
 mod file;
+mod file_secrets;
+mod lines;
+mod secrets;
 mod validate;
+mod yaml;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use dso_proxy::{ListenerConfig, ProxyConfig};
 
+pub use dso_secrets::config::SecretsConfig;
 pub use file::{BackendEntry, FileConfig};
+pub use secrets::{LoggingConfig, references, used_providers};
 
 /// Default control socket of the agent and of every command.
 pub const DEFAULT_SOCKET: &str = "/run/dso/dso.sock";
@@ -21,7 +28,7 @@ pub const DEFAULT_SOCKET: &str = "/run/dso/dso.sock";
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A checked config, ready to start an agent from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Config {
     /// Settings of the agent process.
     pub agent: AgentConfig,
@@ -29,6 +36,10 @@ pub struct Config {
     pub proxy: ProxyConfig,
     /// Listeners, in file order.
     pub listeners: Vec<ListenerConfig>,
+    /// Providers, secrets, watch and rotation settings.
+    pub secrets: SecretsConfig,
+    /// `logging:`.
+    pub logging: LoggingConfig,
 }
 
 /// Settings of the agent process itself.
@@ -62,7 +73,7 @@ pub enum ConfigError {
     },
     /// The YAML did not match the format (syntax, unknown key, wrong type, bad value).
     /// serde_yaml's text carries the key path and the line.
-    #[error("{}", with_line(.0))]
+    #[error("{}{}", with_line(.0), hint(.0))]
     Parse(#[from] serde_yaml::Error),
     /// A value parsed but breaks a rule (duplicate name, zero where at least one is needed).
     #[error("{key}: {message}{}", line.map(|l| format!(" at line {l}")).unwrap_or_default())]
@@ -74,6 +85,9 @@ pub enum ConfigError {
         /// What was wrong, with the offending value.
         message: String,
     },
+    /// An error whose text had environment values written back as `${NAME}`.
+    #[error("{0}")]
+    Scrubbed(String),
 }
 
 /// A config error together with the file it came from, for messages like `dso.yaml: ...`.
@@ -99,31 +113,131 @@ fn with_line(e: &serde_yaml::Error) -> String {
     }
 }
 
+/// What to write instead of a key dso does not support (appended to serde's "unknown
+/// field" message, which already lists the keys that exist there).
+const UNSUPPORTED: &[(&str, &str)] = &[
+    (
+        "cache_ttl",
+        "dso keeps values in memory until they change; there is no TTL",
+    ),
+    (
+        "ttl",
+        "dso keeps values in memory until they change; there is no TTL",
+    ),
+    (
+        "webhook",
+        "dso polls (agent.watch.polling_interval); `dso secret set` tells a running agent about local vault changes at once",
+    ),
+    ("interval", "write `polling_interval`"),
+    (
+        "access_key_id",
+        "dso never reads AWS keys from its config: use `auth: {method: env}` or `{method: profile}`",
+    ),
+    (
+        "secret_access_key",
+        "dso never reads AWS keys from its config: use `auth: {method: env}` or `{method: profile}`",
+    ),
+    (
+        "env",
+        "write `mappings:` (NAME_IN_CONTAINER: REFERENCE) and `inject: {type: env}`",
+    ),
+    (
+        "files",
+        "write `mappings:` (FILE_NAME: REFERENCE) and `inject: {type: file}`",
+    ),
+    (
+        "health_check",
+        "write agent.rotation.health_check_timeout; the check itself is the container's HEALTHCHECK",
+    ),
+];
+
+fn hint(e: &serde_yaml::Error) -> String {
+    let text = e.to_string();
+    let Some(rest) = text.split("unknown field `").nth(1) else {
+        return String::new();
+    };
+    let field = rest.split('`').next().unwrap_or("");
+    UNSUPPORTED
+        .iter()
+        .find(|(k, _)| *k == field)
+        .map(|(_, h)| format!(" ({h})"))
+        .unwrap_or_default()
+}
+
 /// Reads and checks the config file at `path`, expanding `${VAR}` from the environment.
 pub fn load(path: &Path) -> Result<Config, FileError> {
     let wrap = |source| FileError {
         path: path.to_owned(),
         source,
     };
-    let text = std::fs::read_to_string(path).map_err(|source| {
+    let read_err = |source| {
         wrap(ConfigError::Read {
             path: path.to_owned(),
             source,
         })
-    })?;
+    };
+    let len = std::fs::metadata(path).map_err(read_err)?.len();
+    if len > yaml::MAX_FILE_BYTES as u64 {
+        return Err(wrap(ConfigError::Invalid {
+            key: "(file)".to_owned(),
+            line: None,
+            message: format!(
+                "{len} bytes; a config file is at most {} bytes",
+                yaml::MAX_FILE_BYTES
+            ),
+        }));
+    }
+    let text = std::fs::read_to_string(path).map_err(read_err)?;
     parse(&text, |name| std::env::var(name).ok()).map_err(wrap)
 }
 
-/// Checks config text, with `lookup` supplying environment variables.
+/// Checks config text, with `lookup` supplying environment variables (and `HOME` for `~`).
+///
+/// Order: `${VAR}` expansion, the nesting bound, the alias bound, serde, then the checks.
+/// An error message never shows a value that came from the environment: each such value
+/// is written back as its `${NAME}`.
 pub fn parse(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+    let home = lookup("HOME");
     let expanded = env::expand(text, lookup)?;
+    parse_expanded(&expanded.text, home).map_err(|e| scrub(e, &expanded.used))
+}
+
+fn parse_expanded(text: &str, home: Option<String>) -> Result<Config, ConfigError> {
     // An empty file is an empty mapping, not an error: the agent then serves only its API.
-    let raw: FileConfig = if expanded.trim().is_empty() {
+    let mut raw: FileConfig = if text.trim().is_empty() {
         FileConfig::default()
     } else {
-        serde_yaml::from_str(&expanded)?
+        yaml::check_depth(text)?;
+        yaml::check_expansion(text)?;
+        serde_yaml::from_str(text)?
     };
-    validate::check(raw, &expanded)
+    let lines = lines::Lines::new(text);
+    let (secrets, logging) = secrets::check(&mut raw, &secrets::Ctx { lines: &lines, home })?;
+    let mut cfg = validate::check(raw, &lines)?;
+    cfg.secrets = secrets;
+    cfg.logging = logging;
+    Ok(cfg)
+}
+
+/// Writes every environment value (4 bytes or longer, so that `${PORT}`-sized values stay
+/// readable) in an error back as `${NAME}`.
+fn scrub(e: ConfigError, used: &[(String, String)]) -> ConfigError {
+    let text = e.to_string();
+    let mut out = text.clone();
+    let mut seen = std::collections::HashSet::new();
+    let mut values: Vec<&(String, String)> = used
+        .iter()
+        .filter(|(_, v)| v.len() >= 4 && seen.insert(v))
+        .collect();
+    // Longest first, so a value that contains another is replaced whole.
+    values.sort_by_key(|(_, v)| std::cmp::Reverse(v.len()));
+    for (name, value) in values {
+        out = out.replace(value.as_str(), &format!("${{{name}}}"));
+    }
+    if out == text {
+        return e;
+    }
+    ConfigError::Scrubbed(out)
 }
 
 #[cfg(test)]

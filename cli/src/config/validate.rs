@@ -1,98 +1,136 @@
 //! Stage two: the parsed file (all `Option`s) becomes a checked [`Config`], with the
 //! defaults applied in one place ([`ListenerConfig::new`]) and the rules that serde cannot
-//! express checked here: required keys, names, non-zero limits, duplicates.
+//! express checked here: required keys, names, ranges, duplicates.
 //!
 //! serde_yaml gives no positions once a value is parsed, so the line of a key is found
-//! again in the source text ([`Lines`]).
+//! again in the source text ([`Lines`], an index built once). Everything here is linear in
+//! the number of listeners: names and bind addresses are checked through hash maps.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
 
 use dso_proxy::{Backend, ListenerConfig, ProxyConfig};
 
 use super::file::{FileConfig, ListenerEntry};
-use super::{AgentConfig, Config, ConfigError};
+use super::lines::Lines;
+use super::{AgentConfig, Config, ConfigError, LoggingConfig, SecretsConfig};
 
-/// A parsed file and the text it came from.
-pub struct Source<'a> {
-    /// The parsed file.
-    pub raw: FileConfig,
-    /// The (expanded) text, to find lines in.
-    pub text: &'a str,
+/// Most connections a `max_connections` may allow (all listeners, or one). Far above what
+/// file descriptors allow (2 per connection), far below tokio's semaphore limit (2^61)
+/// that made larger values panic at start.
+pub const MAX_CONNECTIONS: usize = 1_000_000;
+
+/// Longest TCP keepalive idle time Linux takes (`TCP_KEEPIDLE`, whole seconds).
+pub const MAX_KEEPALIVE_SECS: u64 = 32_767;
+
+/// Converts a parsed file into a checked config (the secret side is filled in by the
+/// caller).
+pub fn check(raw: FileConfig, lines: &Lines) -> Result<Config, ConfigError> {
+    let agent = raw.agent.unwrap_or_default();
+    let proxy = raw.proxy.unwrap_or_default();
+    if let Some(n) = proxy.max_connections {
+        connections(lines, "proxy.max_connections", n)?;
+    }
+    let mut listeners = Vec::new();
+    let mut names: HashMap<String, usize> = HashMap::new();
+    let mut ports = Ports::default();
+    for (i, entry) in proxy.listeners.unwrap_or_default().into_iter().enumerate() {
+        let cfg = listener(lines, i, entry)?;
+        if let Some(first) = names.insert(cfg.name.clone(), i) {
+            return Err(ConfigError::Invalid {
+                key: format!("proxy.listeners[{i}].name"),
+                line: lines.line(&format!("proxy.listeners[{i}].name")),
+                message: format!(
+                    "duplicate listener name {:?} (also proxy.listeners[{first}])",
+                    cfg.name
+                ),
+            });
+        }
+        if let Some(first) = ports.claim(cfg.listen, i) {
+            let key = format!("proxy.listeners[{i}].listen");
+            return Err(ConfigError::Invalid {
+                line: lines.line(&key),
+                key,
+                message: format!(
+                    "listen address {} is already used by proxy.listeners[{first}]",
+                    cfg.listen
+                ),
+            });
+        }
+        listeners.push(cfg);
+    }
+    let shutdown_timeout = agent.shutdown_timeout.map(|d| d.get());
+    Ok(Config {
+        agent: AgentConfig {
+            socket: agent.socket,
+            shutdown_timeout,
+        },
+        proxy: ProxyConfig {
+            max_connections: proxy.max_connections,
+        },
+        listeners,
+        secrets: SecretsConfig::default(),
+        logging: LoggingConfig::default(),
+    })
 }
 
-/// Converts a parsed file into a checked config.
-pub fn check(raw: FileConfig, text: &str) -> Result<Config, ConfigError> {
-    Config::try_from(Source { raw, text })
+fn connections(lines: &Lines, key: &str, n: usize) -> Result<(), ConfigError> {
+    if n == 0 || n > MAX_CONNECTIONS {
+        return Err(ConfigError::Invalid {
+            key: key.to_owned(),
+            line: lines.line(key),
+            message: if n == 0 {
+                "must be at least 1".to_owned()
+            } else {
+                format!("{n} is out of range; expected 1 to {MAX_CONNECTIONS}")
+            },
+        });
+    }
+    Ok(())
 }
 
-impl TryFrom<Source<'_>> for Config {
-    type Error = ConfigError;
+/// Which listener holds which `(family, port)`: the wildcard address (0.0.0.0, [::]) and
+/// each specific address. Port 0 asks the kernel for a free port and never clashes.
+#[derive(Default)]
+struct Ports {
+    by_port: HashMap<(bool, u16), PortUse>,
+}
 
-    fn try_from(src: Source<'_>) -> Result<Config, ConfigError> {
-        let lines = Lines(src.text);
-        let agent = src.raw.agent.unwrap_or_default();
-        let proxy = src.raw.proxy.unwrap_or_default();
-        if proxy.max_connections == Some(0) {
-            return Err(invalid(
-                &lines,
-                "proxy.max_connections",
-                "max_connections",
-                "must be at least 1",
-            ));
+#[derive(Default)]
+struct PortUse {
+    wildcard: Option<usize>,
+    first: Option<usize>,
+    ips: HashMap<IpAddr, usize>,
+}
+
+impl Ports {
+    /// Records `addr` for listener `i`; returns the listener it clashes with.
+    fn claim(&mut self, addr: SocketAddr, i: usize) -> Option<usize> {
+        if addr.port() == 0 {
+            return None;
         }
-        let mut listeners = Vec::new();
-        let mut names: HashMap<String, usize> = HashMap::new();
-        let mut binds: HashMap<SocketAddr, usize> = HashMap::new();
-        for (i, entry) in proxy.listeners.unwrap_or_default().into_iter().enumerate() {
-            let cfg = listener(&lines, i, entry)?;
-            if let Some(first) = names.insert(cfg.name.clone(), i) {
-                return Err(ConfigError::Invalid {
-                    key: format!("proxy.listeners[{i}].name"),
-                    line: lines.find_value("name", &cfg.name, 1),
-                    message: format!(
-                        "duplicate listener name {:?} (also proxy.listeners[{first}])",
-                        cfg.name
-                    ),
-                });
+        let u = self.by_port.entry((addr.is_ipv4(), addr.port())).or_default();
+        let clash = if addr.ip().is_unspecified() {
+            u.first
+        } else {
+            u.wildcard.or_else(|| u.ips.get(&addr.ip()).copied())
+        };
+        if clash.is_none() {
+            u.first.get_or_insert(i);
+            if addr.ip().is_unspecified() {
+                u.wildcard = Some(i);
+            } else {
+                u.ips.insert(addr.ip(), i);
             }
-            // Port 0 asks the kernel for a free port: several such listeners do not clash.
-            // A wildcard address (0.0.0.0, [::]) clashes with every address of its family.
-            let clash = binds
-                .iter()
-                .find(|(a, _)| overlaps(**a, cfg.listen))
-                .map(|(_, j)| *j);
-            binds.insert(cfg.listen, i);
-            if cfg.listen.port() != 0
-                && let Some(first) = clash
-            {
-                return Err(ConfigError::Invalid {
-                    key: format!("proxy.listeners[{i}].listen"),
-                    line: lines.find_key("listen", &format!("proxy.listeners[{i}].listen")),
-                    message: format!(
-                        "listen address {} is already used by proxy.listeners[{first}]",
-                        cfg.listen
-                    ),
-                });
-            }
-            listeners.push(cfg);
         }
-        Ok(Config {
-            agent: AgentConfig {
-                socket: agent.socket,
-                shutdown_timeout: agent.shutdown_timeout.map(|d| d.get()),
-            },
-            proxy: ProxyConfig {
-                max_connections: proxy.max_connections,
-            },
-            listeners,
-        })
+        clash
     }
 }
 
-fn listener(lines: &Lines<'_>, i: usize, e: ListenerEntry) -> Result<ListenerConfig, ConfigError> {
+fn listener(lines: &Lines, i: usize, e: ListenerEntry) -> Result<ListenerConfig, ConfigError> {
     let key = |k: &str| format!("proxy.listeners[{i}].{k}");
-    let entry_line = lines.nth_list_item("listeners", i);
+    let entry_line = lines.line(&format!("proxy.listeners[{i}]"));
     let name = e.name.ok_or_else(|| ConfigError::Invalid {
         key: key("name"),
         line: entry_line,
@@ -105,7 +143,7 @@ fn listener(lines: &Lines<'_>, i: usize, e: ListenerEntry) -> Result<ListenerCon
     {
         return Err(ConfigError::Invalid {
             key: key("name"),
-            line: lines.find_value("name", &name, 0),
+            line: lines.line(&key("name")),
             message: format!("invalid name {name:?}; use letters, digits, '-', '_' and '.'"),
         });
     }
@@ -127,7 +165,7 @@ fn listener(lines: &Lines<'_>, i: usize, e: ListenerEntry) -> Result<ListenerCon
     {
         return Err(ConfigError::Invalid {
             key: key("backends"),
-            line: lines.find_key("backends", &key("backends")),
+            line: lines.line(&key("backends")),
             message: format!(
                 "backend {} is this listener's own address {}; connections would loop through dso",
                 b.addr, listen.0
@@ -142,16 +180,30 @@ fn listener(lines: &Lines<'_>, i: usize, e: ListenerEntry) -> Result<ListenerCon
             Ok(())
         }
     };
+    let at_most = |k: &str, v: u64, max: u64| -> Result<(), ConfigError> {
+        at_least_one(k, v)?;
+        if v > max {
+            Err(invalid(
+                lines,
+                &key(k),
+                k,
+                &format!("{v} is out of range; expected 1 to {max}"),
+            ))
+        } else {
+            Ok(())
+        }
+    };
     if let Some(v) = e.dial_attempts {
-        at_least_one("dial_attempts", v.into())?;
+        at_most("dial_attempts", v.into(), 100)?;
         cfg.dial_attempts = v;
     }
     if let Some(v) = e.backlog {
-        at_least_one("backlog", v.into())?;
+        at_most("backlog", v.into(), 65_535)?;
         cfg.backlog = v;
     }
     if let Some(v) = e.max_connections {
         at_least_one("max_connections", v as u64)?;
+        connections(lines, &key("max_connections"), v)?;
         cfg.max_connections = Some(v);
     }
     let positive = |k: &str, d: std::time::Duration| -> Result<std::time::Duration, ConfigError> {
@@ -180,92 +232,41 @@ fn listener(lines: &Lines<'_>, i: usize, e: ListenerEntry) -> Result<ListenerCon
         cfg.idle_timeout = s.get().map(|d| positive("idle_timeout", d)).transpose()?;
     }
     if let Some(s) = e.keepalive {
-        cfg.keepalive = s.get().map(|d| positive("keepalive", d)).transpose()?;
+        cfg.keepalive = s
+            .get()
+            .map(|d| keepalive(lines, &key("keepalive"), d))
+            .transpose()?;
     }
     Ok(cfg)
 }
 
-/// Whether two bind addresses would take the same port.
-fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
-    a.port() == b.port()
-        && a.is_ipv4() == b.is_ipv4()
-        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+/// The kernel takes `TCP_KEEPIDLE` in whole seconds, 1 to 32767 (issue 9, item 12:
+/// `999ms`, `10h` and `1d` passed and stopped the agent with an error naming no key).
+fn keepalive(lines: &Lines, key: &str, d: Duration) -> Result<Duration, ConfigError> {
+    let bad = |m: String| ConfigError::Invalid {
+        key: key.to_owned(),
+        line: lines.line(key),
+        message: m,
+    };
+    if d.subsec_nanos() != 0 {
+        return Err(bad(format!(
+            "{} is not a whole number of seconds; TCP keepalive takes 1s to {MAX_KEEPALIVE_SECS}s, or off",
+            crate::duration::format(d)
+        )));
+    }
+    if d.as_secs() == 0 || d.as_secs() > MAX_KEEPALIVE_SECS {
+        return Err(bad(format!(
+            "{} is out of range; TCP keepalive takes 1s to {MAX_KEEPALIVE_SECS}s (9h06m07s), or off",
+            crate::duration::format(d)
+        )));
+    }
+    Ok(d)
 }
 
-fn invalid(lines: &Lines<'_>, key: &str, leaf: &str, message: &str) -> ConfigError {
+fn invalid(lines: &Lines, key: &str, _leaf: &str, message: &str) -> ConfigError {
     ConfigError::Invalid {
         key: key.to_owned(),
-        line: lines.find_key(leaf, key),
+        line: lines.line(key),
         message: message.to_owned(),
     }
-}
-
-/// Finds lines of keys and values in YAML text by a plain scan of `key: value` lines.
-/// Good enough for block-style files, which is what people write; `None` otherwise.
-struct Lines<'a>(&'a str);
-
-impl Lines<'_> {
-    /// Line (1-based) of the `skip`-th (0-based) `key: value` line whose value is `value`.
-    fn find_value(&self, key: &str, value: &str, skip: usize) -> Option<usize> {
-        self.entries()
-            .filter(|(_, k, v)| *k == key && unquote(v) == value)
-            .nth(skip)
-            .map(|(n, _, _)| n)
-    }
-
-    /// Line of key `leaf`, taking the occurrence that matches the list index in `path`
-    /// (`proxy.listeners[2].backlog` is the third `backlog:` under a listener, when every
-    /// listener sets it; otherwise the first `backlog:` found).
-    fn find_key(&self, leaf: &str, path: &str) -> Option<usize> {
-        let all: Vec<usize> = self
-            .entries()
-            .filter(|(_, k, _)| *k == leaf)
-            .map(|(n, _, _)| n)
-            .collect();
-        let index = path
-            .split_once('[')
-            .and_then(|(_, r)| r.split_once(']'))
-            .and_then(|(i, _)| i.parse::<usize>().ok());
-        let listeners = self.entries().filter(|(_, k, _)| *k == "name").count();
-        match index {
-            Some(i) if all.len() == listeners => all.get(i).copied(),
-            _ => all.first().copied(),
-        }
-    }
-
-    /// Line of the `i`-th item of the block list under `key:`.
-    fn nth_list_item(&self, key: &str, i: usize) -> Option<usize> {
-        let (start, _, _) = self.entries().find(|(_, k, _)| *k == key)?;
-        let indent = |l: &str| l.len() - l.trim_start().len();
-        let mut items = self
-            .0
-            .lines()
-            .enumerate()
-            .skip(start)
-            .filter(|(_, l)| l.trim_start().starts_with("- "));
-        let (first_n, first) = items.next()?;
-        let level = indent(first);
-        std::iter::once((first_n, first))
-            .chain(items)
-            .filter(|(_, l)| indent(l) == level)
-            .nth(i)
-            .map(|(n, _)| n + 1)
-    }
-
-    /// `(line, key, value)` of every `key: value` line, list dashes stripped.
-    fn entries(&self) -> impl Iterator<Item = (usize, &str, &str)> {
-        self.0.lines().enumerate().filter_map(|(n, l)| {
-            let t = l.trim_start().trim_start_matches("- ").trim_start();
-            if t.starts_with('#') {
-                return None;
-            }
-            let (k, v) = t.split_once(':')?;
-            let v = v.split(" #").next().unwrap_or("").trim();
-            Some((n + 1, k.trim(), v))
-        })
-    }
-}
-
-fn unquote(v: &str) -> &str {
-    v.trim_matches(|c| c == '"' || c == '\'')
 }

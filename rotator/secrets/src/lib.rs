@@ -16,6 +16,7 @@
 pub mod aws;
 #[cfg(feature = "azure")]
 pub mod azure;
+pub mod config;
 pub mod error;
 pub mod local;
 pub mod plugin;
@@ -35,3 +36,5 @@ pub use reference::Reference;
 pub use registry::connect;
 pub use spec::{ProviderKind, ProviderSpec};
 pub use value::SecretValue;
+pub mod state;
+pub mod watcher;

@@ -212,6 +212,22 @@ pub struct AwsSettings {
     pub endpoint_url: Option<String>,
     /// Named profile from `~/.aws/config`; `None` uses the default chain.
     pub profile: Option<String>,
+    /// Which credentials to use (`auth.method`).
+    pub auth: AwsAuth,
+}
+
+/// AWS credential sources (`providers.NAME.auth.method`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AwsAuth {
+    /// The SDK's default chain: environment, profile, then the instance role.
+    #[default]
+    Default,
+    /// Only the instance role (EC2 instance metadata, ECS task role).
+    IamRole,
+    /// Only `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` / `AWS_SESSION_TOKEN`.
+    Env,
+    /// Only the named profile (`profile`).
+    Profile,
 }
 
 /// `type: azure`: Azure Key Vault.

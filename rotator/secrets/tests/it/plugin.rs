@@ -1,0 +1,1 @@
+//! Plugin provider tests (being written).
