@@ -88,10 +88,13 @@ async fn run(cfg: Config, args: &AgentArgs, socket: &Path, shutdown: Duration) -
     } else {
         None
     };
+    let stop_secrets = CancellationToken::new();
+    let secrets = crate::secrets::Secrets::start(&cfg.secrets, &args.state_dir, stop_secrets.clone())?;
     let state = State {
         proxy: proxy.clone(),
         started: Instant::now(),
         docker,
+        secrets,
     };
     let api_task = tokio::spawn(server.serve(state, Router::new(), stop_api.clone()));
     info!(
@@ -125,6 +128,7 @@ async fn run(cfg: Config, args: &AgentArgs, socket: &Path, shutdown: Duration) -
     }
     stop_api.cancel();
     stop_docker.cancel();
+    stop_secrets.cancel();
     let _ = api_task.await;
     Ok(())
 }

@@ -18,6 +18,7 @@ mod docker;
 mod duration;
 mod logwriter;
 mod plugin;
+mod secrets;
 
 use std::process::ExitCode;
 

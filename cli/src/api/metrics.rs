@@ -96,7 +96,10 @@ pub async fn handle(state: State, req: ApiRequest) -> Option<Reply> {
     if req.method != Method::GET || !req.path.is_empty() {
         return None;
     }
-    let text = render(&state.proxy.snapshot());
+    let mut text = render(&state.proxy.snapshot());
+    if let Some(secrets) = &state.secrets {
+        text.push_str(&secrets.render_metrics().await);
+    }
     Some(Ok(Response::builder()
         .status(StatusCode::OK)
         .header("content-type", "text/plain; version=0.0.4; charset=utf-8")

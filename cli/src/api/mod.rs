@@ -9,6 +9,7 @@ mod metrics;
 mod peer;
 mod proxy;
 mod rotations;
+mod secrets;
 mod server;
 
 use std::collections::HashMap;
@@ -34,6 +35,8 @@ pub struct State {
     pub started: Instant,
     /// The Docker side (`dso agent --docker`), for `/v1/rotations` and `/v1/services`.
     pub docker: Option<std::sync::Arc<crate::docker::Docker>>,
+    /// The secret side, when the config has providers or secrets, for `/v1/secrets`.
+    pub secrets: Option<std::sync::Arc<crate::secrets::Secrets>>,
 }
 
 /// One request, body read, path split after the module's prefix.
@@ -118,6 +121,7 @@ impl Router {
             .mount("/metrics", |s, r| Box::pin(metrics::handle(s, r)))
             .mount("/v1/rotations", |s, r| Box::pin(rotations::rotations(s, r)))
             .mount("/v1/services", |s, r| Box::pin(rotations::services(s, r)))
+            .mount("/v1/secrets", |s, r| Box::pin(secrets::handle(s, r)))
     }
 
     /// Adds a module answering under `prefix`.
@@ -191,6 +195,9 @@ pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Reply {
         message: format!("cannot encode response: {e}"),
     })?;
     body.push(b'\n');
+    // Every answer passes the redactor: no handler has to remember that a value it did
+    // not expect (an upstream error text) might carry a secret.
+    let body = dso_secrets::Redactor::global().redact_bytes(&body).into_owned();
     Ok(Response::builder()
         .status(status)
         .header("content-type", "application/json")
@@ -200,7 +207,8 @@ pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Reply {
 
 /// The response for an error.
 pub fn error_response(e: &ApiError) -> Response<Full<Bytes>> {
-    let body = serde_json::to_vec(&serde_json::json!({ "error": e.message })).unwrap_or_default();
+    let message = dso_secrets::Redactor::global().redact(&e.message).into_owned();
+    let body = serde_json::to_vec(&serde_json::json!({ "error": message })).unwrap_or_default();
     Response::builder()
         .status(e.status)
         .header("content-type", "application/json")
@@ -227,6 +235,7 @@ mod tests {
             proxy: Proxy::new(dso_proxy::ProxyConfig::default()),
             started: Instant::now(),
             docker: None,
+            secrets: None,
         }
     }
 

@@ -127,9 +127,15 @@ pub fn listener_yaml(name: &str, backends: &[SocketAddr], extra: &str) -> String
 impl Agent {
     /// Starts an agent with these listener entries and waits until it answers.
     pub async fn start(listeners: &str, args: &[&str]) -> Agent {
+        Agent::start_with(|_| format!("proxy:\n  listeners:\n{listeners}"), args, "info").await
+    }
+
+    /// Starts an agent on the config `yaml(dir)` returns (given the agent's temp dir, so the
+    /// config can point into it), logging at `log_level`.
+    pub async fn start_with(yaml: impl FnOnce(&Path) -> String, args: &[&str], log_level: &str) -> Agent {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("dso.yaml");
-        std::fs::write(&config, format!("proxy:\n  listeners:\n{listeners}")).unwrap();
+        std::fs::write(&config, yaml(dir.path())).unwrap();
         let socket = dir.path().join("run/dso.sock");
         let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
         let child = Command::new(DSO)
@@ -139,7 +145,7 @@ impl Agent {
             .arg("--socket")
             .arg(&socket)
             .args(args)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", log_level)
             .stdout(Stdio::null())
             .stderr(log)
             .kill_on_drop(true)
