@@ -8,3 +8,4 @@ mod harness;
 mod plugin;
 mod proxy;
 mod rotate;
+mod secret;
