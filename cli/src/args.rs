@@ -74,6 +74,20 @@ failed (a failure before the swap leaves the old container serving). See docs/ro
     Rotate(crate::cmd::rotate::RotateArgs),
     /// Managed services: strategy, ports, container, last rotation.
     Status(crate::cmd::rotate::StatusArgs),
+    /// Create the local encrypted vault and its key (works with no agent).
+    #[command(
+        long_about = "Create the local vault (AES-256-GCM) and a random 256-bit key file, \
+both mode 0600, in ~/.dso/ unless --vault-file/--key-file, DSO_VAULT_FILE/DSO_MASTER_KEY_FILE \
+or --system (/var/lib/dso/, the agent-mode vault, root only) say otherwise. With --passphrase \
+the key is derived from a passphrase with Argon2id instead (read from stdin when it is not a \
+terminal, else asked twice without echo). Never overwrites an existing vault or key. See \
+docs/secrets.md.",
+        after_long_help = "Examples:\n  dso init\n  sudo dso init --system\n  \
+dso init --passphrase --vault-file ./vault.enc"
+    )]
+    Init(crate::cmd::init::InitArgs),
+    /// Set, get, list and delete values of the local vault (works with no agent).
+    Secret(crate::cmd::secret::SecretArgs),
 }
 
 /// `dso agent` options.

@@ -42,6 +42,8 @@ fn main() -> ExitCode {
         Command::Debug(d) => cmd::debug::run(d),
         Command::Rotate(r) => cmd::rotate::rotate(r, cmd::socket_path(cli.socket)),
         Command::Status(s) => cmd::rotate::status(s, cmd::socket_path(cli.socket)),
+        Command::Init(i) => cmd::init::run(i),
+        Command::Secret(s) => cmd::secret::run(s, cmd::socket_path(cli.socket)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -2,8 +2,10 @@
 
 pub mod config;
 pub mod debug;
+pub mod init;
 pub mod proxy;
 pub mod rotate;
+pub mod secret;
 mod table;
 
 use std::path::PathBuf;

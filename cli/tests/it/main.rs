@@ -8,4 +8,5 @@ mod harness;
 mod plugin;
 mod proxy;
 mod rotate;
+mod secret;
 mod secrets;
