@@ -205,3 +205,65 @@ pub async fn check(cfg: &SecretsConfig) -> Vec<Outcome> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The local provider is being written by another helper: until it lands, `connect`
+    /// refuses with "not implemented yet"; once it lands, a vault file that does not exist
+    /// fails the same way (an error naming the provider). Either way every reference of
+    /// that provider is reported as failed, with the provider's reason.
+    #[tokio::test]
+    async fn check_reports_every_reference_of_a_provider_that_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "providers:\n  l:\n    type: local\n    vault_file: {d}/none.enc\n    master_key_file: {d}/none.key\n\
+             secrets:\n  - name: app\n    provider: l\n    mappings:\n      A: app/a\n      B: app/b#user\n",
+            d = dir.path().display()
+        );
+        let cfg = config::parse(&text, |_| None).unwrap();
+        let out = check(&cfg.secrets).await;
+        assert_eq!(out.len(), 2);
+        for o in &out {
+            assert!(!o.ok());
+            let line = o.to_string();
+            assert!(line.contains("provider l"), "{line}");
+            assert!(
+                line.starts_with("app/A  l:app/a  ") || line.starts_with("app/B  l:app/b#user  "),
+                "{line}"
+            );
+        }
+    }
+
+    #[test]
+    fn outcomes_print_one_word_per_kind() {
+        let r = Reference::parse(dso_secrets::ProviderKind::Aws, "aws", "db#pw").unwrap();
+        let o = |result| {
+            Outcome {
+                secret: "s".into(),
+                target: "PW".into(),
+                reference: r.clone(),
+                result,
+            }
+            .to_string()
+        };
+        assert_eq!(o(Ok(Version::new("v7"))), "s/PW  aws:db#pw  ok (version v7)");
+        let nf = Error::NotFound {
+            provider: "aws".into(),
+            reference: "db#pw".into(),
+        };
+        assert!(o(Err(classify(&nf))).contains("  missing: provider aws"));
+        let fb = Error::Forbidden {
+            provider: "aws".into(),
+            reference: "db#pw".into(),
+            detail: "AccessDenied".into(),
+        };
+        assert!(o(Err(classify(&fb))).contains("  forbidden: "));
+        let un = Error::Unavailable {
+            provider: "aws".into(),
+            detail: "connection refused".into(),
+        };
+        assert!(o(Err(classify(&un))).contains("  unreachable: "));
+    }
+}

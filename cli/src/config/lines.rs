@@ -10,9 +10,11 @@
 
 use std::collections::HashMap;
 
-/// Key path → 1-based line.
-pub struct Lines {
-    index: HashMap<String, usize>,
+/// Key path → 1-based line. The index is built on the first look-up, so a file without
+/// errors never pays for it.
+pub struct Lines<'t> {
+    text: &'t str,
+    index: std::cell::OnceCell<HashMap<String, usize>>,
 }
 
 struct Frame {
@@ -26,98 +28,24 @@ struct Frame {
     items: usize,
 }
 
-impl Lines {
-    /// Indexes `text`.
-    pub fn new(text: &str) -> Lines {
-        let mut index = HashMap::new();
-        let mut stack: Vec<Frame> = vec![Frame {
-            indent: 0,
-            path: String::new(),
-            item: false,
-            items: 0,
-        }];
-        // The root frame sits at "column -1": never popped.
-        let mut block_scalar: Option<usize> = None;
-        for (n, raw) in text.lines().enumerate() {
-            let line = n + 1;
-            let trimmed = raw.trim_start();
-            let mut col = raw.len() - trimmed.len();
-            if trimmed.is_empty() || trimmed.starts_with('#') {
-                continue;
-            }
-            // Lines of a `|` or `>` block scalar belong to its key.
-            if let Some(indent) = block_scalar {
-                if col > indent {
-                    continue;
-                }
-                block_scalar = None;
-            }
-            if trimmed.starts_with("---") || trimmed.starts_with("...") {
-                continue;
-            }
-            let mut rest = trimmed;
-            // `- ` items (possibly several on one line: `- - x`).
-            while let Some(after) = rest
-                .strip_prefix('-')
-                .filter(|a| a.is_empty() || a.starts_with(' '))
-            {
-                while stack.len() > 1 {
-                    let top = stack.last().expect("non-empty");
-                    if top.indent > col || (top.indent == col && top.item) {
-                        stack.pop();
-                    } else {
-                        break;
-                    }
-                }
-                let parent = stack.last_mut().expect("root");
-                let path = format!("{}[{}]", parent.path, parent.items);
-                parent.items += 1;
-                index.entry(path.clone()).or_insert(line);
-                stack.push(Frame {
-                    indent: col,
-                    path,
-                    item: true,
-                    items: 0,
-                });
-                let content = after.trim_start();
-                col += 1 + (after.len() - content.len());
-                rest = content;
-            }
-            if rest.is_empty() {
-                continue;
-            }
-            let Some((key, value)) = split_key(rest) else {
-                continue;
-            };
-            while stack.len() > 1 && stack.last().expect("non-empty").indent >= col {
-                stack.pop();
-            }
-            let parent = stack.last().expect("root");
-            let path = if parent.path.is_empty() {
-                key.to_string()
-            } else {
-                format!("{}.{key}", parent.path)
-            };
-            index.entry(path.clone()).or_insert(line);
-            let v = value.trim();
-            if v.starts_with('|') || v.starts_with('>') {
-                block_scalar = Some(col);
-            }
-            stack.push(Frame {
-                indent: col,
-                path,
-                item: false,
-                items: 0,
-            });
+impl<'t> Lines<'t> {
+    /// Lines of `text`.
+    pub fn new(text: &'t str) -> Lines<'t> {
+        Lines {
+            text,
+            index: std::cell::OnceCell::new(),
         }
-        Lines { index }
+    }
+
+    fn index(&self) -> &HashMap<String, usize> {
+        self.index.get_or_init(|| build(self.text))
     }
 
     /// Line of the key at `path`, or of its nearest indexed parent.
     pub fn line(&self, path: &str) -> Option<usize> {
         let mut p = path;
         loop {
-            if let Some(&l) = self.index.get(p) {
+            if let Some(&l) = self.index().get(p) {
                 return Some(l);
             }
             let cut = p.rfind(['.', '['])?;
@@ -128,8 +56,94 @@ impl Lines {
     /// Line of exactly `path`, without falling back.
     #[cfg(test)]
     pub fn exact(&self, path: &str) -> Option<usize> {
-        self.index.get(path).copied()
+        self.index().get(path).copied()
     }
+}
+
+/// One pass over `text`: every key path and `- ` item, with its line.
+fn build(text: &str) -> HashMap<String, usize> {
+    let mut index = HashMap::new();
+    let mut stack: Vec<Frame> = vec![Frame {
+        indent: 0,
+        path: String::new(),
+        item: false,
+        items: 0,
+    }];
+    // The root frame sits at "column -1": never popped.
+    let mut block_scalar: Option<usize> = None;
+    for (n, raw) in text.lines().enumerate() {
+        let line = n + 1;
+        let trimmed = raw.trim_start();
+        let mut col = raw.len() - trimmed.len();
+        if trimmed.is_empty() || trimmed.starts_with('#') {
+            continue;
+        }
+        // Lines of a `|` or `>` block scalar belong to its key.
+        if let Some(indent) = block_scalar {
+            if col > indent {
+                continue;
+            }
+            block_scalar = None;
+        }
+        if trimmed.starts_with("---") || trimmed.starts_with("...") {
+            continue;
+        }
+        let mut rest = trimmed;
+        // `- ` items (possibly several on one line: `- - x`).
+        while let Some(after) = rest
+            .strip_prefix('-')
+            .filter(|a| a.is_empty() || a.starts_with(' '))
+        {
+            while stack.len() > 1 {
+                let top = stack.last().expect("non-empty");
+                if top.indent > col || (top.indent == col && top.item) {
+                    stack.pop();
+                } else {
+                    break;
+                }
+            }
+            let parent = stack.last_mut().expect("root");
+            let path = format!("{}[{}]", parent.path, parent.items);
+            parent.items += 1;
+            index.entry(path.clone()).or_insert(line);
+            stack.push(Frame {
+                indent: col,
+                path,
+                item: true,
+                items: 0,
+            });
+            let content = after.trim_start();
+            col += 1 + (after.len() - content.len());
+            rest = content;
+        }
+        if rest.is_empty() {
+            continue;
+        }
+        let Some((key, value)) = split_key(rest) else {
+            continue;
+        };
+        while stack.len() > 1 && stack.last().expect("non-empty").indent >= col {
+            stack.pop();
+        }
+        let parent = stack.last().expect("root");
+        let path = if parent.path.is_empty() {
+            key.to_string()
+        } else {
+            format!("{}.{key}", parent.path)
+        };
+        index.entry(path.clone()).or_insert(line);
+        let v = value.trim();
+        if v.starts_with('|') || v.starts_with('>') {
+            block_scalar = Some(col);
+        }
+        stack.push(Frame {
+            indent: col,
+            path,
+            item: false,
+            items: 0,
+        });
+    }
+    index
 }
 
 /// Splits `key: value` (or `key:` at the end of the line) at the first `:` that is

@@ -242,3 +242,6 @@ fn scrub(e: ConfigError, used: &[(String, String)]) -> ConfigError {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod tests_secrets;

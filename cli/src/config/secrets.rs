@@ -42,7 +42,7 @@ impl LoggingConfig {
 /// What the secret side needs from its surroundings.
 pub struct Ctx<'a> {
     /// Key lines.
-    pub lines: &'a Lines,
+    pub lines: &'a Lines<'a>,
     /// `$HOME`, for `~` in paths.
     pub home: Option<String>,
 }

@@ -26,7 +26,7 @@ pub const MAX_KEEPALIVE_SECS: u64 = 32_767;
 
 /// Converts a parsed file into a checked config (the secret side is filled in by the
 /// caller).
-pub fn check(raw: FileConfig, lines: &Lines) -> Result<Config, ConfigError> {
+pub fn check(raw: FileConfig, lines: &Lines<'_>) -> Result<Config, ConfigError> {
     let agent = raw.agent.unwrap_or_default();
     let proxy = raw.proxy.unwrap_or_default();
     if let Some(n) = proxy.max_connections {
@@ -75,7 +75,7 @@ pub fn check(raw: FileConfig, lines: &Lines) -> Result<Config, ConfigError> {
     })
 }
 
-fn connections(lines: &Lines, key: &str, n: usize) -> Result<(), ConfigError> {
+fn connections(lines: &Lines<'_>, key: &str, n: usize) -> Result<(), ConfigError> {
     if n == 0 || n > MAX_CONNECTIONS {
         return Err(ConfigError::Invalid {
             key: key.to_owned(),
@@ -128,12 +128,11 @@ impl Ports {
     }
 }
 
-fn listener(lines: &Lines, i: usize, e: ListenerEntry) -> Result<ListenerConfig, ConfigError> {
+fn listener(lines: &Lines<'_>, i: usize, e: ListenerEntry) -> Result<ListenerConfig, ConfigError> {
     let key = |k: &str| format!("proxy.listeners[{i}].{k}");
-    let entry_line = lines.line(&format!("proxy.listeners[{i}]"));
     let name = e.name.ok_or_else(|| ConfigError::Invalid {
         key: key("name"),
-        line: entry_line,
+        line: lines.line(&format!("proxy.listeners[{i}]")),
         message: "missing; every listener needs a name".to_owned(),
     })?;
     if name.is_empty()
@@ -149,7 +148,7 @@ fn listener(lines: &Lines, i: usize, e: ListenerEntry) -> Result<ListenerConfig,
     }
     let listen = e.listen.ok_or_else(|| ConfigError::Invalid {
         key: key("listen"),
-        line: entry_line,
+        line: lines.line(&format!("proxy.listeners[{i}]")),
         message: format!("missing; listener {name:?} needs an address to bind, like 127.0.0.1:5432"),
     })?;
     let backends = e
@@ -242,7 +241,7 @@ fn listener(lines: &Lines, i: usize, e: ListenerEntry) -> Result<ListenerConfig,
 
 /// The kernel takes `TCP_KEEPIDLE` in whole seconds, 1 to 32767 (issue 9, item 12:
 /// `999ms`, `10h` and `1d` passed and stopped the agent with an error naming no key).
-fn keepalive(lines: &Lines, key: &str, d: Duration) -> Result<Duration, ConfigError> {
+fn keepalive(lines: &Lines<'_>, key: &str, d: Duration) -> Result<Duration, ConfigError> {
     let bad = |m: String| ConfigError::Invalid {
         key: key.to_owned(),
         line: lines.line(key),
@@ -263,7 +262,7 @@ fn keepalive(lines: &Lines, key: &str, d: Duration) -> Result<Duration, ConfigEr
     Ok(d)
 }
 
-fn invalid(lines: &Lines, key: &str, _leaf: &str, message: &str) -> ConfigError {
+fn invalid(lines: &Lines<'_>, key: &str, _leaf: &str, message: &str) -> ConfigError {
     ConfigError::Invalid {
         key: key.to_owned(),
         line: lines.line(key),
