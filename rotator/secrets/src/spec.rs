@@ -286,4 +286,7 @@ pub struct PluginSettings {
     pub pins_file: Option<PathBuf>,
     /// Opaque settings sent to the plugin in its first message.
     pub config: serde_json::Value,
+    /// Names of agent environment variables passed to the plugin besides `PATH`, `HOME`
+    /// and `LANG` (the plugin starts with an otherwise empty environment).
+    pub env: Vec<String>,
 }
