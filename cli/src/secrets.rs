@@ -18,8 +18,7 @@ use dso_secrets::config::SecretsConfig;
 use dso_secrets::spec::ProviderSettings;
 use dso_secrets::watcher::{Event, Status, Trigger, WatchSettings, Watched, Watcher};
 use dso_secrets::{
-    CheckReport, Error as SecretError, Provider, ProviderKind, ProviderSpec, Reference,
-    SecretValue, Version,
+    CheckReport, Error as SecretError, Provider, ProviderKind, ProviderSpec, Reference, SecretValue, Version,
 };
 use serde::Serialize;
 use tokio::sync::OnceCell;
@@ -137,12 +136,17 @@ impl Secrets {
             .map(|s| SecretInfo {
                 name: s.name.clone(),
                 provider: s.provider.clone(),
-                mappings: s.mappings.iter().map(|(k, r)| (k.clone(), r.raw.clone())).collect(),
+                mappings: s
+                    .mappings
+                    .iter()
+                    .map(|(k, r)| (k.clone(), r.raw.clone()))
+                    .collect(),
             })
             .collect();
-        let factor = (cfg.watch.max_interval.as_secs_f64() / cfg.watch.polling_interval.as_secs_f64().max(1e-3))
-            .floor()
-            .clamp(1.0, 1000.0) as u32;
+        let factor = (cfg.watch.max_interval.as_secs_f64()
+            / cfg.watch.polling_interval.as_secs_f64().max(1e-3))
+        .floor()
+        .clamp(1.0, 1000.0) as u32;
         let settings = WatchSettings {
             interval: cfg.watch.polling_interval,
             max_backoff_factor: factor,
@@ -155,7 +159,10 @@ impl Secrets {
             .with_context(|| format!("starting the secret watcher on state directory {}", dir.display()))?;
         let seen: Arc<Mutex<BTreeMap<String, SecretSeen>>> = Arc::default();
         let counters: Arc<Mutex<BTreeMap<String, ProviderCounters>>> = Arc::new(Mutex::new(
-            cfg.providers.iter().map(|p| (p.name.clone(), ProviderCounters::default())).collect(),
+            cfg.providers
+                .iter()
+                .map(|p| (p.name.clone(), ProviderCounters::default()))
+                .collect(),
         ));
         let secrets = Arc::new(Secrets {
             watcher,
@@ -182,7 +189,11 @@ impl Secrets {
     fn on_event(&self, event: Event) {
         match event {
             Event::Snapshot(snap) => {
-                let name = snap.consumer.strip_prefix("secret:").unwrap_or(&snap.consumer).to_string();
+                let name = snap
+                    .consumer
+                    .strip_prefix("secret:")
+                    .unwrap_or(&snap.consumer)
+                    .to_string();
                 let versions: BTreeMap<String, String> = snap
                     .versions
                     .iter()
@@ -319,13 +330,19 @@ impl Secrets {
             "dso_secrets_provider_up",
             "1 when the provider's last call succeeded, 0 when its calls fail.",
             "gauge",
-            providers.iter().map(|p| (p.provider.clone(), if p.up { 1.0 } else { 0.0 })).collect(),
+            providers
+                .iter()
+                .map(|p| (p.provider.clone(), if p.up { 1.0 } else { 0.0 }))
+                .collect(),
         );
         family(
             "dso_secrets_provider_consecutive_failures",
             "Failed calls to the provider since its last success.",
             "gauge",
-            providers.iter().map(|p| (p.provider.clone(), f64::from(p.consecutive_failures))).collect(),
+            providers
+                .iter()
+                .map(|p| (p.provider.clone(), f64::from(p.consecutive_failures)))
+                .collect(),
         );
         family(
             "dso_secrets_last_success_timestamp_seconds",
@@ -333,7 +350,10 @@ impl Secrets {
             "gauge",
             providers
                 .iter()
-                .filter_map(|p| p.last_success_unix_ms.map(|ms| (p.provider.clone(), ms as f64 / 1000.0)))
+                .filter_map(|p| {
+                    p.last_success_unix_ms
+                        .map(|ms| (p.provider.clone(), ms as f64 / 1000.0))
+                })
                 .collect(),
         );
         out
@@ -377,7 +397,9 @@ impl Lazy {
     }
 
     async fn get(&self) -> Result<&Arc<dyn Provider>, SecretError> {
-        self.inner.get_or_try_init(|| dso_secrets::connect(&self.spec)).await
+        self.inner
+            .get_or_try_init(|| dso_secrets::connect(&self.spec))
+            .await
     }
 }
 

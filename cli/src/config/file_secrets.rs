@@ -327,6 +327,8 @@ pub struct ProviderEntry {
     pub pins_file: Option<String>,
     /// plugin: opaque settings sent to it.
     pub config: Option<serde_json::Value>,
+    /// plugin: names of agent environment variables it may see (besides PATH, HOME, LANG).
+    pub env: Option<Vec<String>>,
     /// Calls per second.
     pub rate_limit: Option<f64>,
     /// Calls in flight.

@@ -262,7 +262,7 @@ fn provider(ctx: &Ctx<'_>, mode: Mode, name: &str, e: ProviderEntry) -> Result<P
         ProviderType::Azure => ProviderKind::Azure,
         ProviderType::Plugin => ProviderKind::Plugin,
     };
-    let set: [(&str, bool); 17] = [
+    let set: [(&str, bool); 18] = [
         ("vault_file", e.vault_file.is_some()),
         ("master_key_file", e.master_key_file.is_some()),
         ("address", e.address.is_some()),
@@ -279,6 +279,7 @@ fn provider(ctx: &Ctx<'_>, mode: Mode, name: &str, e: ProviderEntry) -> Result<P
         ("sha256", e.sha256.is_some()),
         ("pins_file", e.pins_file.is_some()),
         ("config", e.config.is_some()),
+        ("env", e.env.is_some()),
         ("retry", e.retry.is_some()),
     ];
     let own: &[&str] = match kind {
@@ -286,7 +287,7 @@ fn provider(ctx: &Ctx<'_>, mode: Mode, name: &str, e: ProviderEntry) -> Result<P
         ProviderKind::Vault => &["address", "namespace", "ca_file", "auth"],
         ProviderKind::Aws => &["region", "endpoint_url", "profile", "auth"],
         ProviderKind::Azure => &["vault_url", "authority_host", "ca_file", "auth"],
-        ProviderKind::Plugin => &["command", "args", "sha256", "pins_file", "config"],
+        ProviderKind::Plugin => &["command", "args", "sha256", "pins_file", "config", "env"],
     };
     const COMMON: &[&str] = &["retry", "rate_limit", "concurrency", "timeout"];
     if let Some((k, _)) = set
@@ -710,6 +711,7 @@ fn plugin(ctx: &Ctx<'_>, name: &str, e: ProviderEntry) -> Result<ProviderSetting
             .map(|f| ctx.path(&key("pins_file"), f))
             .transpose()?,
         config,
+        env: plugin_env(ctx, &key("env"), e.env)?,
     }))
 }
 
@@ -992,4 +994,21 @@ pub fn used_providers(cfg: &SecretsConfig) -> Vec<&str> {
         .map(|s| s.provider.as_str())
         .filter(|p| seen.insert(*p))
         .collect()
+}
+
+/// `providers.NAME.env`: environment variable names (never values) a plugin may see.
+fn plugin_env(ctx: &Ctx<'_>, key: &str, names: Option<Vec<String>>) -> Result<Vec<String>, ConfigError> {
+    let names = names.unwrap_or_default();
+    for n in &names {
+        let ok = !n.is_empty()
+            && !n.starts_with(|c: char| c.is_ascii_digit())
+            && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !ok {
+            return Err(ctx.bad(
+                key,
+                format!("{n:?} is not an environment variable name (letters, digits, '_', not starting with a digit)"),
+            ));
+        }
+    }
+    Ok(names)
 }

@@ -55,12 +55,32 @@ async fn taken_version(socket: &Path) -> Option<(String, u64)> {
     Some((version, app["snapshots"].as_u64()?))
 }
 
+/// Polls `/v1/secrets` until the app secret's (version, snapshots) satisfies `ok`.
+async fn until(socket: &Path, ok: impl Fn(&(String, u64)) -> bool) -> (String, u64) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(seen) = taken_version(socket).await
+            && ok(&seen)
+        {
+            return seen;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not take the secret in time"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 fn assert_clean(what: &str, text: &str) {
     for value in [FIRST, SECOND] {
         let raw = String::from_utf8_lossy(value);
         let b64 = base64::engine::general_purpose::STANDARD.encode(value);
         assert!(!text.contains(raw.as_ref()), "{what} holds a value");
-        assert!(!text.contains(b64.trim_end_matches('=')), "{what} holds a value in base64");
+        assert!(
+            !text.contains(b64.trim_end_matches('=')),
+            "{what} holds a value in base64"
+        );
         for line in raw.lines().filter(|l| l.len() >= 8) {
             assert!(!text.contains(line), "{what} holds a line of a value");
         }
@@ -74,40 +94,38 @@ async fn a_set_reaches_the_agent_at_once_and_no_value_is_logged_at_trace() {
     let nowhere = vault.path().join("no-agent.sock");
     let out = dso_vault(vault.path(), &nowhere, &["init"], b"").await;
     assert!(out.status.success(), "init: {}", stderr(&out));
-    let out = dso_vault(vault.path(), &nowhere, &["secret", "set", "app/db_password"], FIRST).await;
+    let out = dso_vault(
+        vault.path(),
+        &nowhere,
+        &["secret", "set", "app/db_password"],
+        FIRST,
+    )
+    .await;
     assert!(out.status.success(), "set: {}", stderr(&out));
 
     let state_arg = state.path().to_str().unwrap().to_string();
     let agent = Agent::start_with(|_| config(vault.path()), &["--state-dir", &state_arg], "trace").await;
-    let mut first = None;
-    poll(|| {
-        let socket = agent.socket.clone();
-        let first = &mut first;
-        async move {
-            *first = taken_version(&socket).await;
-            first.is_some()
-        }
-    })
-    .await;
-    let (v1, n1) = first.unwrap();
+    let first = until(&agent.socket, |_| true).await;
+    let (v1, n1) = first;
     assert_eq!(n1, 1, "the first value is taken once");
 
     // The poll interval is 10 minutes: only the notify can make the agent see this soon.
     let started = Instant::now();
-    let out = dso_vault(vault.path(), &agent.socket, &["secret", "set", "app/db_password"], SECOND).await;
-    assert!(out.status.success(), "set: {}", stderr(&out));
-    assert!(stderr(&out).is_empty(), "the notify is silent when it works: {}", stderr(&out));
-    let mut second = None;
-    poll(|| {
-        let socket = agent.socket.clone();
-        let second = &mut second;
-        async move {
-            *second = taken_version(&socket).await;
-            second.as_ref().is_some_and(|(_, n)| *n == 2)
-        }
-    })
+    let out = dso_vault(
+        vault.path(),
+        &agent.socket,
+        &["secret", "set", "app/db_password"],
+        SECOND,
+    )
     .await;
-    let (v2, _) = second.unwrap();
+    assert!(out.status.success(), "set: {}", stderr(&out));
+    assert!(
+        stderr(&out).is_empty(),
+        "the notify is silent when it works: {}",
+        stderr(&out)
+    );
+    let second = until(&agent.socket, |(_, n)| *n == 2).await;
+    let (v2, _) = second;
     assert_ne!(v1, v2, "a set makes a new version");
     // Recorded, not asserted: the set includes process start and the Argon2-free key load.
     eprintln!("dso secret set to the agent's snapshot: {:?}", started.elapsed());
@@ -118,14 +136,20 @@ async fn a_set_reaches_the_agent_at_once_and_no_value_is_logged_at_trace() {
         metrics.contains("dso_secrets_changes_total{provider=\"local\"} 2"),
         "{metrics}"
     );
-    assert!(metrics.contains("dso_secrets_provider_up{provider=\"local\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("dso_secrets_provider_up{provider=\"local\"} 1"),
+        "{metrics}"
+    );
     let (_, api) = http(&agent.socket, "GET", "/v1/secrets", "").await.unwrap();
     assert_clean("GET /v1/secrets", &api);
     assert_clean("GET /metrics", &metrics);
 
     let log = agent.log();
     assert!(log.contains("secret values taken"), "the log shows the snapshots");
-    assert!(log.contains("TRACE") || log.contains("DEBUG"), "the log is at trace level");
+    assert!(
+        log.contains("TRACE") || log.contains("DEBUG"),
+        "the log is at trace level"
+    );
     assert_clean("the agent's trace-level log", &log);
     drop(agent);
 
@@ -134,6 +158,7 @@ async fn a_set_reaches_the_agent_at_once_and_no_value_is_logged_at_trace() {
     let agent = Agent::start_with(|_| config(vault.path()), &["--state-dir", &state_arg], "info").await;
     poll(|| {
         let socket = agent.socket.clone();
+        let v2 = v2.clone();
         async move {
             let Ok((200, body)) = http(&socket, "GET", "/v1/secrets", "").await else {
                 return false;
@@ -146,7 +171,11 @@ async fn a_set_reaches_the_agent_at_once_and_no_value_is_logged_at_trace() {
     })
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(taken_version(&agent.socket).await, None, "nothing is taken again after a restart");
+    assert_eq!(
+        taken_version(&agent.socket).await,
+        None,
+        "nothing is taken again after a restart"
+    );
     for entry in walk(state.path()) {
         let bytes = std::fs::read(&entry).unwrap();
         let text = String::from_utf8_lossy(&bytes);
