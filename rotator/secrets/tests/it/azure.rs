@@ -1,0 +1,1 @@
+mod placeholder_until_azure_tests {}

@@ -1,0 +1,7 @@
+//! Integration tests of `dso-secrets`: each provider against a real server or an
+//! in-process server that answers the published API with its real envelopes and errors.
+
+mod support;
+
+mod azure;
+mod vault;

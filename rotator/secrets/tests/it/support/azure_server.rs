@@ -1,0 +1,1 @@
+//! The in-process Azure Key Vault (being written).
