@@ -3,5 +3,7 @@
 
 mod support;
 
+#[cfg(feature = "azure")]
 mod azure;
+#[cfg(feature = "vault")]
 mod vault;
