@@ -478,3 +478,33 @@ async fn the_test_ca_is_trusted_only_through_ca_file() {
         "{e}"
     );
 }
+
+#[tokio::test]
+async fn nothing_secret_is_logged_at_trace() {
+    crate::support::logs::capture();
+    let ca = test_ca();
+    let (server, _, current) = vault_with_secret(&ca).await;
+    let provider = connect(settings(&server, &ca, client_secret())).await;
+    let db = provider.parse("db-password").unwrap();
+    let v = provider.version(&db).await.unwrap();
+    assert_eq!(text(&provider.fetch(&db, &v).await.unwrap()), CURRENT);
+    assert_eq!(v, Version::new(current));
+    let _ = provider.version(&provider.parse("missing").unwrap()).await;
+    provider.check().await.unwrap();
+
+    let logs = crate::support::logs::text();
+    assert!(
+        logs.contains("azure token acquired"),
+        "the capture works: {} bytes",
+        logs.len()
+    );
+    let mut secrets = vec![CURRENT.to_string(), OLD.to_string(), CLIENT_SECRET.to_string()];
+    secrets.extend(server.issued_tokens());
+    for s in &secrets {
+        assert!(
+            !logs.contains(s.as_str()),
+            "a secret is in the trace log ({} bytes)",
+            logs.len()
+        );
+    }
+}

@@ -370,3 +370,54 @@ async fn https_with_the_ca_file() {
         "{e}"
     );
 }
+
+#[tokio::test]
+async fn nothing_secret_is_logged_at_trace() {
+    crate::support::logs::capture();
+    let server = vault_with_database().await;
+    let token = "hvs.trace-test-renewable-token-5150";
+    server.add_token(token, 1, true);
+    let provider = connect(token_settings(&server, token)).await.unwrap();
+    let db = provider.parse("secret/data/prod/database/password").unwrap();
+    let v = provider.version(&db).await.unwrap();
+    let value = provider.fetch(&db, &v).await.unwrap();
+    assert_eq!(text(&db.select(&value).unwrap()), PASSWORD);
+    let _ = provider
+        .version(&provider.parse("secret/data/prod/missing#x").unwrap())
+        .await;
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert!(server.calls("renew-self") >= 1);
+
+    let secret_id = "trace-test-approle-secret-id-8086";
+    server.set_approle("role-app", secret_id, 60);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("sid"), secret_id).unwrap();
+    let approle = connect(VaultSettings {
+        auth: VaultAuth::AppRole {
+            role_id: "role-app".to_string(),
+            secret_id_file: dir.path().join("sid"),
+            mount: "approle".to_string(),
+        },
+        ..token_settings(&server, "")
+    })
+    .await
+    .unwrap();
+    approle.fetch(&db, &v).await.unwrap();
+    drop((provider, approle));
+
+    let logs = crate::support::logs::text();
+    assert!(
+        logs.contains("vault token renewed"),
+        "the capture works: {} bytes",
+        logs.len()
+    );
+    let mut secrets = vec![token.to_string(), PASSWORD.to_string(), secret_id.to_string()];
+    secrets.extend(server.tokens_seen());
+    for s in &secrets {
+        assert!(
+            !logs.contains(s.as_str()),
+            "a secret is in the trace log ({} bytes)",
+            logs.len()
+        );
+    }
+}

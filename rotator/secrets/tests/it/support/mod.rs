@@ -7,6 +7,7 @@
 #[cfg(feature = "azure")]
 pub mod azure_server;
 pub mod http;
+pub mod logs;
 pub mod tls;
 #[cfg(feature = "vault")]
 pub mod vault_server;
