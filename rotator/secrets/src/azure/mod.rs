@@ -11,7 +11,7 @@
 //! - [`Provider::fetch`]: `GET {vault}/secrets/{name}/{version}?api-version=7.4`: its `value`.
 //! - [`Provider::check`]: `GET {vault}/secrets?api-version=7.4&maxresults=1`.
 //!
-//! Authentication ([`credential`]) follows the Azure SDKs' challenge policy: the first
+//! Authentication (module `credential`) follows the Azure SDKs' challenge policy: the first
 //! request goes without a token, the vault answers 401 with `WWW-Authenticate: Bearer
 //! authorization="https://login.microsoftonline.com/TENANT", resource="https://vault.azure.net"`,
 //! and the token is asked for that resource (scope `RESOURCE/.default`). The resource must
@@ -20,7 +20,7 @@
 //! cached until shortly before they expire.
 //!
 //! Invariant: no token, client secret or value is logged or put into an error; tokens and
-//! the client secret are registered with [`Redactor::global`].
+//! the client secret are registered with [`crate::Redactor::global`].
 
 mod credential;
 

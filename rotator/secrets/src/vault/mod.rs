@@ -8,7 +8,7 @@
 //!   version; the value is the version's `data` object as JSON text, so
 //!   [`Reference::select`] picks the field.
 //! - [`Provider::check`]: `GET /v1/sys/health`, then `GET /v1/auth/token/lookup-self`.
-//! - Login ([`login`]): token (`lookup-self` at connect, `renew-self` before expiry) or
+//! - Login (module `login`): token (`lookup-self` at connect, `renew-self` before expiry) or
 //!   AppRole (`POST /v1/auth/MOUNT/login`, again before the lease ends).
 //!
 //! The KV calls go through `vaultrs`'s request layer but read the raw answer (rustify's

@@ -268,6 +268,35 @@ async fn a_renewable_token_is_renewed_before_expiry_until_the_provider_is_droppe
 }
 
 #[tokio::test]
+async fn a_failed_renewal_is_logged_and_retried() {
+    crate::support::logs::capture();
+    let server = vault_with_database().await;
+    let token = "hvs.renewal-fails-then-recovers";
+    server.add_token(token, 1, true);
+    server.fail_renewals(true);
+    let _provider = connect(token_settings(&server, token)).await.unwrap();
+    // The first attempt, at about 0.67 s, fails; the next waits the 1 s backoff.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(server.calls("renew-self"), 1);
+    let logs = crate::support::logs::text();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("vault token renewal failed") && l.contains("HTTP 500"))
+        .expect("the failed renewal is logged");
+    assert!(line.contains("retry_in_seconds=1"), "{line}");
+    assert!(!line.contains(token), "{line}");
+    server.fail_renewals(false);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while server.calls("renew-self") < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no retry after the backoff"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
 async fn approle_logs_in_from_the_secret_id_file_and_again_before_the_lease_ends() {
     let server = vault_with_database().await;
     let secret_id = "5e1f0e1a-approle-secret-id-9b3c";

@@ -54,6 +54,8 @@ struct State {
     namespaces: Vec<Option<String>>,
     /// Every token presented, in order.
     tokens_seen: Vec<String>,
+    /// `renew-self` answers 500 while set.
+    fail_renewals: bool,
 }
 
 /// The running fake Vault.
@@ -125,6 +127,11 @@ impl VaultServer {
 
     pub fn deny(&self, mount_and_path: &str) {
         self.state().denied.insert(mount_and_path.to_string());
+    }
+
+    /// Makes `renew-self` answer 500 (or work again).
+    pub fn fail_renewals(&self, fail: bool) {
+        self.state().fail_renewals = fail;
     }
 
     pub fn set_mode(&self, mode: Mode) {
@@ -299,6 +306,9 @@ fn handle(state: &Mutex<State>, req: Req) -> Resp {
         }
         ("POST", "auth/token/renew-self") | ("PUT", "auth/token/renew-self") => {
             count(&mut st, "renew-self");
+            if st.fail_renewals {
+                return errors(500, &["internal error"]);
+            }
             if !info.renewable {
                 return errors(400, &["lease is not renewable"]);
             }
