@@ -137,7 +137,17 @@ async fn challenge_then_token_then_version_and_fetch_with_one_token_for_many_cal
         "Bearer [REDACTED]"
     );
 
+    let (list, versions, tokens) = (
+        server.calls("list"),
+        server.calls("versions"),
+        server.token_calls(),
+    );
     let report = provider.check().await.unwrap();
+    assert_eq!(server.calls("list"), list + 1, "check() is one list call");
+    assert_eq!(
+        (server.calls("versions"), server.token_calls()),
+        (versions, tokens)
+    );
     assert!(
         report.detail.contains("client secret") && report.detail.contains("https://localhost"),
         "{}",

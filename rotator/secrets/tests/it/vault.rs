@@ -173,7 +173,17 @@ async fn status_codes_map_to_errors() {
     assert_clean(&e, &secrets);
 
     server.set_mode(Mode::Normal);
+    let (health, lookups, total) = (
+        server.calls("health"),
+        server.calls("lookup-self"),
+        server.total_calls(),
+    );
     let report = provider.check().await.unwrap();
+    assert_eq!(
+        (server.calls("health"), server.calls("lookup-self")),
+        (health + 1, lookups + 1)
+    );
+    assert_eq!(server.total_calls(), total + 2, "check() is health + lookup-self");
     assert!(
         report.detail.contains("vault 1.17.2") && report.detail.contains("(active)"),
         "{}",
