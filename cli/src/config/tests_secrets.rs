@@ -133,6 +133,29 @@ fn readme_local_example_expands_home_and_reads_empty_secrets_map() {
 }
 
 #[test]
+fn multi_instance_example_validates() {
+    let cfg = ok(&example("dso-multi.yaml"));
+    let kinds: Vec<(&str, ProviderKind)> = cfg
+        .secrets
+        .providers
+        .iter()
+        .map(|p| (p.name.as_str(), p.kind()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("aws-east", ProviderKind::Aws),
+            ("aws-west", ProviderKind::Aws),
+            ("vault-prod", ProviderKind::Vault),
+            ("vault-ops", ProviderKind::Vault),
+            ("local", ProviderKind::Local),
+            ("csms", ProviderKind::Plugin)
+        ]
+    );
+    assert_eq!(cfg.secrets.secrets.len(), 6);
+}
+
+#[test]
 fn local_vault_paths_default_by_mode() {
     let agent = ok("providers:\n  v:\n    type: local\n");
     let ProviderSettings::Local(l) = &agent.secrets.providers[0].settings else {
