@@ -382,10 +382,10 @@ fn limits(ctx: &Ctx<'_>, name: &str, e: &ProviderEntry) -> Result<Limits, Config
 }
 
 /// The auth method, checked against `methods`, and the params it may use.
-fn auth_method<'e>(
+fn auth_method(
     ctx: &Ctx<'_>,
     name: &str,
-    auth: Option<&'e AuthEntry>,
+    auth: Option<&AuthEntry>,
     default: Option<&'static str>,
     methods: &[&'static str],
 ) -> Result<&'static str, ConfigError> {

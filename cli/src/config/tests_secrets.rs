@@ -133,6 +133,29 @@ fn readme_local_example_expands_home_and_reads_empty_secrets_map() {
 }
 
 #[test]
+fn multi_instance_example_validates() {
+    let cfg = ok(&example("dso-multi.yaml"));
+    let kinds: Vec<(&str, ProviderKind)> = cfg
+        .secrets
+        .providers
+        .iter()
+        .map(|p| (p.name.as_str(), p.kind()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("aws-east", ProviderKind::Aws),
+            ("aws-west", ProviderKind::Aws),
+            ("vault-prod", ProviderKind::Vault),
+            ("vault-ops", ProviderKind::Vault),
+            ("local", ProviderKind::Local),
+            ("csms", ProviderKind::Plugin)
+        ]
+    );
+    assert_eq!(cfg.secrets.secrets.len(), 6);
+}
+
+#[test]
 fn local_vault_paths_default_by_mode() {
     let agent = ok("providers:\n  v:\n    type: local\n");
     let ProviderSettings::Local(l) = &agent.secrets.providers[0].settings else {
@@ -613,4 +636,60 @@ fn twenty_thousand_listeners_are_checked_in_one_pass() {
         "{e}"
     );
     assert!(e.contains(&format!("line {}", 3 + 3 * n + 1)), "{e}");
+}
+
+/// A small deterministic fuzz of the whole parser: mutations (byte flips, insertions of
+/// YAML punctuation, deletions, line duplication) of the README's files and of a proxy
+/// file must give a config or an error, never a panic, and every error says something.
+#[test]
+fn mutated_files_never_panic() {
+    let seeds = [
+        example("dso-aws.yaml"),
+        example("dso-vault.yaml"),
+        example("dso-local.yaml"),
+        MULTI.to_owned(),
+        "proxy:\n  max_connections: 10\n  listeners:\n    - name: a\n      listen: 127.0.0.1:1\n      backends: [127.0.0.1:2]\n      keepalive: 30s\n".to_owned(),
+    ];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut rnd = move |n: usize| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x % n as u64) as usize
+    };
+    const PUNCT: &[&str] = &[
+        ":", " ", "- ", "\n", "[", "]", "{", "}", "&a ", "*a", "#", "'", "\"", "${X}", "${", "0", "~", "\t",
+        "|\n",
+    ];
+    for round in 0..3000 {
+        let mut t = seeds[round % seeds.len()].clone().into_bytes();
+        for _ in 0..1 + rnd(4) {
+            let at = rnd(t.len() + 1);
+            match rnd(4) {
+                0 if at < t.len() => t[at] = b" :-[]{}#&*'\"\nab01"[rnd(17)],
+                1 => {
+                    let p = PUNCT[rnd(PUNCT.len())].as_bytes();
+                    t.splice(at..at, p.iter().copied());
+                }
+                2 if at < t.len() => {
+                    let end = (at + 1 + rnd(8)).min(t.len());
+                    t.drain(at..end);
+                }
+                _ => {
+                    let line: Vec<u8> = t[at.min(t.len())..]
+                        .iter()
+                        .take_while(|b| **b != b'\n')
+                        .copied()
+                        .collect();
+                    t.splice(at..at, line.into_iter().chain([b'\n']));
+                }
+            }
+        }
+        let Ok(text) = String::from_utf8(t) else {
+            continue;
+        };
+        if let Err(e) = parse(&text, env) {
+            assert!(!e.to_string().is_empty(), "empty error for {text:?}");
+        }
+    }
 }
