@@ -23,7 +23,7 @@ use crate::config::{self, Config, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_SOCKET};
 /// Runs the agent until a signal ends it.
 pub fn main(args: AgentArgs, socket: Option<PathBuf>) -> anyhow::Result<()> {
     let cfg = config::load(&args.config)?;
-    init_logging();
+    init_logging(cfg.logging.default_filter());
     raise_fd_limit();
     let socket = socket
         .or_else(|| cfg.agent.socket.clone())
@@ -54,8 +54,9 @@ fn raise_fd_limit() {
     }
 }
 
-fn init_logging() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+/// `RUST_LOG`, when set, wins whole; else the file's `logging.level`; else `info`.
+fn init_logging(default_filter: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(crate::logwriter::RedactingStderr)
