@@ -387,11 +387,11 @@ impl Core {
                 *n -= 1;
                 if *n == 0 {
                     obj.refs.remove(r);
-                    if let (Some(h), true) = (obj.held.as_mut(), obj.refs.keys().all(|o| o.field != r.field))
+                    let unused = obj.refs.keys().all(|o| o.field != r.field);
+                    if let (Some(h), true) = (obj.held.as_mut(), unused)
+                        && let Some(Ok(v)) = h.fields.remove(&r.field)
                     {
-                        if let Some(Ok(v)) = h.fields.remove(&r.field) {
-                            Redactor::global().forget(&v);
-                        }
+                        Redactor::global().forget(&v);
                     }
                 }
             }
