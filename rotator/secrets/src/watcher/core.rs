@@ -237,11 +237,12 @@ impl Core {
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break,
+                // Outcomes first: a status asked for after a call returned shows its result.
+                Some(out) = outcomes.recv() => self.outcome(out).await,
                 cmd = commands.recv() => match cmd {
                     Some(cmd) => self.command(cmd),
                     None => break,
                 },
-                Some(out) = outcomes.recv() => self.outcome(out).await,
                 _ = sleep_until_opt(wake) => {}
             }
         }
