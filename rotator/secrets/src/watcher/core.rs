@@ -237,11 +237,12 @@ impl Core {
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break,
+                // Outcomes first: a status asked for after a call returned shows its result.
+                Some(out) = outcomes.recv() => self.outcome(out).await,
                 cmd = commands.recv() => match cmd {
                     Some(cmd) => self.command(cmd),
                     None => break,
                 },
-                Some(out) = outcomes.recv() => self.outcome(out).await,
                 _ = sleep_until_opt(wake) => {}
             }
         }
@@ -387,11 +388,11 @@ impl Core {
                 *n -= 1;
                 if *n == 0 {
                     obj.refs.remove(r);
-                    if let (Some(h), true) = (obj.held.as_mut(), obj.refs.keys().all(|o| o.field != r.field))
+                    let unused = obj.refs.keys().all(|o| o.field != r.field);
+                    if let (Some(h), true) = (obj.held.as_mut(), unused)
+                        && let Some(Ok(v)) = h.fields.remove(&r.field)
                     {
-                        if let Some(Ok(v)) = h.fields.remove(&r.field) {
-                            Redactor::global().forget(&v);
-                        }
+                        Redactor::global().forget(&v);
                     }
                 }
             }

@@ -277,12 +277,14 @@ async fn crash_hang_and_garbage_are_killed_and_restarted_with_backoff() {
             &misbehave(),
             json!({"mode": mode, "bad_starts": 1, "starts_file": starts}),
         );
-        let p = PluginProvider::new("p", settings, limits(Duration::from_millis(800)));
+        let p = PluginProvider::new("p", settings, limits(Duration::from_secs(2)));
         let t = Instant::now();
         let e = p.version(&r("x")).await.err().unwrap();
         assert!(matches!(e, Error::Unavailable { .. }), "{mode}: {e}");
         assert!(e.to_string().contains(reason), "{mode}: {e}");
-        assert!(t.elapsed() < Duration::from_secs(3), "{mode}: {:?}", t.elapsed());
+        // Not the start timeout (10 s): the failure is noticed when it happens (the
+        // margin is for python starting on a loaded machine).
+        assert!(t.elapsed() < Duration::from_secs(8), "{mode}: {:?}", t.elapsed());
         let e = p.version(&r("x")).await.err().unwrap().to_string();
         assert!(e.contains("restarts in"), "{mode}: {e}");
         assert_eq!(p.starts(), 1, "{mode}");
@@ -382,15 +384,25 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Capture {
     }
 }
 
+/// The test binary's log, captured. A process-wide subscriber: a thread-local one misses
+/// events whose callsite interest another test thread registered first.
+fn capture() -> &'static Capture {
+    static CAPTURE: std::sync::OnceLock<Capture> = std::sync::OnceLock::new();
+    CAPTURE.get_or_init(|| {
+        let capture = Capture::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer(capture.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).expect("one global subscriber");
+        capture
+    })
+}
+
 #[tokio::test]
 async fn plugin_stderr_is_logged_through_the_redactor_and_truncated() {
-    let capture = Capture::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(capture.clone())
-        .with_ansi(false)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let capture = capture();
     let dir = tempfile::tempdir().unwrap();
     let settings = pinned(&misbehave(), json!({"starts_file": dir.path().join("starts")}));
     let p = PluginProvider::new("p", settings, limits(Duration::from_secs(5)));
@@ -400,9 +412,15 @@ async fn plugin_stderr_is_logged_through_the_redactor_and_truncated() {
     p.version(&r("ref-with-stderr-secret-to-redact-1")).await.unwrap();
     let long = "L".repeat(10_000);
     p.version(&r(&long)).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let out = loop {
+        let out = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+        if out.contains("truncated=true") || Instant::now() > deadline {
+            break out;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     Redactor::global().forget(&secret);
-    let out = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
     assert!(out.contains("stderr-echo"), "{out}");
     assert!(out.contains("ref-with-[REDACTED]"), "{out}");
     assert!(!out.contains("stderr-secret-to-redact-1"), "{out}");

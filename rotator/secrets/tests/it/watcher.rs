@@ -291,15 +291,23 @@ async fn interval_backs_off_to_4x_and_returns_to_base_after_a_change() {
     fake.set("s", "backoff-value-1");
     let mut run = start(&fake, vec![item("c", &[("S", "s")])], settings(4), dir.path());
     settle(&mut run, 1).await;
+    // After the first poll (a change from nothing), each unchanged poll doubles the
+    // factor up to 4: after n polls in all it is min(2^(n-1), 4).
     let mut seen = Vec::new();
     for _ in 0..6 {
         let before = fake.versions("s");
         while fake.versions("s") == before {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
-        seen.push(factor(&run.watcher).await);
+        // Let the watcher take the poll's outcome.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let n = fake.versions("s") as u32;
+        seen.push((n, factor(&run.watcher).await));
     }
-    assert_eq!(seen, [2, 4, 4, 4, 4, 4]);
+    for (n, f) in &seen {
+        assert_eq!(*f, (1u32 << (n - 1).min(2)), "{seen:?}");
+    }
+    assert_eq!(seen.last().unwrap().1, 4);
     // At 4x, polls are 120 s periods: about 5 in 10 minutes.
     fake.reset_counts();
     tokio::time::sleep(Duration::from_secs(600)).await;
@@ -310,6 +318,7 @@ async fn interval_backs_off_to_4x_and_returns_to_base_after_a_change() {
     while fake.versions("s") == before {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+    tokio::time::sleep(Duration::from_millis(1)).await;
     assert_eq!(factor(&run.watcher).await, 1, "back to base right after a change");
     let snaps = snapshots(events_within(&mut run.rx, Duration::from_secs(5)).await);
     assert_eq!(snaps.len(), 1);
