@@ -32,15 +32,24 @@ pub struct Config {
     /// Manage only containers carrying this label with this value (several agents or
     /// test runs on one engine); `None` manages every `dso.reloader=true` container.
     pub scope: Option<(String, String)>,
+    /// How long the listeners of a service whose containers are all gone (removed, e.g.
+    /// `docker compose down`) keep their ports, with an empty route, before they are
+    /// released: a service recreated within it (`docker compose up --force-recreate`)
+    /// keeps its ports without a gap in ownership.
+    pub release_grace: Duration,
 }
 
+/// Default of [`Config::release_grace`].
+pub const DEFAULT_RELEASE_GRACE: Duration = Duration::from_secs(10);
+
 impl Config {
-    /// Settings with a 10 s stop grace.
+    /// Settings with a 10 s stop grace and a 10 s release grace.
     pub fn new(state_dir: impl Into<PathBuf>) -> Self {
         Config {
             state_dir: state_dir.into(),
             stop_grace: Duration::from_secs(10),
             scope: None,
+            release_grace: DEFAULT_RELEASE_GRACE,
         }
     }
 }
@@ -58,6 +67,8 @@ pub struct RotateRequest {
     pub progress: Option<mpsc::UnboundedSender<Progress>>,
     /// Test hooks.
     pub hooks: Hooks,
+    /// How many later requests were merged into this one (0 for a request on its own).
+    pub merged: u32,
 }
 
 /// The result of a rotation request.
@@ -69,6 +80,17 @@ pub struct RotationReport {
     pub containers: Vec<ContainerReport>,
     /// Milliseconds for the whole request, including time queued.
     pub took_ms: u64,
+    /// Names of the environment variables set in the new containers (values are never
+    /// reported), after merging.
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// How many requests this rotation answers (1 unless later requests were merged).
+    #[serde(default = "one")]
+    pub requests: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 type Outcome = Result<RotationReport, Error>;
@@ -141,21 +163,24 @@ impl<E: Engine> Rotator<E> {
     /// Services with a rotation in progress are left to it.
     pub async fn reconcile(&self) -> Result<Scan, Error> {
         let scan = discovery::scan(&self.inner.engine, self.inner.cfg.scope.as_ref()).await?;
+        let gw = &self.inner.gateway;
         for m in scan.services.values() {
-            if m.spec.ports.is_empty() || self.inner.queue.is_busy(&m.key) {
+            if self.inner.queue.is_busy(&m.key) {
                 continue;
             }
             let timing = rotation::timing(&m.spec, self.inner.cfg.stop_grace);
-            if let Err(e) = self
-                .inner
-                .gateway
-                .install(&m.key, &m.spec.ports, m.members(), timing)
-            {
+            if let Err(e) = gw.install(&m.key, &m.spec.ports, m.members(), timing).await {
                 warn!(service = %m.key, error = %e, "cannot route service");
             }
         }
+        // Services whose containers are all gone: no route now, no port after the grace.
+        let queue = &self.inner.queue;
+        gw.mark_gone(|k| scan.services.contains_key(k) || queue.is_busy(k))
+            .await;
+        gw.release_gone(self.inner.cfg.release_grace);
         Ok(scan)
     }
+
     /// Rotates the service `req.target` names: every container of it, one after the
     /// other. Waits behind a rotation of the same service in progress; requests that
     /// arrive while one already waits are merged into it.
@@ -252,6 +277,8 @@ impl<E: Engine> Rotator<E> {
             service: key,
             containers: reports,
             took_ms: 0,
+            env: req.env.iter().map(|(k, _)| k.clone()).collect(),
+            requests: req.merged.saturating_add(1),
         })
     }
 
@@ -263,6 +290,11 @@ impl<E: Engine> Rotator<E> {
     ) -> Result<ContainerReport, Error> {
         let inner = &self.inner;
         let strategy = strategy::resolve(&m.key, &blue, &m.spec, req.strategy)?;
+        if matches!(strategy, Strategy::Rolling | Strategy::Restart) {
+            // Without its listeners a rotation neither holds nor swaps: clients would be
+            // cut off while the report says zero downtime.
+            inner.gateway.check_bound(&m.key, &m.spec.ports)?;
+        }
         let n = inner.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let rotation = format!("{:x}{n}", now_ms());
         match strategy {
@@ -301,7 +333,8 @@ impl<E: Engine> Rotator<E> {
                                 let timing = rotation::timing(&now.spec, inner.cfg.stop_grace);
                                 inner
                                     .gateway
-                                    .install(&m.key, &now.spec.ports, now.members(), timing)?;
+                                    .install(&m.key, &now.spec.ports, now.members(), timing)
+                                    .await?;
                             }
                             // A restart may have left the listeners holding.
                             inner.gateway.resume(&m.key)?;
@@ -310,10 +343,20 @@ impl<E: Engine> Rotator<E> {
                     }
                 }
             }
+            Strategy::Signal | Strategy::None if !req.env.is_empty() => Err(Error::Refused {
+                service: m.key.to_string(),
+                strategy: strategy.to_string(),
+                reason: format!(
+                    "--env values ({}) need a new container, and {strategy} keeps the running one",
+                    req.env
+                        .iter()
+                        .map(|(k, _)| k.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                hint: "use --strategy rolling or restart, or leave out --env".to_owned(),
+            }),
             Strategy::Signal => {
-                if !req.env.is_empty() {
-                    warn!(service = %m.key, "signal strategy: new environment values need a new container and are not applied");
-                }
                 inner.engine.signal(&blue.id, &m.spec.signal).await?;
                 let p = Progress {
                     rotation: rotation.clone(),
@@ -350,19 +393,36 @@ impl<E: Engine> Rotator<E> {
 }
 
 /// Later requests win: their environment values replace earlier ones of the same name,
-/// and a strategy they name replaces the earlier one.
+/// and a strategy they name replaces the earlier one, except that a strategy that cannot
+/// apply environment values (`signal`, `none`) never replaces one that can while values
+/// are pending: the values of the earlier callers are not dropped. Every caller receives
+/// the merged rotation's report, which names the variables applied and the requests
+/// merged.
 fn merge(a: &mut RotateRequest, b: RotateRequest) {
     for (k, v) in b.env {
         a.env.retain(|(x, _)| *x != k);
         a.env.push((k, v));
     }
-    if b.strategy.is_some() {
-        a.strategy = b.strategy;
+    a.merged = a.merged.saturating_add(b.merged.max(1));
+    if let Some(s) = b.strategy {
+        let drops_env = !a.env.is_empty() && !replaces_container(s);
+        if drops_env && a.strategy.is_none_or(replaces_container) {
+            warn!(strategy = %s, "merged request: --strategy {s} cannot apply the pending --env values; keeping the strategy that replaces the container");
+        } else {
+            a.strategy = Some(s);
+        }
     }
     if a.progress.is_none() {
         a.progress = b.progress;
     }
 }
+
+/// Whether `s` creates a new container (and so can apply environment values). `auto`
+/// resolves to `rolling` or `restart`.
+fn replaces_container(s: Strategy) -> bool {
+    matches!(s, Strategy::Rolling | Strategy::Restart | Strategy::Auto)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -567,5 +627,73 @@ mod tests {
         assert_eq!(calls(&r), ["signal blue SIGHUP"]);
         r.rotate(req(Strategy::None)).await.unwrap();
         assert_eq!(calls(&r).len(), 1);
+    }
+
+    #[test]
+    fn a_later_strategy_that_cannot_apply_env_values_does_not_drop_them() {
+        let req = |s: Option<Strategy>, env: &[(&str, &str)]| RotateRequest {
+            target: "web".into(),
+            strategy: s,
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            ..Default::default()
+        };
+        let mut a = req(Some(Strategy::Rolling), &[("K", "1")]);
+        merge(&mut a, req(Some(Strategy::Signal), &[]));
+        assert_eq!(a.strategy, Some(Strategy::Rolling));
+        assert_eq!(a.env, vec![("K".to_owned(), "1".to_owned())]);
+        merge(&mut a, req(Some(Strategy::Restart), &[("K", "2"), ("L", "3")]));
+        assert_eq!(
+            a.strategy,
+            Some(Strategy::Restart),
+            "a later replacing strategy wins"
+        );
+        assert_eq!(a.env.len(), 2);
+        assert_eq!(a.merged, 2);
+        // Without pending values the later strategy wins as before.
+        let mut b = req(None, &[]);
+        merge(&mut b, req(Some(Strategy::Signal), &[]));
+        assert_eq!(b.strategy, Some(Strategy::Signal));
+    }
+
+    #[tokio::test]
+    async fn env_values_with_a_strategy_that_keeps_the_container_are_refused() {
+        let f = Fake::default();
+        f.add("blue", "web", LABELS, true);
+        let (r, _dir) = rotator(f).await;
+        for s in [Strategy::Signal, Strategy::None] {
+            let err = r
+                .rotate(RotateRequest {
+                    target: "web".into(),
+                    strategy: Some(s),
+                    env: vec![("TOKEN".into(), "v".into())],
+                    ..Default::default()
+                })
+                .await
+                .unwrap_err();
+            let msg = err.to_string();
+            assert!(
+                matches!(err, Error::Refused { .. }) && msg.contains("TOKEN"),
+                "{msg}"
+            );
+            assert!(!msg.contains("=v"), "no value in the error: {msg}");
+        }
+        assert!(calls(&r).is_empty(), "{:?}", calls(&r));
+    }
+
+    #[tokio::test]
+    async fn the_report_names_the_variables_applied() {
+        let f = Fake::default();
+        f.add("blue", "web", LABELS, true);
+        let (r, _dir) = rotator(f).await;
+        let rep = r
+            .rotate(RotateRequest {
+                target: "web".into(),
+                env: vec![("A".into(), "1".into())],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(rep.env, ["A"]);
+        assert_eq!(rep.requests, 1);
     }
 }

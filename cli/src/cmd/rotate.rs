@@ -137,6 +137,9 @@ pub fn status(args: StatusArgs, socket: PathBuf) -> anyhow::Result<()> {
                 s.ports.join(","),
                 container
             );
+            if let Some(e) = &s.error {
+                println!("  error: {e}");
+            }
         }
         Ok(())
     })
