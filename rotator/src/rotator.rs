@@ -429,6 +429,7 @@ mod tests {
     use crate::engine::DockerHealth;
     use crate::fake::Fake;
     use dso_proxy::ProxyConfig;
+    use std::collections::BTreeMap;
 
     const LABELS: &[(&str, &str)] = &[
         ("dso.reloader", "true"),
@@ -695,5 +696,204 @@ mod tests {
             .unwrap();
         assert_eq!(rep.env, ["A"]);
         assert_eq!(rep.requests, 1);
+    }
+
+    #[tokio::test]
+    async fn a_hung_exec_probe_fails_a_restart_frees_the_service_and_restores_blue() {
+        let f = Fake {
+            exec_hangs: true,
+            ..Default::default()
+        };
+        let mut labels = LABELS.to_vec();
+        labels.push(("dso.health.exec", "/probe"));
+        labels.push(("dso.update.strategy", "restart"));
+        f.add("blue", "web", &labels, true);
+        let (r, _dir) = rotator(f).await;
+        let key = ServiceKey::of("web", &Default::default());
+        let req = || RotateRequest {
+            target: "web".into(),
+            ..Default::default()
+        };
+        let err = tokio::time::timeout(Duration::from_secs(10), r.rotate(req()))
+            .await
+            .expect("the rotation ends by the health deadline")
+            .unwrap_err();
+        assert!(matches!(err, Error::Unhealthy { .. }), "{err}");
+        assert!(err.to_string().contains("probe"), "{err}");
+        assert_eq!(r.engine().names(), vec![("web".to_owned(), true)], "blue back");
+        assert_eq!(r.gateway().members(&key)[0].id, "blue");
+        assert!(!r.gateway().listeners(&key)[0].is_paused(), "hold ended");
+        assert!(!r.inner.queue.is_busy(&key));
+        // The lock is free: the next rotation runs (and fails the same way) at once.
+        let again = tokio::time::timeout(Duration::from_secs(10), r.rotate(req())).await;
+        assert!(again.is_ok(), "second rotation not blocked");
+    }
+
+    #[tokio::test]
+    async fn restart_with_replicas_takes_the_member_out_and_holds_only_for_the_last() {
+        let f = Fake::default();
+        let mut labels = LABELS.to_vec();
+        labels.push(("com.docker.compose.project", "p"));
+        labels.push(("com.docker.compose.service", "web"));
+        labels.push(("dso.update.strategy", "restart"));
+        f.add("blue1", "p-web-1", &labels, true);
+        f.add("blue2", "p-web-2", &labels, true);
+        // Distinct addresses, so the route shows which member is in.
+        f.containers.lock().unwrap().get_mut("blue2").unwrap().networks =
+            BTreeMap::from([("bridge".to_owned(), Some("127.0.0.10".parse().unwrap()))]);
+        let (r, _dir) = rotator(f).await;
+        let key = ServiceKey {
+            project: "p".into(),
+            service: "web".into(),
+        };
+        assert_eq!(r.gateway().members(&key).len(), 2);
+        let rep = r
+            .rotate(RotateRequest {
+                target: "p/web".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let paused: Vec<&str> = rep
+            .containers
+            .iter()
+            .map(|c| {
+                c.steps
+                    .iter()
+                    .find(|s| s.step == Step::Paused)
+                    .unwrap()
+                    .detail
+                    .as_str()
+            })
+            .collect();
+        assert!(
+            paused[0].contains("taken out of the route; 1 other"),
+            "{paused:?}"
+        );
+        assert!(paused[1].contains("taken out of the route"), "{paused:?}");
+        let l = &r.gateway().listeners(&key)[0];
+        assert!(!l.is_paused());
+        assert_eq!(l.snapshot().counters.held, 0);
+        let ids: Vec<String> = r.gateway().members(&key).into_iter().map(|m| m.id).collect();
+        assert_eq!(ids.len(), 2);
+        assert!(ids.iter().all(|i| i.starts_with("green")), "{ids:?}");
+    }
+
+    #[tokio::test]
+    async fn a_service_without_its_listener_refuses_to_rotate_and_status_says_why() {
+        // Something else holds the port the label names.
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = taken.local_addr().unwrap().port();
+        let ports = format!("127.0.0.1:{port}:8080");
+        let f = Fake::default();
+        f.add(
+            "blue",
+            "web",
+            &[
+                ("dso.reloader", "true"),
+                ("dso.host_ports", &ports),
+                ("dso.update.strategy", "restart"),
+            ],
+            true,
+        );
+        let (r, _dir) = rotator(f).await;
+        let err = r
+            .rotate(RotateRequest {
+                target: "web".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("no listener") && msg.contains(&port.to_string()),
+            "{msg}"
+        );
+        assert!(calls(&r).is_empty(), "nothing stopped: {:?}", calls(&r));
+        let st = r.status().await.unwrap();
+        assert!(st[0].error.as_ref().unwrap().contains("cannot listen"), "{st:?}");
+    }
+
+    #[tokio::test]
+    async fn an_overflowing_label_is_an_error_of_that_service_only() {
+        let f = Fake::default();
+        f.add("blue", "web", LABELS, true);
+        f.add(
+            "bad",
+            "db",
+            &[
+                ("dso.reloader", "true"),
+                ("dso.host_ports", "127.0.0.1:0:5432"),
+                ("dso.health.timeout", "18446744073709551615s"),
+            ],
+            true,
+        );
+        let (r, _dir) = rotator(f).await;
+        let st = r.status().await.unwrap();
+        let db = st.iter().find(|s| s.service.service == "db").unwrap();
+        let e = db.error.as_deref().unwrap();
+        assert!(e.contains("dso.health.timeout") && e.contains("maximum"), "{e}");
+        let web = st.iter().find(|s| s.service.service == "web").unwrap();
+        assert!(web.error.is_none());
+        assert_eq!(web.containers.len(), 1);
+        r.rotate(RotateRequest {
+            target: "web".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn no_running_member_clears_the_route_and_a_gone_service_releases_its_port() {
+        let f = Fake::default();
+        f.add("blue", "web", LABELS, true);
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = Config::new(dir.path());
+        cfg.release_grace = Duration::from_millis(300);
+        let (r, _) = Rotator::start(f, Proxy::new(ProxyConfig::default()), cfg)
+            .await
+            .unwrap();
+        let key = ServiceKey::of("web", &Default::default());
+        let addr = r.gateway().listeners(&key)[0].local_addr();
+        assert_eq!(r.gateway().listeners(&key)[0].snapshot().backends.len(), 1);
+        r.engine()
+            .containers
+            .lock()
+            .unwrap()
+            .get_mut("blue")
+            .unwrap()
+            .running = false;
+        r.reconcile().await.unwrap();
+        let l = r.gateway().listeners(&key)[0].clone();
+        assert!(l.snapshot().backends.is_empty(), "stopped blue is not dialed");
+        assert_eq!(l.local_addr(), addr, "same port kept");
+        // A client is closed at once (no backend), not held or dialed anywhere.
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 1];
+        let n = tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio::io::AsyncReadExt::read(&mut c, &mut buf),
+        )
+        .await
+        .expect("closed promptly");
+        assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+        r.engine().containers.lock().unwrap().clear();
+        r.reconcile().await.unwrap();
+        assert_eq!(r.gateway().services(), vec![key.clone()], "kept during the grace");
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        r.reconcile().await.unwrap();
+        assert!(r.gateway().services().is_empty());
+        assert!(r.gateway().proxy().listeners().is_empty());
+        // The socket closes once its accept loop has seen the stop.
+        let mut bound = std::net::TcpListener::bind(addr);
+        for _ in 0..100 {
+            if bound.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            bound = std::net::TcpListener::bind(addr);
+        }
+        bound.expect("port released");
     }
 }
