@@ -175,8 +175,8 @@ async fn a_clone_keeps_every_setting_of_the_table() {
     };
     assert_eq!(nets(&g), nets(&b), "networks and aliases");
     assert_eq!(nets(&b).len(), 2);
-    e.remove(&green).await.unwrap();
-    e.remove(&id).await.unwrap();
+    // -v: the anonymous volume goes too (World's drop would also remove both).
+    w.docker(&["rm", "-fv", &green, &id]).unwrap();
 }
 
 #[tokio::test]

@@ -5,6 +5,7 @@
 mod clone;
 mod crash;
 mod engine;
+mod lifecycle;
 mod rotate;
 mod support;
 mod timing;
