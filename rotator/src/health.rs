@@ -53,16 +53,24 @@ pub async fn wait<E: Engine>(engine: &E, id: &str, check: &HealthCheck) -> Resul
     // Label durations are bounded (a week), so the sum fits; should it not, the wait ends
     // after one round instead of panicking.
     let deadline = started.checked_add(check.timeout).unwrap_or(started);
+    let mut previous: Option<String> = None;
     loop {
         // Every round, exec probe and engine calls included, ends by the deadline: a hung
         // probe fails the wait instead of stalling the rotation.
         let left = deadline.saturating_duration_since(Instant::now());
         let round = tokio::time::timeout(left, probe(engine, id, check, left)).await;
         let last = match round {
-            Err(_) => format!(
-                "a check round did not finish within the {} ms left (hung exec probe or daemon)",
-                left.as_millis()
-            ),
+            Err(_) => {
+                let cut = format!(
+                    "a check round did not finish within the {} ms left (hung exec probe or daemon)",
+                    left.as_millis()
+                );
+                // A round the deadline cut short says less than the one before it.
+                match previous.take() {
+                    Some(p) => format!("{p}; then {cut}"),
+                    None => cut,
+                }
+            }
             Ok(r) => match r? {
                 Ok(ip) => {
                     let waited = started.elapsed();
@@ -76,6 +84,7 @@ pub async fn wait<E: Engine>(engine: &E, id: &str, check: &HealthCheck) -> Resul
                 Err(why) => why,
             },
         };
+        previous = Some(last.clone());
         if Instant::now() >= deadline {
             return Err(Error::Unhealthy {
                 container: short(id).to_owned(),
@@ -123,7 +132,12 @@ async fn probe<E: Engine>(
         }
     }
     if let Some(cmd) = &check.exec {
-        let code = match engine.exec(id, cmd, left).await {
+        // The round's own deadline (in `wait`) ends a hung exec first, keeping the result
+        // of the round before; the engine's deadline is the backstop.
+        let code = match engine
+            .exec(id, cmd, left.saturating_add(Duration::from_secs(1)))
+            .await
+        {
             Ok(code) => code,
             Err(e) => return Ok(Err(format!("probe {cmd:?}: {e}"))),
         };

@@ -399,18 +399,28 @@ impl<E: Engine> Rotator<E> {
 /// the merged rotation's report, which names the variables applied and the requests
 /// merged.
 fn merge(a: &mut RotateRequest, b: RotateRequest) {
+    a.merged = a.merged.saturating_add(b.merged.max(1));
+    let brings_env = !b.env.is_empty();
     for (k, v) in b.env {
         a.env.retain(|(x, _)| *x != k);
         a.env.push((k, v));
     }
-    a.merged = a.merged.saturating_add(b.merged.max(1));
-    if let Some(s) = b.strategy {
-        let drops_env = !a.env.is_empty() && !replaces_container(s);
-        if drops_env && a.strategy.is_none_or(replaces_container) {
+    match b.strategy {
+        Some(s)
+            if !a.env.is_empty() && !replaces_container(s) && a.strategy.is_none_or(replaces_container) =>
+        {
             warn!(strategy = %s, "merged request: --strategy {s} cannot apply the pending --env values; keeping the strategy that replaces the container");
-        } else {
-            a.strategy = Some(s);
         }
+        Some(s) => a.strategy = Some(s),
+        // Values arrive for a waiting request that keeps the container: the later request
+        // (which named no strategy) gets the label's, which can apply them.
+        None if brings_env && a.strategy.is_some_and(|s| !replaces_container(s)) => {
+            warn!(
+                "merged request: --env values arrived; the earlier request's strategy cannot apply them and is dropped for the label's"
+            );
+            a.strategy = None;
+        }
+        None => {}
     }
     if a.progress.is_none() {
         a.progress = b.progress;
@@ -654,6 +664,10 @@ mod tests {
         let mut b = req(None, &[]);
         merge(&mut b, req(Some(Strategy::Signal), &[]));
         assert_eq!(b.strategy, Some(Strategy::Signal));
+        // Values arriving after a signal request: the label's strategy applies them.
+        merge(&mut b, req(None, &[("K", "1")]));
+        assert_eq!(b.strategy, None);
+        assert_eq!(b.env.len(), 1);
     }
 
     #[tokio::test]

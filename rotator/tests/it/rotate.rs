@@ -283,7 +283,12 @@ fn queued_requests_are_coalesced_not_dropped() {
             &merged[0],
         ])
         .unwrap();
-    assert!(ip.lines().any(|l| l == "N=3"), "the last value wins: {ip}");
+    // Requests 2-4 reach the queue in whatever order their scans finish: the value of the
+    // one merged last wins, and it is one of them.
+    assert!(
+        ip.lines().any(|l| l == "N=1" || l == "N=3"),
+        "a merged value applied: {ip}"
+    );
 }
 
 #[test]
