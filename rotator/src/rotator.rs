@@ -910,4 +910,26 @@ mod tests {
         }
         bound.expect("port released");
     }
+
+    #[tokio::test]
+    async fn a_listener_left_in_the_proxy_is_swapped_to_the_members_not_reused_as_is() {
+        let f = Fake::default();
+        f.add("blue", "web", LABELS, true);
+        let proxy = Proxy::new(ProxyConfig::default());
+        // Left by an earlier install that failed half-way: right name, stale route.
+        let stale = dso_proxy::Backend::labeled("127.0.0.200:8080".parse().unwrap(), "stale");
+        proxy
+            .add_listener(dso_proxy::ListenerConfig::new(
+                "web:8080".to_owned(),
+                "127.0.0.1:0".parse().unwrap(),
+                vec![stale],
+            ))
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (r, _) = Rotator::start(f, proxy, Config::new(dir.path())).await.unwrap();
+        let key = ServiceKey::of("web", &Default::default());
+        let snap = r.gateway().listeners(&key)[0].snapshot();
+        let addrs: Vec<String> = snap.backends.iter().map(|b| b.addr.to_string()).collect();
+        assert_eq!(addrs, ["127.0.0.9:8080"], "routed to blue, not the stale backend");
+    }
 }

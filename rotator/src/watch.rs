@@ -60,7 +60,7 @@ impl<E: Engine> Rotator<E> {
                 () = stop.cancelled() => return,
                 () = tokio::time::sleep(backoff) => {}
             }
-            backoff = (backoff * 2).min(Duration::from_secs(10));
+            backoff = backoff.saturating_mul(2).min(Duration::from_secs(10));
         }
     }
 }
