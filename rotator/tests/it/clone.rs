@@ -315,3 +315,41 @@ fn the_image_name_survives_rotations_and_keeps_a_database_on_restart() {
         }
     }
 }
+
+#[test]
+fn a_retagged_image_name_is_not_picked_up_the_clone_runs_blues_image_id() {
+    let w = World::new();
+    let app = format!("{}/app:1", w.run);
+    w.docker(&["tag", &image(), &app]).unwrap();
+    let _tag = Tag(app.clone());
+    let mut svc = Svc::new("web");
+    svc.image = Some(app.clone());
+    let blue = w.start(&svc);
+    let blue_image = w.docker(&["inspect", "-f", "{{.Image}}", &blue]).unwrap();
+    // Another image under the same name: a commit of blue has a new ID.
+    let other = w
+        .docker(&["commit", "--change", "LABEL retagged=1", &blue])
+        .unwrap();
+    w.docker(&["tag", &other, &app]).unwrap();
+    let _other = Tag(other.clone());
+    assert_ne!(other, blue_image);
+    let agent = Agent::start(&w);
+    let report = agent
+        .rt
+        .block_on(agent.rotator.rotate(RotateRequest {
+            target: format!("{}/web", w.run),
+            ..Default::default()
+        }))
+        .unwrap();
+    let green = &report.containers[0].new_id;
+    assert_eq!(
+        w.docker(&["inspect", "-f", "{{.Image}}", green]).unwrap(),
+        blue_image,
+        "green runs blue's image, not the retagged one"
+    );
+    assert_eq!(
+        w.docker(&["inspect", "-f", "{{.Config.Image}}", green]).unwrap(),
+        blue_image,
+        "created by ID, since the name now names another image"
+    );
+}
