@@ -303,6 +303,7 @@ async fn dso_rotate_prints_steps_and_status_shows_the_result() {
         "blue_removed",
         "green_renamed",
         "total ",
+        "environment set: K",
     ] {
         assert!(text.contains(step), "{step} missing in:\n{text}");
     }
