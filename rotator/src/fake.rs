@@ -23,6 +23,8 @@ pub(crate) struct Fake {
     /// How many times the managed containers were listed (one per scan).
     pub lists: std::sync::atomic::AtomicUsize,
     pub seq: Mutex<u32>,
+    /// Makes `exec` never answer (a hung probe); the caller's timeout ends it.
+    pub exec_hangs: bool,
 }
 
 impl Fake {
@@ -40,6 +42,7 @@ impl Fake {
             health: DockerHealth::Healthy,
             networks: BTreeMap::from([("bridge".to_owned(), Some("127.0.0.9".parse().unwrap()))]),
             publishes_ports: false,
+            auto_remove: false,
             mounts: vec![],
         };
         self.containers.lock().unwrap().insert(id.to_owned(), c);
@@ -174,8 +177,15 @@ impl Engine for Fake {
         })
     }
 
-    fn exec<'a>(&'a self, _id: &'a str, _cmd: &'a [String]) -> Fut<'a, i64> {
-        Box::pin(async move { Ok(0) })
+    fn exec<'a>(&'a self, id: &'a str, _cmd: &'a [String], timeout: Duration) -> Fut<'a, i64> {
+        Box::pin(async move {
+            self.call(format!("exec {id}"));
+            if self.exec_hangs {
+                tokio::time::sleep(timeout).await;
+                return Err(EngineError::new("exec", "timed out (fake)"));
+            }
+            Ok(0)
+        })
     }
 
     fn events(&self) -> EventStream {

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use dso_proxy::{Backend, Listener, ListenerConfig, Proxy, Swap};
 use tracing::info;
@@ -50,6 +50,8 @@ struct Routed {
     ports: Vec<PortMap>,
     listeners: Vec<Listener>,
     members: Vec<Member>,
+    /// When the service stopped being listed (all its containers removed), if it did.
+    gone_since: Option<Instant>,
 }
 
 /// The listeners of every managed service.
@@ -57,6 +59,11 @@ struct Routed {
 pub struct Gateway {
     proxy: Proxy,
     services: Mutex<BTreeMap<ServiceKey, Routed>>,
+    /// Services whose listeners could not be bound, with the reason.
+    unbound: Mutex<BTreeMap<ServiceKey, String>>,
+    /// One install (or clearing) at a time: the route changes of one service are not
+    /// interleaved, while the map lock is never held across an await.
+    installing: tokio::sync::Mutex<()>,
 }
 
 /// The listener name of a service's container port.
@@ -64,12 +71,18 @@ pub fn listener_name(service: &ServiceKey, container_port: u16) -> String {
     format!("{service}:{container_port}")
 }
 
+/// How long a rebind of a cleared listener's own address is retried while the old socket
+/// closes (its accept loop ends asynchronously after `remove_listener`).
+const REBIND_WAIT: Duration = Duration::from_secs(2);
+
 impl Gateway {
     /// A gateway over `proxy`.
     pub fn new(proxy: Proxy) -> Self {
         Gateway {
             proxy,
             services: Mutex::new(BTreeMap::new()),
+            unbound: Mutex::new(BTreeMap::new()),
+            installing: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -78,58 +91,260 @@ impl Gateway {
         &self.proxy
     }
 
-    /// Makes the service's listeners exist and route to `members`. Listeners are created
-    /// once and never closed while the service is managed; a changed member set is a swap.
-    /// An empty member set leaves the current route alone.
-    pub fn install(
+    /// Makes the service's listeners exist on exactly `ports` and route to exactly
+    /// `members`. A changed member set is a swap; an empty one clears the route (the
+    /// listener keeps its port and closes new connections at once: no address of a
+    /// container that stopped or was removed is dialed). Ports that left the label are
+    /// released, new ones bound. A listener of the same name found in the proxy (left by
+    /// an install that failed half-way) is rebuilt or swapped, never trusted as is. When
+    /// a port cannot be bound, the listeners this call bound are released again and the
+    /// error is remembered for [`Gateway::check_bound`].
+    pub async fn install(
         &self,
         key: &ServiceKey,
         ports: &[PortMap],
         members: Vec<Member>,
         timing: Timing,
     ) -> Result<(), Error> {
-        let mut services = self.lock();
-        if let Some(r) = services.get_mut(key) {
-            if r.members == members || members.is_empty() {
-                return Ok(());
+        let _one = self.installing.lock().await;
+        let result = self.install_inner(key, ports, members, timing).await;
+        let mut unbound = self.unbound.lock().unwrap_or_else(|e| e.into_inner());
+        match &result {
+            Ok(()) => {
+                unbound.remove(key);
             }
-            for (p, l) in r.ports.iter().zip(&r.listeners) {
-                l.swap(
-                    members.iter().map(|m| m.backend(p.container)).collect(),
-                    Some(timing.drain),
-                )?;
+            Err(e) => {
+                unbound.insert(key.clone(), e.to_string());
             }
-            info!(service = %key, members = ?members.iter().map(|m| short(&m.id)).collect::<Vec<_>>(), "route updated");
-            r.members = members;
+        }
+        result
+    }
+
+    async fn install_inner(
+        &self,
+        key: &ServiceKey,
+        ports: &[PortMap],
+        members: Vec<Member>,
+        timing: Timing,
+    ) -> Result<(), Error> {
+        let existing = self
+            .lock()
+            .get(key)
+            .map(|r| (r.ports.clone(), r.listeners.clone(), r.members.clone()));
+        if let Some((old_ports, mut listeners, old_members)) = existing {
+            if old_ports == ports {
+                let mut result = Ok(());
+                if old_members != members {
+                    for (p, l) in old_ports.iter().zip(listeners.iter_mut()) {
+                        match self.route(l, &members, p.container, timing.drain).await {
+                            Ok(new) => *l = new,
+                            Err(e) => result = Err(e),
+                        }
+                    }
+                    if result.is_ok() {
+                        info!(service = %key, members = ?members.iter().map(|m| short(&m.id)).collect::<Vec<_>>(), "route updated");
+                    }
+                }
+                if let Some(r) = self.lock().get_mut(key) {
+                    r.gone_since = None;
+                    r.listeners = listeners;
+                    if result.is_ok() {
+                        r.members = members;
+                    }
+                }
+                return result;
+            }
+            // Ports changed (a recreated container with a new dso.host_ports): release the
+            // old listeners, then bind the new set below.
+            self.lock().remove(key);
+            for l in &listeners {
+                let _ = self.proxy.remove_listener(l.name());
+            }
+            info!(service = %key, old = ?old_ports.iter().map(ToString::to_string).collect::<Vec<_>>(), new = ?ports.iter().map(ToString::to_string).collect::<Vec<_>>(), "ports changed; listeners rebound");
+        }
+        if ports.is_empty() {
             return Ok(());
         }
         let mut listeners = Vec::new();
         for p in ports {
-            let name = listener_name(key, p.container);
-            let mut cfg = ListenerConfig::new(
-                name.clone(),
-                SocketAddr::new(p.bind, p.host),
-                members.iter().map(|m| m.backend(p.container)).collect(),
-            );
-            cfg.drain_timeout = timing.drain;
-            cfg.hold_max = timing.hold_max;
-            // A listener left by an earlier adoption of the same service is reused.
-            let l = match self.proxy.listener(&name) {
-                Ok(l) => l,
-                Err(_) => self.proxy.add_listener(cfg)?,
-            };
-            listeners.push(l);
+            match self.bind(key, p, &members, timing).await {
+                Ok(l) => listeners.push(l),
+                Err(e) => {
+                    for l in &listeners {
+                        let _ = self.proxy.remove_listener(l.name());
+                    }
+                    return Err(e);
+                }
+            }
         }
         info!(service = %key, ports = ?ports.iter().map(ToString::to_string).collect::<Vec<_>>(), "listening for service");
-        services.insert(
+        self.lock().insert(
             key.clone(),
             Routed {
                 ports: ports.to_vec(),
                 listeners,
                 members,
+                gone_since: None,
             },
         );
         Ok(())
+    }
+
+    /// The listener of port `p` routing to `members`: a new one, or the one of that name
+    /// the proxy has already when it is bound where `p` says (then swapped or cleared).
+    async fn bind(
+        &self,
+        key: &ServiceKey,
+        p: &PortMap,
+        members: &[Member],
+        timing: Timing,
+    ) -> Result<Listener, Error> {
+        let name = listener_name(key, p.container);
+        if let Ok(l) = self.proxy.listener(&name) {
+            let a = l.local_addr();
+            if a.ip() == p.bind && (p.host == 0 || a.port() == p.host) {
+                return self.route(&l, members, p.container, timing.drain).await;
+            }
+            let _ = self.proxy.remove_listener(&name);
+        }
+        let mut cfg = ListenerConfig::new(
+            name,
+            SocketAddr::new(p.bind, p.host),
+            members.iter().map(|m| m.backend(p.container)).collect(),
+        );
+        cfg.drain_timeout = timing.drain;
+        cfg.hold_max = timing.hold_max;
+        Ok(self.proxy.add_listener(cfg)?)
+    }
+
+    /// Routes `l` to `members`: a swap, or for no member a listener with an empty route
+    /// on the same address. Returns the listener now in place.
+    async fn route(
+        &self,
+        l: &Listener,
+        members: &[Member],
+        port: u16,
+        drain: Duration,
+    ) -> Result<Listener, Error> {
+        if !members.is_empty() {
+            l.swap(members.iter().map(|m| m.backend(port)).collect(), Some(drain))?;
+            return Ok(l.clone());
+        }
+        if l.snapshot().backends.is_empty() {
+            return Ok(l.clone());
+        }
+        // dso-proxy refuses a swap to no backend, so the listener is replaced by one on
+        // the same address with an empty route (new connections are closed at once).
+        // The port refuses connections for the moment the old socket takes to close (its
+        // accept loop ends asynchronously).
+        let mut cfg = l.config().clone();
+        cfg.listen = l.local_addr();
+        cfg.backends = Vec::new();
+        self.proxy.remove_listener(l.name())?;
+        let started = Instant::now();
+        loop {
+            match self.proxy.add_listener(cfg.clone()) {
+                Ok(new) => {
+                    info!(listener = %cfg.name, waited_ms = started.elapsed().as_millis() as u64, "no running member: route cleared");
+                    return Ok(new);
+                }
+                Err(e) if started.elapsed() < REBIND_WAIT => {
+                    tracing::debug!(error = %e, "rebinding cleared listener");
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Marks every routed service for which `listed` is false gone: its route is cleared
+    /// at once (its containers no longer exist), and its listeners are released by
+    /// [`Gateway::release_gone`] once it has been gone for the grace period.
+    pub async fn mark_gone(&self, listed: impl Fn(&ServiceKey) -> bool) {
+        let _one = self.installing.lock().await;
+        let newly: Vec<(ServiceKey, Vec<PortMap>, Vec<Listener>)> = self
+            .lock()
+            .iter_mut()
+            .filter(|(k, r)| !listed(k) && r.gone_since.is_none())
+            .map(|(k, r)| {
+                r.gone_since = Some(Instant::now());
+                r.members.clear();
+                (k.clone(), r.ports.clone(), r.listeners.clone())
+            })
+            .collect();
+        for (key, ports, mut listeners) in newly {
+            info!(service = %key, "service has no container any more; route cleared, listeners released after the grace period");
+            for (p, l) in ports.iter().zip(listeners.iter_mut()) {
+                match self.route(l, &[], p.container, Duration::ZERO).await {
+                    Ok(new) => *l = new,
+                    Err(e) => tracing::warn!(service = %key, error = %e, "cannot clear the route"),
+                }
+            }
+            if let Some(r) = self.lock().get_mut(&key) {
+                r.listeners = listeners;
+            }
+        }
+    }
+
+    /// Releases the listeners (closes the ports) of services gone for at least `grace`.
+    /// Returns the services released.
+    pub fn release_gone(&self, grace: Duration) -> Vec<ServiceKey> {
+        let mut services = self.lock();
+        let expired: Vec<ServiceKey> = services
+            .iter()
+            .filter(|(_, r)| r.gone_since.is_some_and(|t| t.elapsed() >= grace))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in &expired {
+            if let Some(r) = services.remove(key) {
+                for l in &r.listeners {
+                    let _ = self.proxy.remove_listener(l.name());
+                }
+                info!(service = %key, "service gone: listeners released");
+            }
+        }
+        expired
+    }
+
+    /// Whether some service waits for [`Gateway::release_gone`].
+    pub fn has_gone(&self) -> bool {
+        self.lock().values().any(|r| r.gone_since.is_some())
+    }
+
+    /// An error when the service has ports but not all of its listeners: a rotation would
+    /// then neither hold nor swap, and report no downtime while clients are cut off.
+    pub fn check_bound(&self, key: &ServiceKey, ports: &[PortMap]) -> Result<(), Error> {
+        if ports.is_empty() {
+            return Ok(());
+        }
+        let bound = self.lock().get(key).is_some_and(|r| r.ports == ports);
+        if bound {
+            return Ok(());
+        }
+        let why = self
+            .unbound
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .cloned()
+            .unwrap_or_else(|| "not bound yet".to_owned());
+        Err(Error::Proxy(format!(
+            "service {key} has no listener on {}: {why}; a rotation could not hold or swap its clients (free the port, or fix dso.host_ports)",
+            ports
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )))
+    }
+
+    /// Why the service's listeners could not be bound, if they could not.
+    pub fn bind_error(&self, key: &ServiceKey) -> Option<String> {
+        self.unbound
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .cloned()
     }
 
     /// Replaces member `old` (or adds when absent) by `new` on every listener of the
@@ -158,6 +373,25 @@ impl Gateway {
         }
         r.members = members;
         Ok(swaps)
+    }
+
+    /// Takes member `id` out of the service's route when other members remain (they
+    /// serve its new connections; its open ones drain for `drain`). Returns `false`, and
+    /// changes nothing, when `id` is the last member: then the caller holds instead.
+    pub fn take_out(&self, key: &ServiceKey, id: &str, drain: Duration) -> Result<bool, Error> {
+        let mut services = self.lock();
+        let Some(r) = services.get_mut(key) else {
+            return Ok(false);
+        };
+        let rest: Vec<Member> = r.members.iter().filter(|m| m.id != id).cloned().collect();
+        if rest.is_empty() {
+            return Ok(false);
+        }
+        for (p, l) in r.ports.iter().zip(&r.listeners) {
+            l.swap(rest.iter().map(|m| m.backend(p.container)).collect(), Some(drain))?;
+        }
+        r.members = rest;
+        Ok(true)
     }
 
     /// Holds new connections on every listener of the service.

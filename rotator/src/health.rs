@@ -50,20 +50,41 @@ pub struct Healthy {
 /// Waits until container `id` is healthy per `check`.
 pub async fn wait<E: Engine>(engine: &E, id: &str, check: &HealthCheck) -> Result<Healthy, Error> {
     let started = Instant::now();
-    let deadline = started + check.timeout;
+    // Label durations are bounded (a week), so the sum fits; should it not, the wait ends
+    // after one round instead of panicking.
+    let deadline = started.checked_add(check.timeout).unwrap_or(started);
+    let mut previous: Option<String> = None;
     loop {
-        let last = match probe(engine, id, check).await? {
-            Ok(ip) => {
-                let waited = started.elapsed();
-                debug!(
-                    container = short(id),
-                    waited_ms = waited.as_millis() as u64,
-                    "healthy"
+        // Every round, exec probe and engine calls included, ends by the deadline: a hung
+        // probe fails the wait instead of stalling the rotation.
+        let left = deadline.saturating_duration_since(Instant::now());
+        let round = tokio::time::timeout(left, probe(engine, id, check, left)).await;
+        let last = match round {
+            Err(_) => {
+                let cut = format!(
+                    "a check round did not finish within the {} ms left (hung exec probe or daemon)",
+                    left.as_millis()
                 );
-                return Ok(Healthy { ip, waited });
+                // A round the deadline cut short says less than the one before it.
+                match previous.take() {
+                    Some(p) => format!("{p}; then {cut}"),
+                    None => cut,
+                }
             }
-            Err(why) => why,
+            Ok(r) => match r? {
+                Ok(ip) => {
+                    let waited = started.elapsed();
+                    debug!(
+                        container = short(id),
+                        waited_ms = waited.as_millis() as u64,
+                        "healthy"
+                    );
+                    return Ok(Healthy { ip, waited });
+                }
+                Err(why) => why,
+            },
         };
+        previous = Some(last.clone());
         if Instant::now() >= deadline {
             return Err(Error::Unhealthy {
                 container: short(id).to_owned(),
@@ -80,6 +101,7 @@ async fn probe<E: Engine>(
     engine: &E,
     id: &str,
     check: &HealthCheck,
+    left: Duration,
 ) -> Result<Result<std::net::IpAddr, String>, Error> {
     let c = engine.inspect(id).await?.ok_or_else(|| Error::Vanished {
         container: short(id).to_owned(),
@@ -110,7 +132,15 @@ async fn probe<E: Engine>(
         }
     }
     if let Some(cmd) = &check.exec {
-        let code = engine.exec(id, cmd).await?;
+        // The round's own deadline (in `wait`) ends a hung exec first, keeping the result
+        // of the round before; the engine's deadline is the backstop.
+        let code = match engine
+            .exec(id, cmd, left.saturating_add(Duration::from_secs(1)))
+            .await
+        {
+            Ok(code) => code,
+            Err(e) => return Ok(Err(format!("probe {cmd:?}: {e}"))),
+        };
         if code != 0 {
             return Ok(Err(format!("probe {cmd:?} exited with {code}")));
         }

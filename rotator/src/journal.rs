@@ -150,9 +150,45 @@ impl Journal {
         self.dir.join(format!("{}.jsonl", service.file_stem()))
     }
 
-    /// Starts the journal of a rotation with its `Begin` record (replacing a finished one).
+    /// The last readable record of the journal file at `path`, if any.
+    fn last_record(path: &Path) -> io::Result<Option<Record>> {
+        let file = match File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        // A torn last line (killed mid-write) is ignored: the step before it stands.
+        Ok(BufReader::new(file)
+            .lines()
+            .map_while(Result::ok)
+            .filter_map(|l| serde_json::from_str::<Record>(&l).ok())
+            .last())
+    }
+
+    /// Starts the journal of a rotation with its `Begin` record, replacing the service's
+    /// finished one. A file holding another service's record, or an unfinished rotation,
+    /// is never truncated: that is an error.
     pub fn begin(&self, first: Record) -> io::Result<Entry> {
         let path = self.path(&first.service);
+        if let Some(last) = Self::last_record(&path)? {
+            if last.service != first.service {
+                return Err(io::Error::other(format!(
+                    "{} holds the journal of service {}, not {}",
+                    path.display(),
+                    last.service,
+                    first.service
+                )));
+            }
+            if !last.step.is_terminal() {
+                return Err(io::Error::other(format!(
+                    "{} holds rotation {} of {} that is not finished (step {:?}); recovery must finish it first",
+                    path.display(),
+                    last.rotation,
+                    last.service,
+                    last.step
+                )));
+            }
+        }
         let file = OpenOptions::new()
             .create(true)
             .write(true)
@@ -171,7 +207,14 @@ impl Journal {
 
     /// Reopens the journal of an interrupted rotation, to append recovery records.
     pub fn reopen(&self, last: Record) -> io::Result<Entry> {
-        let path = self.path(&last.service);
+        let mut path = self.path(&last.service);
+        let legacy = self
+            .dir
+            .join(format!("{}.jsonl", last.service.legacy_file_stem()));
+        if !path.exists() && legacy.exists() {
+            // Written by a dso that did not escape names yet.
+            path = legacy;
+        }
         let torn = fs::read(&path)?.last().is_some_and(|b| *b != b'\n');
         let mut file = OpenOptions::new().append(true).open(&path)?;
         if torn {
@@ -189,13 +232,7 @@ impl Journal {
             if path.extension().is_none_or(|e| e != "jsonl") {
                 continue;
             }
-            // A torn last line (killed mid-write) is ignored: the step before it stands.
-            let last = BufReader::new(File::open(&path)?)
-                .lines()
-                .map_while(Result::ok)
-                .filter_map(|l| serde_json::from_str::<Record>(&l).ok())
-                .last();
-            if let Some(r) = last
+            if let Some(r) = Self::last_record(&path)?
                 && !r.step.is_terminal()
             {
                 out.push(r);
@@ -219,7 +256,8 @@ impl Journal {
     /// The last finished rotation of `service`, if any.
     pub fn history(&self, service: &ServiceKey) -> Option<History> {
         let path = self.history.join(format!("{}.json", service.file_stem()));
-        let bytes = fs::read(path).ok()?;
+        let legacy = self.history.join(format!("{}.json", service.legacy_file_stem()));
+        let bytes = fs::read(path).or_else(|_| fs::read(legacy)).ok()?;
         serde_json::from_slice(&bytes).ok()
     }
 }
@@ -323,5 +361,28 @@ mod tests {
         f.write_all(b"{\"rotation\":\"r1\",\"ste").unwrap();
         let open = j.interrupted().unwrap();
         assert_eq!(open[0].step, Step::GreenStarted);
+    }
+
+    #[test]
+    fn services_whose_old_file_names_collide_keep_their_own_journals() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let mut one = record("c");
+        one.service.project = "a_b".into();
+        let mut two = record("b_c");
+        two.service.project = "a".into();
+        two.rotation = "r2".into();
+        let mut a = j.begin(one.clone()).unwrap();
+        a.step(Step::GreenCreated, Some("g")).unwrap();
+        let mut b = j.begin(two.clone()).unwrap();
+        b.step(Step::GreenStarted, Some("g2")).unwrap();
+        let open = j.interrupted().unwrap();
+        assert_eq!(open.len(), 2, "{open:?}");
+        assert_eq!(open[0].service, one.service);
+        assert_eq!(open[0].step, Step::GreenCreated);
+        assert_eq!(open[1].service, two.service);
+        // An unfinished rotation is not replaced by a new one.
+        let e = j.begin(one).unwrap_err().to_string();
+        assert!(e.contains("not finished"), "{e}");
     }
 }

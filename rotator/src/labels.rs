@@ -88,8 +88,22 @@ impl ServiceKey {
         }
     }
 
-    /// A string safe as a file name: `project_service` with other characters replaced.
+    /// A file name for the service's journal, lock and history files; injective, so two
+    /// services never share a file: every byte outside `[A-Za-z0-9.-]` of project and
+    /// service is written `%XX` (`_` too), and `_` separates the two (`a_b/c` is
+    /// `a%5Fb_c`, `a/b_c` is `a_b%5Fc`). A leading `.` is escaped as well, so no name is
+    /// hidden or `..`.
     pub fn file_stem(&self) -> String {
+        if self.project.is_empty() {
+            escape(&self.service)
+        } else {
+            format!("{}_{}", escape(&self.project), escape(&self.service))
+        }
+    }
+
+    /// The file name dso used before names were escaped (`project_service`, other
+    /// characters replaced by `_`): not injective, read only to finish old journals.
+    pub fn legacy_file_stem(&self) -> String {
         let raw = if self.project.is_empty() {
             self.service.clone()
         } else {
@@ -105,6 +119,19 @@ impl ServiceKey {
             })
             .collect()
     }
+}
+
+/// `%XX`-escapes every byte outside `[A-Za-z0-9.-]`, and a leading `.`.
+fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for (i, b) in s.bytes().enumerate() {
+        if b.is_ascii_alphanumeric() || b == b'-' || (b == b'.' && i > 0) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 impl fmt::Display for ServiceKey {
@@ -299,20 +326,33 @@ pub fn parse_ports(v: &str) -> Result<Vec<PortMap>, String> {
     Ok(out)
 }
 
-/// Parses `250ms`, `2s`, `5m`, `1h`, or a plain number of seconds.
+/// The longest duration a label may give (a week): longer values are typos, and every
+/// sum of label durations stays far from overflowing.
+pub const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Parses `250ms`, `2s`, `5m`, `1h`, or a plain number of seconds, up to [`MAX_DURATION`].
 pub fn parse_duration(v: &str) -> Result<Duration, String> {
     let v = v.trim();
     let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
     let (num, unit) = v.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| "expected a duration like 500ms, 30s, 5m or 1h".to_owned())?;
-    match unit.trim() {
-        "ms" => Ok(Duration::from_millis(n)),
-        "" | "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        "h" => Ok(Duration::from_secs(n * 3600)),
-        u => Err(format!("unknown unit {u:?}; use ms, s, m or h")),
+    let too_long = || format!("longer than the maximum of {}h", MAX_DURATION.as_secs() / 3600);
+    let n: u64 = num.parse().map_err(|e: std::num::ParseIntError| {
+        if matches!(e.kind(), std::num::IntErrorKind::PosOverflow) {
+            too_long()
+        } else {
+            "expected a duration like 500ms, 30s, 5m or 1h".to_owned()
+        }
+    })?;
+    let d = match unit.trim() {
+        "ms" => Some(Duration::from_millis(n)),
+        "" | "s" => Some(Duration::from_secs(n)),
+        "m" => n.checked_mul(60).map(Duration::from_secs),
+        "h" => n.checked_mul(3600).map(Duration::from_secs),
+        u => return Err(format!("unknown unit {u:?}; use ms, s, m or h")),
+    };
+    match d {
+        Some(d) if d <= MAX_DURATION => Ok(d),
+        _ => Err(too_long()),
     }
 }
 
@@ -391,6 +431,52 @@ mod tests {
         );
         assert_eq!(k.to_string(), "p/web");
         assert_eq!(k.file_stem(), "p_web");
+        assert_eq!(k.legacy_file_stem(), "p_web");
         assert_eq!(ServiceKey::of("solo", &labels(&[])).to_string(), "solo");
+    }
+
+    #[test]
+    fn file_stems_are_injective() {
+        let k = |p: &str, s: &str| ServiceKey {
+            project: p.into(),
+            service: s.into(),
+        };
+        let keys = [
+            k("a_b", "c"),
+            k("a", "b_c"),
+            k("", "a_b_c"),
+            k("", "a/b"),
+            k("a", "b"),
+            k("", ".."),
+            k("", "%2E."),
+        ];
+        let stems: std::collections::BTreeSet<String> = keys.iter().map(ServiceKey::file_stem).collect();
+        assert_eq!(stems.len(), keys.len(), "{stems:?}");
+        assert_eq!(k("a_b", "c").file_stem(), "a%5Fb_c");
+        assert_eq!(k("", "..").file_stem(), "%2E.");
+        assert!(stems.iter().all(|s| !s.contains('/') && !s.starts_with('.')));
+        // The old encoding did collide.
+        assert_eq!(k("a_b", "c").legacy_file_stem(), k("a", "b_c").legacy_file_stem());
+    }
+
+    #[test]
+    fn overflowing_durations_are_errors_not_panics() {
+        for v in [
+            "18446744073709551615s",
+            "18446744073709551616s",
+            "18446744073709551615m",
+            "18446744073709551615h",
+            "18446744073709551615ms",
+            "8d",
+            "169h",
+        ] {
+            let e = parse_duration(v).unwrap_err();
+            assert!(e.contains("maximum") || e.contains("unit"), "{v}: {e}");
+        }
+        assert_eq!(parse_duration("168h").unwrap(), MAX_DURATION);
+        let l = labels(&[(HEALTH_TIMEOUT, "18446744073709551615s")]);
+        let e = parse("db-1", &l).unwrap_err();
+        assert_eq!(e.label, HEALTH_TIMEOUT);
+        assert!(e.to_string().contains("db-1"), "{e}");
     }
 }

@@ -51,6 +51,7 @@ mod tests {
                 .map(|(n, ip)| (n.to_string(), ip.map(|s| s.parse().unwrap())))
                 .collect(),
             publishes_ports: false,
+            auto_remove: false,
             mounts: vec![],
         }
     }

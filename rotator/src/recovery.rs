@@ -23,6 +23,12 @@ use crate::lock::ServiceLock;
 /// Grace of a stop recovery makes itself (see `recover`).
 const RECOVERY_STOP_GRACE: Duration = Duration::from_secs(10);
 /// How long after the last journaled step recovery waits before looking at containers.
+/// Fixed, because what it waits for cannot be observed: a call the killed agent sent
+/// (create, rename, remove) that the daemon still carries out. The engine has no list of
+/// requests in flight, and one that has not landed yet looks exactly like one never sent.
+/// Measured by the real-SIGKILL tests (cli/tests/it/rotate.rs, rotator/tests/it/crash.rs):
+/// a create lands up to a few hundred ms after the client died; 2 s covers it with margin,
+/// and it is waited only for a journal younger than that (an agent restarted at once).
 const SETTLE: Duration = Duration::from_secs(2);
 
 /// What recovery did with one interrupted rotation.
@@ -147,7 +153,7 @@ pub async fn recover<E: Engine>(engine: &E, journal: &Journal, rec: Record) -> R
 
 /// Removes a container, also when the killed agent's own remove call is still being
 /// carried out by the daemon (404: already gone; 409: removal in progress, waited for).
-async fn remove_gone<E: Engine>(engine: &E, id: &str) -> Result<(), Error> {
+pub(crate) async fn remove_gone<E: Engine>(engine: &E, id: &str) -> Result<(), Error> {
     match engine.remove(id).await {
         Ok(()) => Ok(()),
         Err(e) if e.is_not_found() => Ok(()),

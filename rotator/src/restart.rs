@@ -58,15 +58,28 @@ pub(crate) async fn run<E: Engine>(r: &mut Run<'_, E>) -> Result<String, Error> 
     }
 }
 
-/// Wait between pausing the listeners and stopping blue.
+/// Wait between pausing the listeners and stopping blue. Kept as a fixed wait, measured:
+/// what it waits for is a client's session start on a connection the proxy forwarded just
+/// before the pause (PostgreSQL's startup packet and authentication), which neither the
+/// engine nor the proxy can see: the proxy counts open connections per generation, not
+/// whether the protocol above them has finished its handshake, and dso-proxy has no count
+/// of dials in flight. Load tests (docs/benchmarks.md, restart with hold): 4 clients
+/// aborted with "the database system is shutting down" without it, 0 with 0.5 s.
 pub(crate) const RESTART_SETTLE: Duration = Duration::from_millis(500);
 
 async fn advance<E: Engine>(r: &mut Run<'_, E>, g: &mut Green, from: Step) -> Result<Step, Error> {
     let to = match from {
         Step::Begin => {
-            r.gateway.pause(r.key, r.timing().hold_max);
-            r.record(Step::Paused, None, "listeners hold new connections".to_owned())
-                .await?;
+            // With other replicas serving, blue only leaves the route; the listeners hold
+            // new connections only when blue is the last member.
+            let detail = if r.gateway.take_out(r.key, &r.blue.id, r.spec.drain_timeout)? {
+                let others = r.gateway.members(r.key).len();
+                format!("taken out of the route; {others} other members serve new connections")
+            } else {
+                r.gateway.pause(r.key, r.timing().hold_max);
+                "listeners hold new connections".to_owned()
+            };
+            r.record(Step::Paused, None, detail).await?;
             Step::Paused
         }
         Step::Paused => {
@@ -155,7 +168,13 @@ async fn rollback<E: Engine>(r: &Run<'_, E>, g: &Green, failed_from: Step) -> Re
     }
     let result = async {
         r.engine.start(&r.blue.id).await?;
-        let h = health::wait(r.engine, &r.blue.id, &r.health_check()).await?;
+        // Blue served before the rotation: its address is waited for, not the exec probe
+        // (a probe that hangs would keep the service down for a second timeout).
+        let check = health::HealthCheck {
+            exec: None,
+            ..r.health_check()
+        };
+        let h = health::wait(r.engine, &r.blue.id, &check).await?;
         let member = Member {
             id: r.blue.id.clone(),
             name: r.blue.name.clone(),

@@ -106,7 +106,11 @@ async fn advance<E: Engine>(r: &mut Run<'_, E>, g: &mut Green, from: Step) -> Re
             let started = tokio::time::Instant::now();
             let mut forced = 0;
             for (l, s) in &g.swaps {
-                let wait = r.spec.drain_timeout + l.config().close_window + DRAIN_SLACK;
+                let wait = r
+                    .spec
+                    .drain_timeout
+                    .saturating_add(l.config().close_window)
+                    .saturating_add(DRAIN_SLACK);
                 if let dso_proxy::DrainStatus::Drained(d) = l.wait_drained(s.previous, wait).await? {
                     forced += d.forced;
                 }
@@ -124,8 +128,13 @@ async fn advance<E: Engine>(r: &mut Run<'_, E>, g: &mut Green, from: Step) -> Re
             Step::Drained
         }
         Step::Drained => {
-            r.engine.stop(&r.blue.id, r.stop_grace).await?;
-            r.engine.remove(&r.blue.id).await?;
+            // A --rm blue is deleted by the daemon once stopped: its stop may answer 404, and
+            // the remove 404 or 409 (removal in progress, waited for); both mean removed.
+            match r.engine.stop(&r.blue.id, r.stop_grace).await {
+                Err(e) if e.is_not_found() => {}
+                other => other?,
+            }
+            crate::recovery::remove_gone(r.engine, &r.blue.id).await?;
             r.record(Step::BlueRemoved, None, format!("removed {}", short(&r.blue.id)))
                 .await?;
             Step::BlueRemoved

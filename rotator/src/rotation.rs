@@ -277,7 +277,11 @@ pub(crate) fn timing(spec: &ServiceSpec, stop_grace: Duration) -> Timing {
     Timing {
         drain: spec.drain_timeout,
         // A restart holds while blue stops and green starts and passes its check.
-        hold_max: spec.health_timeout + stop_grace + crate::restart::RESTART_SETTLE + Duration::from_secs(10),
+        hold_max: spec
+            .health_timeout
+            .saturating_add(stop_grace)
+            .saturating_add(crate::restart::RESTART_SETTLE)
+            .saturating_add(Duration::from_secs(10)),
     }
 }
 

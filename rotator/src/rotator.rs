@@ -32,15 +32,24 @@ pub struct Config {
     /// Manage only containers carrying this label with this value (several agents or
     /// test runs on one engine); `None` manages every `dso.reloader=true` container.
     pub scope: Option<(String, String)>,
+    /// How long the listeners of a service whose containers are all gone (removed, e.g.
+    /// `docker compose down`) keep their ports, with an empty route, before they are
+    /// released: a service recreated within it (`docker compose up --force-recreate`)
+    /// keeps its ports without a gap in ownership.
+    pub release_grace: Duration,
 }
 
+/// Default of [`Config::release_grace`].
+pub const DEFAULT_RELEASE_GRACE: Duration = Duration::from_secs(10);
+
 impl Config {
-    /// Settings with a 10 s stop grace.
+    /// Settings with a 10 s stop grace and a 10 s release grace.
     pub fn new(state_dir: impl Into<PathBuf>) -> Self {
         Config {
             state_dir: state_dir.into(),
             stop_grace: Duration::from_secs(10),
             scope: None,
+            release_grace: DEFAULT_RELEASE_GRACE,
         }
     }
 }
@@ -58,6 +67,8 @@ pub struct RotateRequest {
     pub progress: Option<mpsc::UnboundedSender<Progress>>,
     /// Test hooks.
     pub hooks: Hooks,
+    /// How many later requests were merged into this one (0 for a request on its own).
+    pub merged: u32,
 }
 
 /// The result of a rotation request.
@@ -69,6 +80,17 @@ pub struct RotationReport {
     pub containers: Vec<ContainerReport>,
     /// Milliseconds for the whole request, including time queued.
     pub took_ms: u64,
+    /// Names of the environment variables set in the new containers (values are never
+    /// reported), after merging.
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// How many requests this rotation answers (1 unless later requests were merged).
+    #[serde(default = "one")]
+    pub requests: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 type Outcome = Result<RotationReport, Error>;
@@ -141,21 +163,24 @@ impl<E: Engine> Rotator<E> {
     /// Services with a rotation in progress are left to it.
     pub async fn reconcile(&self) -> Result<Scan, Error> {
         let scan = discovery::scan(&self.inner.engine, self.inner.cfg.scope.as_ref()).await?;
+        let gw = &self.inner.gateway;
         for m in scan.services.values() {
-            if m.spec.ports.is_empty() || self.inner.queue.is_busy(&m.key) {
+            if self.inner.queue.is_busy(&m.key) {
                 continue;
             }
             let timing = rotation::timing(&m.spec, self.inner.cfg.stop_grace);
-            if let Err(e) = self
-                .inner
-                .gateway
-                .install(&m.key, &m.spec.ports, m.members(), timing)
-            {
+            if let Err(e) = gw.install(&m.key, &m.spec.ports, m.members(), timing).await {
                 warn!(service = %m.key, error = %e, "cannot route service");
             }
         }
+        // Services whose containers are all gone: no route now, no port after the grace.
+        let queue = &self.inner.queue;
+        gw.mark_gone(|k| scan.services.contains_key(k) || queue.is_busy(k))
+            .await;
+        gw.release_gone(self.inner.cfg.release_grace);
         Ok(scan)
     }
+
     /// Rotates the service `req.target` names: every container of it, one after the
     /// other. Waits behind a rotation of the same service in progress; requests that
     /// arrive while one already waits are merged into it.
@@ -252,6 +277,8 @@ impl<E: Engine> Rotator<E> {
             service: key,
             containers: reports,
             took_ms: 0,
+            env: req.env.iter().map(|(k, _)| k.clone()).collect(),
+            requests: req.merged.saturating_add(1),
         })
     }
 
@@ -263,6 +290,11 @@ impl<E: Engine> Rotator<E> {
     ) -> Result<ContainerReport, Error> {
         let inner = &self.inner;
         let strategy = strategy::resolve(&m.key, &blue, &m.spec, req.strategy)?;
+        if matches!(strategy, Strategy::Rolling | Strategy::Restart) {
+            // Without its listeners a rotation neither holds nor swaps: clients would be
+            // cut off while the report says zero downtime.
+            inner.gateway.check_bound(&m.key, &m.spec.ports)?;
+        }
         let n = inner.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let rotation = format!("{:x}{n}", now_ms());
         match strategy {
@@ -301,7 +333,8 @@ impl<E: Engine> Rotator<E> {
                                 let timing = rotation::timing(&now.spec, inner.cfg.stop_grace);
                                 inner
                                     .gateway
-                                    .install(&m.key, &now.spec.ports, now.members(), timing)?;
+                                    .install(&m.key, &now.spec.ports, now.members(), timing)
+                                    .await?;
                             }
                             // A restart may have left the listeners holding.
                             inner.gateway.resume(&m.key)?;
@@ -310,10 +343,20 @@ impl<E: Engine> Rotator<E> {
                     }
                 }
             }
+            Strategy::Signal | Strategy::None if !req.env.is_empty() => Err(Error::Refused {
+                service: m.key.to_string(),
+                strategy: strategy.to_string(),
+                reason: format!(
+                    "--env values ({}) need a new container, and {strategy} keeps the running one",
+                    req.env
+                        .iter()
+                        .map(|(k, _)| k.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                hint: "use --strategy rolling or restart, or leave out --env".to_owned(),
+            }),
             Strategy::Signal => {
-                if !req.env.is_empty() {
-                    warn!(service = %m.key, "signal strategy: new environment values need a new container and are not applied");
-                }
                 inner.engine.signal(&blue.id, &m.spec.signal).await?;
                 let p = Progress {
                     rotation: rotation.clone(),
@@ -350,25 +393,53 @@ impl<E: Engine> Rotator<E> {
 }
 
 /// Later requests win: their environment values replace earlier ones of the same name,
-/// and a strategy they name replaces the earlier one.
+/// and a strategy they name replaces the earlier one, except that a strategy that cannot
+/// apply environment values (`signal`, `none`) never replaces one that can while values
+/// are pending: the values of the earlier callers are not dropped. Every caller receives
+/// the merged rotation's report, which names the variables applied and the requests
+/// merged.
 fn merge(a: &mut RotateRequest, b: RotateRequest) {
+    a.merged = a.merged.saturating_add(b.merged.max(1));
+    let brings_env = !b.env.is_empty();
     for (k, v) in b.env {
         a.env.retain(|(x, _)| *x != k);
         a.env.push((k, v));
     }
-    if b.strategy.is_some() {
-        a.strategy = b.strategy;
+    match b.strategy {
+        Some(s)
+            if !a.env.is_empty() && !replaces_container(s) && a.strategy.is_none_or(replaces_container) =>
+        {
+            warn!(strategy = %s, "merged request: --strategy {s} cannot apply the pending --env values; keeping the strategy that replaces the container");
+        }
+        Some(s) => a.strategy = Some(s),
+        // Values arrive for a waiting request that keeps the container: the later request
+        // (which named no strategy) gets the label's, which can apply them.
+        None if brings_env && a.strategy.is_some_and(|s| !replaces_container(s)) => {
+            warn!(
+                "merged request: --env values arrived; the earlier request's strategy cannot apply them and is dropped for the label's"
+            );
+            a.strategy = None;
+        }
+        None => {}
     }
     if a.progress.is_none() {
         a.progress = b.progress;
     }
 }
+
+/// Whether `s` creates a new container (and so can apply environment values). `auto`
+/// resolves to `rolling` or `restart`.
+fn replaces_container(s: Strategy) -> bool {
+    matches!(s, Strategy::Rolling | Strategy::Restart | Strategy::Auto)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::engine::DockerHealth;
     use crate::fake::Fake;
     use dso_proxy::ProxyConfig;
+    use std::collections::BTreeMap;
 
     const LABELS: &[(&str, &str)] = &[
         ("dso.reloader", "true"),
@@ -567,5 +638,298 @@ mod tests {
         assert_eq!(calls(&r), ["signal blue SIGHUP"]);
         r.rotate(req(Strategy::None)).await.unwrap();
         assert_eq!(calls(&r).len(), 1);
+    }
+
+    #[test]
+    fn a_later_strategy_that_cannot_apply_env_values_does_not_drop_them() {
+        let req = |s: Option<Strategy>, env: &[(&str, &str)]| RotateRequest {
+            target: "web".into(),
+            strategy: s,
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            ..Default::default()
+        };
+        let mut a = req(Some(Strategy::Rolling), &[("K", "1")]);
+        merge(&mut a, req(Some(Strategy::Signal), &[]));
+        assert_eq!(a.strategy, Some(Strategy::Rolling));
+        assert_eq!(a.env, vec![("K".to_owned(), "1".to_owned())]);
+        merge(&mut a, req(Some(Strategy::Restart), &[("K", "2"), ("L", "3")]));
+        assert_eq!(
+            a.strategy,
+            Some(Strategy::Restart),
+            "a later replacing strategy wins"
+        );
+        assert_eq!(a.env.len(), 2);
+        assert_eq!(a.merged, 2);
+        // Without pending values the later strategy wins as before.
+        let mut b = req(None, &[]);
+        merge(&mut b, req(Some(Strategy::Signal), &[]));
+        assert_eq!(b.strategy, Some(Strategy::Signal));
+        // Values arriving after a signal request: the label's strategy applies them.
+        merge(&mut b, req(None, &[("K", "1")]));
+        assert_eq!(b.strategy, None);
+        assert_eq!(b.env.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn env_values_with_a_strategy_that_keeps_the_container_are_refused() {
+        let f = Fake::default();
+        f.add("blue", "web", LABELS, true);
+        let (r, _dir) = rotator(f).await;
+        for s in [Strategy::Signal, Strategy::None] {
+            let err = r
+                .rotate(RotateRequest {
+                    target: "web".into(),
+                    strategy: Some(s),
+                    env: vec![("TOKEN".into(), "v".into())],
+                    ..Default::default()
+                })
+                .await
+                .unwrap_err();
+            let msg = err.to_string();
+            assert!(
+                matches!(err, Error::Refused { .. }) && msg.contains("TOKEN"),
+                "{msg}"
+            );
+            assert!(!msg.contains("=v"), "no value in the error: {msg}");
+        }
+        assert!(calls(&r).is_empty(), "{:?}", calls(&r));
+    }
+
+    #[tokio::test]
+    async fn the_report_names_the_variables_applied() {
+        let f = Fake::default();
+        f.add("blue", "web", LABELS, true);
+        let (r, _dir) = rotator(f).await;
+        let rep = r
+            .rotate(RotateRequest {
+                target: "web".into(),
+                env: vec![("A".into(), "1".into())],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(rep.env, ["A"]);
+        assert_eq!(rep.requests, 1);
+    }
+
+    #[tokio::test]
+    async fn a_hung_exec_probe_fails_a_restart_frees_the_service_and_restores_blue() {
+        let f = Fake {
+            exec_hangs: true,
+            ..Default::default()
+        };
+        let mut labels = LABELS.to_vec();
+        labels.push(("dso.health.exec", "/probe"));
+        labels.push(("dso.update.strategy", "restart"));
+        f.add("blue", "web", &labels, true);
+        let (r, _dir) = rotator(f).await;
+        let key = ServiceKey::of("web", &Default::default());
+        let req = || RotateRequest {
+            target: "web".into(),
+            ..Default::default()
+        };
+        let err = tokio::time::timeout(Duration::from_secs(10), r.rotate(req()))
+            .await
+            .expect("the rotation ends by the health deadline")
+            .unwrap_err();
+        assert!(matches!(err, Error::Unhealthy { .. }), "{err}");
+        assert!(err.to_string().contains("probe"), "{err}");
+        assert_eq!(r.engine().names(), vec![("web".to_owned(), true)], "blue back");
+        assert_eq!(r.gateway().members(&key)[0].id, "blue");
+        assert!(!r.gateway().listeners(&key)[0].is_paused(), "hold ended");
+        assert!(!r.inner.queue.is_busy(&key));
+        // The lock is free: the next rotation runs (and fails the same way) at once.
+        let again = tokio::time::timeout(Duration::from_secs(10), r.rotate(req())).await;
+        assert!(again.is_ok(), "second rotation not blocked");
+    }
+
+    #[tokio::test]
+    async fn restart_with_replicas_takes_the_member_out_and_holds_only_for_the_last() {
+        let f = Fake::default();
+        let mut labels = LABELS.to_vec();
+        labels.push(("com.docker.compose.project", "p"));
+        labels.push(("com.docker.compose.service", "web"));
+        labels.push(("dso.update.strategy", "restart"));
+        f.add("blue1", "p-web-1", &labels, true);
+        f.add("blue2", "p-web-2", &labels, true);
+        // Distinct addresses, so the route shows which member is in.
+        f.containers.lock().unwrap().get_mut("blue2").unwrap().networks =
+            BTreeMap::from([("bridge".to_owned(), Some("127.0.0.10".parse().unwrap()))]);
+        let (r, _dir) = rotator(f).await;
+        let key = ServiceKey {
+            project: "p".into(),
+            service: "web".into(),
+        };
+        assert_eq!(r.gateway().members(&key).len(), 2);
+        let rep = r
+            .rotate(RotateRequest {
+                target: "p/web".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let paused: Vec<&str> = rep
+            .containers
+            .iter()
+            .map(|c| {
+                c.steps
+                    .iter()
+                    .find(|s| s.step == Step::Paused)
+                    .unwrap()
+                    .detail
+                    .as_str()
+            })
+            .collect();
+        assert!(
+            paused[0].contains("taken out of the route; 1 other"),
+            "{paused:?}"
+        );
+        assert!(paused[1].contains("taken out of the route"), "{paused:?}");
+        let l = &r.gateway().listeners(&key)[0];
+        assert!(!l.is_paused());
+        assert_eq!(l.snapshot().counters.held, 0);
+        let ids: Vec<String> = r.gateway().members(&key).into_iter().map(|m| m.id).collect();
+        assert_eq!(ids.len(), 2);
+        assert!(ids.iter().all(|i| i.starts_with("green")), "{ids:?}");
+    }
+
+    #[tokio::test]
+    async fn a_service_without_its_listener_refuses_to_rotate_and_status_says_why() {
+        // Something else holds the port the label names.
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = taken.local_addr().unwrap().port();
+        let ports = format!("127.0.0.1:{port}:8080");
+        let f = Fake::default();
+        f.add(
+            "blue",
+            "web",
+            &[
+                ("dso.reloader", "true"),
+                ("dso.host_ports", &ports),
+                ("dso.update.strategy", "restart"),
+            ],
+            true,
+        );
+        let (r, _dir) = rotator(f).await;
+        let err = r
+            .rotate(RotateRequest {
+                target: "web".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("no listener") && msg.contains(&port.to_string()),
+            "{msg}"
+        );
+        assert!(calls(&r).is_empty(), "nothing stopped: {:?}", calls(&r));
+        let st = r.status().await.unwrap();
+        assert!(st[0].error.as_ref().unwrap().contains("cannot listen"), "{st:?}");
+    }
+
+    #[tokio::test]
+    async fn an_overflowing_label_is_an_error_of_that_service_only() {
+        let f = Fake::default();
+        f.add("blue", "web", LABELS, true);
+        f.add(
+            "bad",
+            "db",
+            &[
+                ("dso.reloader", "true"),
+                ("dso.host_ports", "127.0.0.1:0:5432"),
+                ("dso.health.timeout", "18446744073709551615s"),
+            ],
+            true,
+        );
+        let (r, _dir) = rotator(f).await;
+        let st = r.status().await.unwrap();
+        let db = st.iter().find(|s| s.service.service == "db").unwrap();
+        let e = db.error.as_deref().unwrap();
+        assert!(e.contains("dso.health.timeout") && e.contains("maximum"), "{e}");
+        let web = st.iter().find(|s| s.service.service == "web").unwrap();
+        assert!(web.error.is_none());
+        assert_eq!(web.containers.len(), 1);
+        r.rotate(RotateRequest {
+            target: "web".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn no_running_member_clears_the_route_and_a_gone_service_releases_its_port() {
+        let f = Fake::default();
+        f.add("blue", "web", LABELS, true);
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = Config::new(dir.path());
+        cfg.release_grace = Duration::from_millis(300);
+        let (r, _) = Rotator::start(f, Proxy::new(ProxyConfig::default()), cfg)
+            .await
+            .unwrap();
+        let key = ServiceKey::of("web", &Default::default());
+        let addr = r.gateway().listeners(&key)[0].local_addr();
+        assert_eq!(r.gateway().listeners(&key)[0].snapshot().backends.len(), 1);
+        r.engine()
+            .containers
+            .lock()
+            .unwrap()
+            .get_mut("blue")
+            .unwrap()
+            .running = false;
+        r.reconcile().await.unwrap();
+        let l = r.gateway().listeners(&key)[0].clone();
+        assert!(l.snapshot().backends.is_empty(), "stopped blue is not dialed");
+        assert_eq!(l.local_addr(), addr, "same port kept");
+        // A client is closed at once (no backend), not held or dialed anywhere.
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 1];
+        let n = tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio::io::AsyncReadExt::read(&mut c, &mut buf),
+        )
+        .await
+        .expect("closed promptly");
+        assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+        r.engine().containers.lock().unwrap().clear();
+        r.reconcile().await.unwrap();
+        assert_eq!(r.gateway().services(), vec![key.clone()], "kept during the grace");
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        r.reconcile().await.unwrap();
+        assert!(r.gateway().services().is_empty());
+        assert!(r.gateway().proxy().listeners().is_empty());
+        // The socket closes once its accept loop has seen the stop.
+        let mut bound = std::net::TcpListener::bind(addr);
+        for _ in 0..100 {
+            if bound.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            bound = std::net::TcpListener::bind(addr);
+        }
+        bound.expect("port released");
+    }
+
+    #[tokio::test]
+    async fn a_listener_left_in_the_proxy_is_swapped_to_the_members_not_reused_as_is() {
+        let f = Fake::default();
+        f.add("blue", "web", LABELS, true);
+        let proxy = Proxy::new(ProxyConfig::default());
+        // Left by an earlier install that failed half-way: right name, stale route.
+        let stale = dso_proxy::Backend::labeled("127.0.0.200:8080".parse().unwrap(), "stale");
+        proxy
+            .add_listener(dso_proxy::ListenerConfig::new(
+                "web:8080".to_owned(),
+                "127.0.0.1:0".parse().unwrap(),
+                vec![stale],
+            ))
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (r, _) = Rotator::start(f, proxy, Config::new(dir.path())).await.unwrap();
+        let key = ServiceKey::of("web", &Default::default());
+        let snap = r.gateway().listeners(&key)[0].snapshot();
+        let addrs: Vec<String> = snap.backends.iter().map(|b| b.addr.to_string()).collect();
+        assert_eq!(addrs, ["127.0.0.9:8080"], "routed to blue, not the stale backend");
     }
 }

@@ -24,6 +24,10 @@ pub struct ServiceStatus {
     pub rotating: bool,
     /// The last finished rotation.
     pub last: Option<History>,
+    /// Why the service is not (fully) managed: a bad label (the service is left alone
+    /// until it is fixed) or a port that could not be bound.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 impl<E: Engine> Rotator<E> {
@@ -31,7 +35,7 @@ impl<E: Engine> Rotator<E> {
     pub async fn status(&self) -> Result<Vec<ServiceStatus>, Error> {
         let scan = discovery::scan(&self.inner.engine, self.inner.cfg.scope.as_ref()).await?;
         let gw = &self.inner.gateway;
-        Ok(scan
+        let mut out: Vec<ServiceStatus> = scan
             .services
             .values()
             .map(|m| {
@@ -57,8 +61,32 @@ impl<E: Engine> Rotator<E> {
                         .collect(),
                     rotating: self.inner.queue.is_busy(&m.key),
                     last: self.inner.journal.history(&m.key),
+                    error: gw.bind_error(&m.key),
                 }
             })
-            .collect())
+            .collect();
+        // Containers left unmanaged for a bad label: shown with the error, nothing else.
+        for (key, e) in scan.rejected.iter().zip(&scan.errors) {
+            if scan.services.contains_key(key) {
+                if let Some(s) = out.iter_mut().find(|s| s.service == *key) {
+                    s.error = Some(e.to_string());
+                }
+                continue;
+            }
+            if out.iter().any(|s| s.service == *key) {
+                continue;
+            }
+            out.push(ServiceStatus {
+                service: key.clone(),
+                strategy: Strategy::Auto,
+                ports: Vec::new(),
+                containers: Vec::new(),
+                rotating: false,
+                last: self.inner.journal.history(key),
+                error: Some(e.to_string()),
+            });
+        }
+        out.sort_by(|a, b| a.service.cmp(&b.service));
+        Ok(out)
     }
 }

@@ -69,6 +69,17 @@ pub fn resolve(
         Strategy::Auto => Strategy::Rolling,
         s => s,
     };
+    if chosen == Strategy::Restart && c.auto_remove {
+        return Err(Error::Refused {
+            service: key.to_string(),
+            strategy: "restart".to_owned(),
+            reason: format!(
+                "container {} was started with --rm (AutoRemove): stopping it makes Docker delete it, so a failed restart would have nothing to bring back",
+                c.name
+            ),
+            hint: "use --strategy rolling (the replacement is created without --rm), or recreate the container without --rm".to_owned(),
+        });
+    }
     if chosen == Strategy::Rolling {
         let refuse = |reason: String, hint: &str| Error::Refused {
             service: key.to_string(),
@@ -112,6 +123,7 @@ mod tests {
             health: DockerHealth::None,
             networks: BTreeMap::new(),
             publishes_ports: publishes,
+            auto_remove: false,
             mounts: mounts
                 .iter()
                 .map(|(k, d)| Mount {

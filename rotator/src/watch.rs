@@ -10,6 +10,9 @@ use tracing::{info, warn};
 use crate::engine::{Engine, short};
 use crate::rotator::Rotator;
 
+/// How often the watcher looks for gone services whose grace has passed.
+const RELEASE_TICK: Duration = Duration::from_millis(250);
+
 impl<E: Engine> Rotator<E> {
     /// Follows Docker events until `stop`, reconciling after each relevant event and
     /// after each reconnect (with backoff from 200 ms to 10 s while the daemon is away).
@@ -24,6 +27,12 @@ impl<E: Engine> Rotator<E> {
                     let ev = tokio::select! {
                         () = stop.cancelled() => return,
                         ev = events.next() => ev,
+                        // Listeners of services gone for the grace period are released
+                        // without waiting for another event.
+                        () = tokio::time::sleep(RELEASE_TICK), if self.inner.gateway.has_gone() => {
+                            self.inner.gateway.release_gone(self.inner.cfg.release_grace);
+                            continue;
+                        }
                     };
                     match ev {
                         Some(Ok(ev)) => {
@@ -51,7 +60,7 @@ impl<E: Engine> Rotator<E> {
                 () = stop.cancelled() => return,
                 () = tokio::time::sleep(backoff) => {}
             }
-            backoff = (backoff * 2).min(Duration::from_secs(10));
+            backoff = backoff.saturating_mul(2).min(Duration::from_secs(10));
         }
     }
 }

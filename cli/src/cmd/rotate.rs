@@ -96,6 +96,12 @@ pub fn rotate(args: RotateArgs, socket: PathBuf) -> anyhow::Result<()> {
                                 short(&c.new_id)
                             );
                         }
+                        if !r.env.is_empty() {
+                            println!("environment set: {}", r.env.join(", "));
+                        }
+                        if r.requests > 1 {
+                            println!("one rotation answered {} merged requests", r.requests);
+                        }
                         println!("total {} ms", r.took_ms);
                     }
                     return Ok(());
@@ -137,6 +143,9 @@ pub fn status(args: StatusArgs, socket: PathBuf) -> anyhow::Result<()> {
                 s.ports.join(","),
                 container
             );
+            if let Some(e) = &s.error {
+                println!("  error: {e}");
+            }
         }
         Ok(())
     })

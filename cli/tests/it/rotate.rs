@@ -303,6 +303,7 @@ async fn dso_rotate_prints_steps_and_status_shows_the_result() {
         "blue_removed",
         "green_renamed",
         "total ",
+        "environment set: K",
     ] {
         assert!(text.contains(step), "{step} missing in:\n{text}");
     }
@@ -322,4 +323,59 @@ async fn without_docker_the_rotation_commands_say_how_to_enable_it() {
         assert!(!out.status.success(), "{args:?} succeeded without --docker");
         assert!(stderr(&out).contains("--docker"), "{args:?}: {}", stderr(&out));
     }
+}
+
+#[tokio::test]
+async fn a_bad_label_is_an_error_of_its_service_in_dso_status_and_the_agent_runs_on() {
+    let p = Project::start("rolling");
+    let image = std::env::var("DSO_TESTSRV_IMAGE").unwrap_or_else(|_| "dso-testsrv:test".to_owned());
+    docker(&[
+        "run",
+        "-d",
+        "--name",
+        &format!("{}-bad-1", p.run),
+        "--network",
+        &format!("{}_default", p.run),
+        "--label",
+        &format!("dso.test.run={}", p.run),
+        "--label",
+        "dso.reloader=true",
+        "--label",
+        "dso.host_ports=127.0.0.1:0:8080",
+        "--label",
+        "dso.health.timeout=18446744073709551615s",
+        "--label",
+        &format!("com.docker.compose.project={}", p.run),
+        "--label",
+        "com.docker.compose.service=bad",
+        &image,
+    ]);
+    let state = tempfile::tempdir().unwrap();
+    let agent = p.agent(state.path()).await;
+    let out = agent.dso(&["status"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains(&format!("{}/bad", p.run))
+            && text.contains("error: container")
+            && text.contains("dso.health.timeout")
+            && text.contains("maximum"),
+        "{text}"
+    );
+    let out = agent.dso(&["status", "--json"]).await;
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let services = v.as_array().unwrap();
+    let web = services
+        .iter()
+        .find(|s| s["service"]["service"] == "web")
+        .unwrap();
+    assert!(web.get("error").is_none(), "{web}");
+    assert_eq!(
+        web["containers"].as_array().unwrap().len(),
+        1,
+        "web is managed: {web}"
+    );
+    // The good service still rotates.
+    let out = agent.dso(&["rotate", &format!("{}/web", p.run)]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
 }

@@ -10,14 +10,29 @@ use super::CloneSpec;
 pub(super) struct CloneBody {
     pub create: ContainerCreateBody,
     pub more_networks: Vec<(String, EndpointSettings)>,
+    /// Blue had AutoRemove (`--rm`); the clone does not.
+    pub auto_remove_cleared: bool,
 }
 
-/// Copies blue's configuration: image pinned by ID; networks, aliases, volumes and labels
-/// kept; static IP, MAC address and hostname dropped (Docker picks new ones).
-pub(super) fn clone_body(blue: &ContainerInspectResponse, spec: &CloneSpec) -> CloneBody {
+/// Copies blue's configuration (docs/rotation.md has the table): `image` as the caller
+/// checked it (blue's image name when it still names blue's image ID, else the ID);
+/// networks, aliases, volumes, labels and the host config kept; a hostname the user set
+/// kept, Docker's default hostname (blue's short ID) dropped; static IP and MAC address
+/// dropped (Docker picks new ones); AutoRemove cleared.
+pub(super) fn clone_body(blue: &ContainerInspectResponse, spec: &CloneSpec, image: String) -> CloneBody {
     let cfg = blue.config.clone().unwrap_or_default();
     let mut hc = blue.host_config.clone().unwrap_or_default();
     let blue_id = blue.id.clone().unwrap_or_default();
+    // Without --hostname Docker sets the short ID; a copy gets its own ID, so its own
+    // default. A hostname the user chose (a RabbitMQ node name) is the service's identity.
+    let hostname = cfg
+        .hostname
+        .clone()
+        .filter(|h| !h.is_empty() && !blue_id.starts_with(h.as_str()));
+    // A --rm container is deleted by the daemon when it stops; the replacement must not be,
+    // or a later restart rotation's rollback would have nothing to start.
+    let auto_remove_cleared = hc.auto_remove == Some(true);
+    hc.auto_remove = Some(false);
 
     let mut env: Vec<String> = cfg.env.clone().unwrap_or_default();
     for (k, v) in &spec.env {
@@ -101,7 +116,7 @@ pub(super) fn clone_body(blue: &ContainerInspectResponse, spec: &CloneSpec) -> C
     }
 
     let create = ContainerCreateBody {
-        hostname: None,
+        hostname,
         domainname: cfg.domainname,
         user: cfg.user,
         exposed_ports: cfg.exposed_ports,
@@ -112,7 +127,7 @@ pub(super) fn clone_body(blue: &ContainerInspectResponse, spec: &CloneSpec) -> C
         cmd: cfg.cmd,
         healthcheck: cfg.healthcheck,
         args_escaped: cfg.args_escaped,
-        image: blue.image.clone(),
+        image: Some(image),
         volumes: cfg.volumes,
         working_dir: cfg.working_dir,
         entrypoint: cfg.entrypoint,
@@ -130,5 +145,6 @@ pub(super) fn clone_body(blue: &ContainerInspectResponse, spec: &CloneSpec) -> C
     CloneBody {
         create,
         more_networks: more,
+        auto_remove_cleared,
     }
 }

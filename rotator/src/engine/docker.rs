@@ -18,6 +18,28 @@ use super::clone::clone_body;
 use super::{CloneSpec, Container, DockerHealth, Engine, EngineError, Event, EventStream, Fut, Mount, short};
 use crate::labels::RELOADER;
 
+/// Deadline of one engine call (inspect, list, create, start, remove, rename, signal; a
+/// stop gets its grace on top). The daemon answers these in milliseconds; one that takes
+/// this long is stuck (a hung storage driver, a paused daemon), and a rotation must not
+/// wait for it forever while it holds the service lock or the listeners' hold.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs `f` with a deadline; past it the call is abandoned (the future dropped) and an
+/// error names the operation.
+async fn within<T>(
+    op: impl Into<String>,
+    limit: Duration,
+    f: impl std::future::Future<Output = Result<T, EngineError>>,
+) -> Result<T, EngineError> {
+    match tokio::time::timeout(limit, f).await {
+        Ok(r) => r,
+        Err(_) => Err(EngineError::new(
+            op,
+            format!("no answer within {} ms; abandoned", limit.as_millis()),
+        )),
+    }
+}
+
 /// [`Engine`] on the local Docker daemon through bollard.
 #[derive(Debug, Clone)]
 pub struct DockerEngine {
@@ -84,13 +106,52 @@ impl DockerEngine {
             .inspect_raw(&spec.from)
             .await?
             .ok_or_else(|| EngineError::new(&op, format!("container {} does not exist", spec.from)))?;
-        let body = clone_body(&blue, spec);
+        let blue_image_id = blue.image.clone().unwrap_or_default();
+        let name = blue
+            .config
+            .as_ref()
+            .and_then(|c| c.image.clone())
+            .unwrap_or_default();
+        // The clone names the image as blue did, so `docker ps` and the stateful check keep
+        // seeing the name; it runs blue's image only if the name still resolves to blue's
+        // image ID. A name retagged since (or an image created by ID) is created by ID.
+        let by_name = !name.is_empty() && !name.starts_with("sha256:") && {
+            let found = self.docker.inspect_image(&name).await;
+            found.ok().and_then(|i| i.id).as_deref() == Some(blue_image_id.as_str())
+        };
+        let image = if by_name {
+            name.clone()
+        } else {
+            blue_image_id.clone()
+        };
+        if !by_name {
+            tracing::warn!(container = %spec.name, image = %name, id = %blue_image_id, "image name no longer names the image blue runs; the clone runs it by ID");
+        }
+        let body = clone_body(&blue, spec, image);
+        if body.auto_remove_cleared {
+            tracing::warn!(container = %spec.name, "blue was started with --rm (AutoRemove); the replacement is created without it, so stopping it never deletes the last copy");
+        }
         let opts = CreateContainerOptionsBuilder::new().name(&spec.name).build();
         let created = self
             .docker
             .create_container(Some(opts), body.create)
             .await
             .map_err(|e| err(&op, e))?;
+        // The name could have been retagged between the check and the create.
+        let green_image = self
+            .inspect_raw(&created.id)
+            .await?
+            .and_then(|g| g.image)
+            .unwrap_or_default();
+        if green_image != blue_image_id {
+            let _ = self.docker.remove_container(&created.id, Some(force())).await;
+            return Err(EngineError::new(
+                op,
+                format!(
+                    "image {name} was retagged during the create (now {green_image}, blue runs {blue_image_id}); retry"
+                ),
+            ));
+        }
         // API < 1.44 accepts one network at create time; the others are connected before start.
         for (net, endpoint) in body.more_networks {
             let req = NetworkConnectRequest {
@@ -151,74 +212,111 @@ impl DockerEngine {
 
 impl Engine for DockerEngine {
     fn list_managed(&self) -> Fut<'_, Vec<Container>> {
-        Box::pin(self.list(format!("{RELOADER}=true")))
+        Box::pin(within(
+            "list containers",
+            CALL_TIMEOUT,
+            self.list(format!("{RELOADER}=true")),
+        ))
     }
 
     fn list_labeled<'a>(&'a self, key: &'a str, value: &'a str) -> Fut<'a, Vec<Container>> {
-        Box::pin(self.list(format!("{key}={value}")))
+        Box::pin(within(
+            "list containers",
+            CALL_TIMEOUT,
+            self.list(format!("{key}={value}")),
+        ))
     }
 
     fn inspect<'a>(&'a self, id: &'a str) -> Fut<'a, Option<Container>> {
-        Box::pin(async move { Ok(self.inspect_raw(id).await?.map(convert)) })
+        Box::pin(within(
+            format!("inspect {}", short(id)),
+            CALL_TIMEOUT,
+            async move { Ok(self.inspect_raw(id).await?.map(convert)) },
+        ))
     }
 
     fn create_clone<'a>(&'a self, spec: &'a CloneSpec) -> Fut<'a, String> {
-        Box::pin(self.clone_container(spec))
+        // Inspect, image check, create and network connects: one deadline for the lot.
+        Box::pin(within(
+            format!("create container {}", spec.name),
+            CALL_TIMEOUT,
+            self.clone_container(spec),
+        ))
     }
 
     fn start<'a>(&'a self, id: &'a str) -> Fut<'a, ()> {
-        Box::pin(async move {
+        Box::pin(within(format!("start {}", short(id)), CALL_TIMEOUT, async move {
             let r = self.docker.start_container(id, None).await;
             // 304: already started.
             match r {
                 Err(bollard::errors::Error::DockerResponseServerError { status_code: 304, .. }) => Ok(()),
                 r => r.map_err(|e| err(format!("start {}", short(id)), e)),
             }
-        })
+        }))
     }
 
     fn stop<'a>(&'a self, id: &'a str, grace: Duration) -> Fut<'a, ()> {
-        Box::pin(async move {
-            let t = i32::try_from(grace.as_secs()).unwrap_or(i32::MAX);
-            let opts = StopContainerOptionsBuilder::new().t(t).build();
-            match self.docker.stop_container(id, Some(opts)).await {
-                Err(bollard::errors::Error::DockerResponseServerError { status_code: 304, .. }) => Ok(()),
-                r => r.map_err(|e| err(format!("stop {}", short(id)), e)),
-            }
-        })
+        Box::pin(within(
+            format!("stop {}", short(id)),
+            grace.saturating_add(CALL_TIMEOUT),
+            async move {
+                let t = i32::try_from(grace.as_secs()).unwrap_or(i32::MAX);
+                let opts = StopContainerOptionsBuilder::new().t(t).build();
+                match self.docker.stop_container(id, Some(opts)).await {
+                    Err(bollard::errors::Error::DockerResponseServerError { status_code: 304, .. }) => Ok(()),
+                    r => r.map_err(|e| err(format!("stop {}", short(id)), e)),
+                }
+            },
+        ))
     }
 
     fn remove<'a>(&'a self, id: &'a str) -> Fut<'a, ()> {
-        Box::pin(async move {
-            self.docker
-                .remove_container(id, Some(force()))
-                .await
-                .map_err(|e| err(format!("remove {}", short(id)), e))
-        })
+        Box::pin(within(
+            format!("remove {}", short(id)),
+            CALL_TIMEOUT,
+            async move {
+                self.docker
+                    .remove_container(id, Some(force()))
+                    .await
+                    .map_err(|e| err(format!("remove {}", short(id)), e))
+            },
+        ))
     }
 
     fn rename<'a>(&'a self, id: &'a str, name: &'a str) -> Fut<'a, ()> {
-        Box::pin(async move {
-            let opts = RenameContainerOptionsBuilder::new().name(name).build();
-            self.docker
-                .rename_container(id, opts)
-                .await
-                .map_err(|e| err(format!("rename {} to {name}", short(id)), e))
-        })
+        Box::pin(within(
+            format!("rename {} to {name}", short(id)),
+            CALL_TIMEOUT,
+            async move {
+                let opts = RenameContainerOptionsBuilder::new().name(name).build();
+                self.docker
+                    .rename_container(id, opts)
+                    .await
+                    .map_err(|e| err(format!("rename {} to {name}", short(id)), e))
+            },
+        ))
     }
 
     fn signal<'a>(&'a self, id: &'a str, signal: &'a str) -> Fut<'a, ()> {
-        Box::pin(async move {
-            let opts = KillContainerOptionsBuilder::new().signal(signal).build();
-            self.docker
-                .kill_container(id, Some(opts))
-                .await
-                .map_err(|e| err(format!("send {signal} to {}", short(id)), e))
-        })
+        Box::pin(within(
+            format!("send {signal} to {}", short(id)),
+            CALL_TIMEOUT,
+            async move {
+                let opts = KillContainerOptionsBuilder::new().signal(signal).build();
+                self.docker
+                    .kill_container(id, Some(opts))
+                    .await
+                    .map_err(|e| err(format!("send {signal} to {}", short(id)), e))
+            },
+        ))
     }
 
-    fn exec<'a>(&'a self, id: &'a str, cmd: &'a [String]) -> Fut<'a, i64> {
-        Box::pin(self.exec_wait(id, cmd))
+    fn exec<'a>(&'a self, id: &'a str, cmd: &'a [String], timeout: Duration) -> Fut<'a, i64> {
+        Box::pin(within(
+            format!("exec in {}", short(id)),
+            timeout,
+            self.exec_wait(id, cmd),
+        ))
     }
 
     fn events(&self) -> EventStream {
@@ -285,6 +383,7 @@ fn convert(c: ContainerInspectResponse) -> Container {
         _ => DockerHealth::Starting,
     };
     let hc = c.host_config.unwrap_or_default();
+    let auto_remove = hc.auto_remove == Some(true);
     let publishes_ports = hc.publish_all_ports == Some(true)
         || hc
             .port_bindings
@@ -313,6 +412,7 @@ fn convert(c: ContainerInspectResponse) -> Container {
         health,
         networks,
         publishes_ports,
+        auto_remove,
         mounts: c
             .mounts
             .unwrap_or_default()

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use futures_util::Stream;
 
-pub use docker::DockerEngine;
+pub use docker::{CALL_TIMEOUT, DockerEngine};
 
 /// A failed engine call. Carries the operation and the daemon's message; never a secret.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -91,6 +91,8 @@ pub struct Container {
     pub networks: BTreeMap<String, Option<IpAddr>>,
     /// Whether the container publishes host ports itself (`-p`, `publish_all`).
     pub publishes_ports: bool,
+    /// Whether the daemon deletes it when it stops (`--rm`, `HostConfig.AutoRemove`).
+    pub auto_remove: bool,
     /// Mounts.
     pub mounts: Vec<Mount>,
 }
@@ -157,8 +159,9 @@ pub trait Engine: Send + Sync + 'static {
     fn rename<'a>(&'a self, id: &'a str, name: &'a str) -> Fut<'a, ()>;
     /// Sends a signal (`SIGHUP`, ...) to the container's main process.
     fn signal<'a>(&'a self, id: &'a str, signal: &'a str) -> Fut<'a, ()>;
-    /// Runs `cmd` in the container and returns its exit code once it has ended.
-    fn exec<'a>(&'a self, id: &'a str, cmd: &'a [String]) -> Fut<'a, i64>;
+    /// Runs `cmd` in the container and returns its exit code once it has ended; an error
+    /// when it has not ended within `timeout` (the process is left to the container).
+    fn exec<'a>(&'a self, id: &'a str, cmd: &'a [String], timeout: Duration) -> Fut<'a, i64>;
     /// Events of managed containers from the moment of this call (also those before the
     /// stream is first polled). Ends or errors when the daemon goes away.
     fn events(&self) -> EventStream;

@@ -108,13 +108,13 @@ async fn engine_negotiates_inspects_clones_renames_signals_and_execs() {
         "probe".into(),
         "127.0.0.1:8081/health".into(),
     ];
-    assert_eq!(e.exec(&green, &ok).await.unwrap(), 0);
+    assert_eq!(e.exec(&green, &ok, Duration::from_secs(20)).await.unwrap(), 0);
     let bad = vec![
         "/dso-testsrv".into(),
         "probe".into(),
         "127.0.0.1:8081/nope".into(),
     ];
-    assert_eq!(e.exec(&green, &bad).await.unwrap(), 1);
+    assert_eq!(e.exec(&green, &bad, Duration::from_secs(20)).await.unwrap(), 1);
 
     // Signal: the test server counts SIGHUPs.
     e.signal(&green, "SIGHUP").await.unwrap();

@@ -2,8 +2,10 @@
 //! `dso-testsrv:test` image and the real `dso-proxy` in process. They fail (never skip)
 //! when Docker or the image is missing, saying what to run.
 
+mod clone;
 mod crash;
 mod engine;
+mod lifecycle;
 mod rotate;
 mod support;
 mod timing;

@@ -231,10 +231,18 @@ fn queued_requests_are_coalesced_not_dropped() {
             let r = agent.rotator.clone();
             let target = format!("{}/web", w.run);
             let progress = (i == 0).then(|| tx.clone());
+            // The third asks for `signal`, which cannot apply the others' --env values:
+            // the merged rotation still replaces the container with them.
+            let (strategy, env) = if i == 2 {
+                (Some(Strategy::Signal), vec![])
+            } else {
+                (None, vec![("N".into(), i.to_string())])
+            };
             hs.push(tokio::spawn(async move {
                 r.rotate(RotateRequest {
                     target,
-                    env: vec![("N".into(), i.to_string())],
+                    strategy,
+                    env,
                     progress,
                     ..Default::default()
                 })
@@ -262,6 +270,79 @@ fn queued_requests_are_coalesced_not_dropped() {
     );
     assert_ne!(merged[0], first.new_id, "the merged rotation ran after the first");
     assert_eq!(one_serving(&w, "web"), merged[0]);
+    for r in &results[1..] {
+        assert_eq!(r.containers[0].strategy, Strategy::Rolling, "{r:?}");
+        assert_eq!(r.env, ["N"], "the merged --env values were applied");
+        assert_eq!(r.requests, 3, "every caller sees the merged outcome");
+    }
+    let ip = w
+        .docker(&[
+            "inspect",
+            "-f",
+            "{{range .Config.Env}}{{println .}}{{end}}",
+            &merged[0],
+        ])
+        .unwrap();
+    // Requests 2-4 reach the queue in whatever order their scans finish: the value of the
+    // one merged last wins, and it is one of them.
+    assert!(
+        ip.lines().any(|l| l == "N=1" || l == "N=3"),
+        "a merged value applied: {ip}"
+    );
+}
+
+#[test]
+fn a_hung_exec_probe_fails_a_restart_by_its_deadline_and_blue_serves_again() {
+    let w = World::new();
+    let mut svc = Svc::new("db");
+    svc.strategy = "restart";
+    svc.extra_labels = vec![
+        ("dso.health.timeout", "3s".into()),
+        // A second server inside the container: the exec never ends.
+        (
+            "dso.health.exec",
+            r#"["/dso-testsrv","--listen=127.0.0.1:9999","--http=off"]"#.into(),
+        ),
+    ];
+    let blue = w.start(&svc);
+    let agent = Agent::start(&w);
+    let k = key(&w, "db");
+    let addr = agent.addr(&k, 8080);
+    let rt = agent.rt.handle().clone();
+    let started = std::time::Instant::now();
+    let err = rt
+        .block_on(async {
+            tokio::time::timeout(
+                Duration::from_secs(40),
+                agent.rotator.rotate(RotateRequest {
+                    target: format!("{}/db", w.run),
+                    ..Default::default()
+                }),
+            )
+            .await
+        })
+        .expect("the rotation ends: the hung probe has a deadline")
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(err, Error::Unhealthy { .. })
+            && (msg.contains("no answer within") || msg.contains("did not finish within")),
+        "the probe hung, and its deadline ended it: {msg}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(one_serving(&w, "db"), blue, "blue restored, green removed");
+    assert_eq!(rt.block_on(exchange(addr, "back")).unwrap(), short(&blue));
+    let l = agent
+        .proxy
+        .listener(&dso_rotator::listener_name(&k, 8080))
+        .unwrap();
+    assert!(!l.is_paused(), "the hold ended");
+    let lock = dso_rotator::ServiceLock::try_acquire(&w.state_dir(), &k).unwrap();
+    assert!(lock.is_some(), "the service lock is free");
 }
 
 #[test]

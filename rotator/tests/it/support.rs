@@ -20,6 +20,15 @@ use tokio_util::sync::CancellationToken;
 /// The label every object of a test carries, with the test's run ID.
 pub const RUN_LABEL: &str = "dso.test.run";
 
+/// Fails the test loudly when Compose v2 (`docker compose`) is missing.
+pub fn require_compose() {
+    if let Err(e) = docker(&["compose", "version"]) {
+        panic!(
+            "Docker Compose v2 is missing ({e}). These tests need it: run `bash -c 'source .ci/services.sh; ensure_compose'` first."
+        );
+    }
+}
+
 pub fn image() -> String {
     std::env::var("DSO_TESTSRV_IMAGE").unwrap_or_else(|_| "dso-testsrv:test".to_owned())
 }
@@ -73,6 +82,10 @@ pub struct Svc<'a> {
     pub extra_labels: Vec<(&'a str, String)>,
     /// Docker healthcheck interval; `None` disables the HEALTHCHECK (TCP check used).
     pub health_interval: Option<&'a str>,
+    /// More `docker run` arguments (before the image).
+    pub run_args: Vec<String>,
+    /// The image (default: the test image).
+    pub image: Option<String>,
 }
 
 impl<'a> Svc<'a> {
@@ -86,6 +99,8 @@ impl<'a> Svc<'a> {
                 ("dso.health.timeout", "20s".to_owned()),
             ],
             health_interval: Some("200ms"),
+            run_args: Vec::new(),
+            image: None,
         }
     }
 }
@@ -145,7 +160,8 @@ impl World {
             }
             None => args.push("--no-healthcheck".into()),
         }
-        args.push(image());
+        args.extend(s.run_args.iter().cloned());
+        args.push(s.image.clone().unwrap_or_else(image));
         let a: Vec<&str> = args.iter().map(String::as_str).collect();
         docker(&a).unwrap()
     }
@@ -204,6 +220,26 @@ impl Drop for World {
             // -v: anonymous volumes of test containers go too.
             let _ = docker(&["rm", "-fv", id]);
         }
+        // Extra networks and volumes a test made carry the run label too.
+        let label = format!("label={RUN_LABEL}={}", self.run);
+        for net in docker(&["network", "ls", "-q", "--filter", &label])
+            .unwrap_or_default()
+            .lines()
+        {
+            if docker(&["network", "inspect", "-f", "{{.Name}}", net])
+                .ok()
+                .as_deref()
+                != Some(self.network.as_str())
+            {
+                let _ = docker(&["network", "rm", net]);
+            }
+        }
+        for vol in docker(&["volume", "ls", "-q", "--filter", &label])
+            .unwrap_or_default()
+            .lines()
+        {
+            let _ = docker(&["volume", "rm", "-f", vol]);
+        }
         // A container still being torn down keeps the network busy for a moment.
         for attempt in 0..50 {
             match docker(&["network", "rm", &self.network]) {
@@ -233,7 +269,13 @@ impl Agent {
         Agent::start_in(world.state_dir(), &world.run)
     }
 
-    fn start_in(state: PathBuf, run: &str) -> Agent {
+    /// An agent on state directory `state` managing the containers labelled `run`.
+    pub fn start_in(state: PathBuf, run: &str) -> Agent {
+        Agent::start_with(state, run, |_| {})
+    }
+
+    /// Like [`Agent::start_in`], with the rotator's settings adjusted by `adjust`.
+    pub fn start_with(state: PathBuf, run: &str, adjust: impl FnOnce(&mut Config)) -> Agent {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -244,6 +286,7 @@ impl Agent {
             let proxy = Proxy::new(ProxyConfig::default());
             let mut cfg = Config::new(state);
             cfg.scope = Some((RUN_LABEL.to_owned(), run.to_owned()));
+            adjust(&mut cfg);
             let (r, rec) = Rotator::start(engine, proxy.clone(), cfg)
                 .await
                 .expect("rotator start");
@@ -255,6 +298,13 @@ impl Agent {
             proxy,
             recovered,
         }
+    }
+
+    /// Starts following Docker events (as the real agent does); stopped with the agent.
+    pub fn watch(&self) {
+        let r = self.rotator.clone();
+        self.rt
+            .spawn(async move { r.watch(CancellationToken::new()).await });
     }
 
     /// The bound address of the service's listener for a container port.
