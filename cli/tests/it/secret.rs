@@ -52,7 +52,10 @@ impl Home {
         let mut child = c.spawn().unwrap();
         let mut stdin = child.stdin.take().unwrap();
         if let Some(bytes) = input {
-            stdin.write_all(bytes).unwrap();
+            // A command that fails before reading stdin closes it: that is its answer.
+            if let Err(e) = stdin.write_all(bytes) {
+                assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "{e}");
+            }
         }
         drop(stdin);
         child.wait_with_output().unwrap()
@@ -480,4 +483,66 @@ fn a_running_agent_is_told_the_name_and_never_the_value() {
         let req = requests.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
         assert!(req.contains("\"name\":\"app/db\""), "{req}");
     }
+}
+
+/// Runs `dso ARGS` on a pseudo-terminal (util-linux `script`), answering each prompt in
+/// turn once it shows; returns everything the terminal showed and the exit status.
+fn on_a_terminal(home: &Home, args: &str, answers: &[(&str, &str)]) -> (String, bool) {
+    let mut child = Command::new("script")
+        .args(["-qec", &format!("{DSO} {args}"), "/dev/null"])
+        .env("HOME", home.dir.path())
+        .env("DSO_SOCKET", home.dir.path().join("no-agent.sock"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut shown = Vec::new();
+    for (prompt, answer) in answers {
+        while !contains(&shown, prompt.as_bytes()) {
+            let mut b = [0u8; 1];
+            assert_eq!(
+                stdout.read(&mut b).unwrap(),
+                1,
+                "no prompt {prompt:?}; got {}",
+                text(&shown)
+            );
+            shown.push(b[0]);
+        }
+        // rpassword shows the prompt, then turns echo off: answer a moment later, as a
+        // person would, not inside that window.
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        stdin.write_all(format!("{answer}\n").as_bytes()).unwrap();
+        stdin.flush().unwrap();
+    }
+    stdout.read_to_end(&mut shown).unwrap();
+    drop(stdin);
+    (text(&shown), child.wait().unwrap().success())
+}
+
+#[test]
+fn on_a_terminal_the_value_is_asked_twice_without_echo() {
+    let home = Home::new();
+    home.init();
+    let (shown, ok) = on_a_terminal(
+        &home,
+        "secret set tty/x",
+        &[
+            ("value for tty/x: ", "typed-secret"),
+            ("(again): ", "typed-secret"),
+        ],
+    );
+    assert!(ok, "{shown}");
+    assert!(!shown.contains("typed-secret"), "echoed: {shown}");
+    assert_eq!(home.ok(&["secret", "get", "tty/x"], None).stdout, b"typed-secret");
+
+    let (shown, ok) = on_a_terminal(
+        &home,
+        "secret set tty/y",
+        &[("value for tty/y: ", "first-try"), ("(again): ", "second-try")],
+    );
+    assert!(!ok && shown.contains("differ"), "{shown}");
+    assert_eq!(home.run(&["secret", "get", "tty/y"], None).status.code(), Some(1));
 }

@@ -315,28 +315,22 @@ impl LocalVault {
     pub fn set(&self, name: &str, value: &SecretValue) -> Result<EntryInfo, VaultError> {
         check_name(name)?;
         check_value(name, value)?;
+        self.modify(|keys, header, entries| Ok((self.put(keys, header, entries, name, value)?, true)))
+    }
+
+    /// Sets several entries in one write of the file (an import); each takes its own
+    /// version, in the order given.
+    pub fn set_many(&self, items: &[(&str, &SecretValue)]) -> Result<Vec<EntryInfo>, VaultError> {
+        for (name, value) in items {
+            check_name(name)?;
+            check_value(name, value)?;
+        }
         self.modify(|keys, header, entries| {
-            let version = header.next_version;
-            header.next_version = version.checked_add(1).ok_or_else(|| VaultError::Damaged {
-                path: self.path.clone(),
-                reason: "the version counter is exhausted".into(),
-            })?;
-            let updated_ns = now_ns();
-            let aad = format::entry_aad(&header.vault_id, name, version, updated_ns);
-            let (nonce, ciphertext) = keys.seal(&aad, value)?;
-            let entry = Entry {
-                name: name.to_string(),
-                version,
-                updated_ns,
-                nonce,
-                ciphertext,
-            };
-            let info = EntryInfo::of(&entry);
-            match entries.binary_search_by(|e| e.name.as_str().cmp(name)) {
-                Ok(i) => entries[i] = entry,
-                Err(i) => entries.insert(i, entry),
+            let mut infos = Vec::with_capacity(items.len());
+            for (name, value) in items {
+                infos.push(self.put(keys, header, entries, name, value)?);
             }
-            Ok((info, true))
+            Ok((infos, !items.is_empty()))
         })
     }
 
@@ -349,6 +343,38 @@ impl LocalVault {
                 Err(_) => Ok((None, false)),
             },
         )
+    }
+
+    /// Seals `value` as the next version of `name` into `entries` (kept sorted).
+    fn put(
+        &self,
+        keys: &Keys,
+        header: &mut Header,
+        entries: &mut Vec<Entry>,
+        name: &str,
+        value: &SecretValue,
+    ) -> Result<EntryInfo, VaultError> {
+        let version = header.next_version;
+        header.next_version = version.checked_add(1).ok_or_else(|| VaultError::Damaged {
+            path: self.path.clone(),
+            reason: "the version counter is exhausted".into(),
+        })?;
+        let updated_ns = now_ns();
+        let aad = format::entry_aad(&header.vault_id, name, version, updated_ns);
+        let (nonce, ciphertext) = keys.seal(&aad, value)?;
+        let entry = Entry {
+            name: name.to_string(),
+            version,
+            updated_ns,
+            nonce,
+            ciphertext,
+        };
+        let info = EntryInfo::of(&entry);
+        match entries.binary_search_by(|e| e.name.as_str().cmp(name)) {
+            Ok(i) => entries[i] = entry,
+            Err(i) => entries.insert(i, entry),
+        }
+        Ok(info)
     }
 
     /// Runs `change` on the current file under the write lock; writes the result when it

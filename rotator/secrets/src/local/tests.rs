@@ -449,3 +449,17 @@ async fn provider_over_a_passphrase_vault() {
     assert_eq!(provider.fetch(&r, &v).await.unwrap().expose(), b"xval");
     assert!(provider.check().await.unwrap().detail.contains("Argon2id"));
 }
+
+#[test]
+fn set_many_writes_once_with_distinct_versions() {
+    let f = Fixture::new();
+    let vault = f.create();
+    let (a, b) = (value(b"aaaa"), value(b"bbbb"));
+    let infos = vault.set_many(&[("m/b", &b), ("m/a", &a)]).unwrap();
+    assert_eq!(infos.iter().map(|i| i.version).collect::<Vec<_>>(), [1, 2]);
+    assert_eq!(vault.get("m/a").unwrap().unwrap().1.expose(), b"aaaa");
+    assert_eq!(vault.list().unwrap()[0].name, "m/a", "kept sorted");
+    let before = f.bytes();
+    assert!(vault.set_many(&[("ok", &a), ("bad name", &b)]).is_err());
+    assert_eq!(f.bytes(), before, "a bad item writes nothing");
+}
