@@ -29,3 +29,13 @@ pub async fn connect(spec: &ProviderSpec) -> Result<Arc<dyn Provider>> {
         }),
     }
 }
+
+/// Compiles only while every provider's `connect` future is `Send`: the agent connects
+/// providers from tasks of a multi-threaded runtime (an Azure helper once held a
+/// non-`Sync` closure across an await and broke that).
+#[allow(dead_code)]
+fn connect_is_send(
+    spec: &ProviderSpec,
+) -> impl std::future::Future<Output = Result<Arc<dyn Provider>>> + Send + '_ {
+    connect(spec)
+}

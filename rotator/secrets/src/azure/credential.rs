@@ -169,7 +169,7 @@ impl TokenSource {
     pub(super) fn new(
         provider: &str,
         settings: &AzureSettings,
-        env: &dyn Fn(&str) -> Option<String>,
+        env: &(dyn Fn(&str) -> Option<String> + Sync),
     ) -> Result<TokenSource> {
         let config = |detail: String| Error::Config {
             provider: provider.to_string(),

@@ -57,7 +57,7 @@ pub async fn connect(spec: &ProviderSpec) -> Result<Arc<dyn Provider>> {
 /// process environment.
 pub async fn connect_with_env(
     spec: &ProviderSpec,
-    env: &dyn Fn(&str) -> Option<String>,
+    env: &(dyn Fn(&str) -> Option<String> + Sync),
 ) -> Result<Arc<dyn Provider>> {
     let ProviderSettings::Azure(settings) = &spec.settings else {
         return Err(Error::Config {
@@ -96,7 +96,7 @@ impl AzureProvider {
         name: &str,
         settings: &AzureSettings,
         timeout: Duration,
-        env: &dyn Fn(&str) -> Option<String>,
+        env: &(dyn Fn(&str) -> Option<String> + Sync),
     ) -> Result<AzureProvider> {
         let config = |detail: String| Error::Config {
             provider: name.to_string(),
