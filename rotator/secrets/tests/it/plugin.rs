@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dso_secrets::plugin::{PluginProvider, sha256_file};
@@ -363,46 +363,9 @@ async fn the_plugin_gets_no_agent_environment_and_no_secret_in_argv() {
     assert_eq!(d["cwd"], json!("/"));
 }
 
-/// A `MakeWriter` that keeps everything written in memory.
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Capture {
-    type Writer = Capture;
-    fn make_writer(&'a self) -> Capture {
-        self.clone()
-    }
-}
-
-/// The test binary's log, captured. A process-wide subscriber: a thread-local one misses
-/// events whose callsite interest another test thread registered first.
-fn capture() -> &'static Capture {
-    static CAPTURE: std::sync::OnceLock<Capture> = std::sync::OnceLock::new();
-    CAPTURE.get_or_init(|| {
-        let capture = Capture::default();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::TRACE)
-            .with_writer(capture.clone())
-            .with_ansi(false)
-            .finish();
-        tracing::subscriber::set_global_default(subscriber).expect("one global subscriber");
-        capture
-    })
-}
-
 #[tokio::test]
 async fn plugin_stderr_is_logged_through_the_redactor_and_truncated() {
-    let capture = capture();
+    crate::support::logs::capture();
     let dir = tempfile::tempdir().unwrap();
     let settings = pinned(&misbehave(), json!({"starts_file": dir.path().join("starts")}));
     let p = PluginProvider::new("p", settings, limits(Duration::from_secs(5)));
@@ -414,7 +377,7 @@ async fn plugin_stderr_is_logged_through_the_redactor_and_truncated() {
     p.version(&r(&long)).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     let out = loop {
-        let out = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+        let out = crate::support::logs::text();
         if out.contains("truncated=true") || Instant::now() > deadline {
             break out;
         }
