@@ -270,3 +270,43 @@ if [ "${BASH_SOURCE[0]}" = "$0" ]; then
         esac
     done
 fi
+
+# Where ensure_moto puts its virtualenv (moto_server for the AWS Secrets Manager tests).
+: "${DSO_MOTO_VENV:=/opt/dso-moto-venv}"
+
+# Installs moto_server (PyPI `moto[server]`) into its own virtualenv, $DSO_MOTO_VENV
+# (default /opt/dso-moto-venv), when it is not there yet, checks that it runs, and prints
+# the path of the binary on stdout. Starts nothing: the tests start their own moto_server
+# processes on free loopback ports. Uses `python3` from PATH (a pyenv shim works: only the
+# interpreter is needed, never a `moto_server` on PATH), or $DSO_MOTO_PYTHON.
+ensure_moto() {
+    local venv=$DSO_MOTO_VENV bin=$DSO_MOTO_VENV/bin/moto_server py=${DSO_MOTO_PYTHON:-python3}
+    if [ -x "$bin" ] && "$venv/bin/python" -c 'import moto.server' 2>/dev/null; then
+        _svc_log "moto: $("$venv/bin/python" -c 'import moto; print("moto " + moto.__version__)') in $venv"
+        echo "$bin"
+        return 0
+    fi
+    if ! command -v "$py" >/dev/null 2>&1 || ! "$py" -c 'import venv, ensurepip' 2>/dev/null; then
+        _svc_log "moto: no usable $py (needs the venv and ensurepip modules); installing python3-venv"
+        _svc_apt_install python3 python3-venv || return 1
+        py=/usr/bin/python3
+    fi
+    if [ ! -x "$venv/bin/python" ]; then
+        _svc_log "moto: creating virtualenv $venv with $("$py" --version 2>&1)"
+        "$py" -m venv "$venv" || {
+            _svc_log "ERROR: $py -m venv $venv failed"
+            return 1
+        }
+    fi
+    _svc_log "moto: pip install moto[server] into $venv"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check 'moto[server]' >&2 || {
+        _svc_log "ERROR: pip install moto[server] into $venv failed"
+        return 1
+    }
+    if [ ! -x "$bin" ] || ! "$venv/bin/python" -c 'import moto.server' 2>/dev/null; then
+        _svc_log "ERROR: $bin is missing or broken after pip install moto[server]"
+        return 1
+    fi
+    _svc_log "moto: $("$venv/bin/python" -c 'import moto; print("moto " + moto.__version__)') installed in $venv"
+    echo "$bin"
+}

@@ -1,0 +1,699 @@
+//! The `aws` provider against real moto_server processes (one or two per test, on free
+//! loopback ports), with a counting forwarder between the SDK and moto so every test can
+//! assert how many `DescribeSecret` and `GetSecretValue` calls were made.
+//!
+//! Credentials are explicit static test keys given to the SDK config loader
+//! (`AwsProvider::connect_with`), so no test touches the process environment and no test
+//! ever reaches the default chain's instance-metadata lookup.
+
+mod forwarder;
+mod moto;
+
+use std::time::Duration;
+
+use aws_sdk_secretsmanager::config::{BehaviorVersion, Credentials, Region};
+use aws_sdk_secretsmanager::primitives::Blob;
+use dso_secrets::aws::AwsProvider;
+use dso_secrets::spec::{AwsSettings, Limits, ProviderSettings, ProviderSpec};
+use dso_secrets::{Error, Provider, Version};
+
+use forwarder::{Fault, Forwarder};
+use moto::Moto;
+
+/// Static keys moto accepts when it checks no IAM policy.
+fn test_keys() -> Credentials {
+    Credentials::new("testing", "testing", None, None, "dso-test")
+}
+
+fn limits() -> Limits {
+    Limits {
+        retry_attempts: 3,
+        retry_backoff: Duration::from_millis(10),
+        timeout: Duration::from_secs(10),
+        ..Limits::default()
+    }
+}
+
+fn spec(name: &str, region: &str, endpoint: &str, limits: Limits) -> ProviderSpec {
+    ProviderSpec {
+        name: name.to_string(),
+        limits,
+        settings: ProviderSettings::Aws(AwsSettings {
+            region: Some(region.to_string()),
+            endpoint_url: Some(endpoint.to_string()),
+            profile: None,
+        }),
+    }
+}
+
+async fn provider(name: &str, region: &str, endpoint: &str) -> AwsProvider {
+    provider_with(spec(name, region, endpoint, limits()), test_keys()).await
+}
+
+async fn provider_with(spec: ProviderSpec, keys: Credentials) -> AwsProvider {
+    AwsProvider::connect_with(&spec, |l| l.credentials_provider(keys))
+        .await
+        .unwrap_or_else(|e| panic!("connect {}: {e}", spec.name))
+}
+
+/// A Secrets Manager client straight to moto (not through the forwarder) that sets up
+/// the secrets the tests read.
+fn admin(moto: &Moto, region: &str) -> aws_sdk_secretsmanager::Client {
+    admin_with(moto, region, test_keys())
+}
+
+fn admin_with(moto: &Moto, region: &str, keys: Credentials) -> aws_sdk_secretsmanager::Client {
+    let config = aws_sdk_secretsmanager::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new(region.to_string()))
+        .endpoint_url(moto.url())
+        .credentials_provider(keys)
+        .build();
+    aws_sdk_secretsmanager::Client::from_conf(config)
+}
+
+async fn create_string(admin: &aws_sdk_secretsmanager::Client, name: &str, value: &str) -> String {
+    admin
+        .create_secret()
+        .name(name)
+        .secret_string(value)
+        .send()
+        .await
+        .expect("CreateSecret")
+        .version_id()
+        .expect("VersionId")
+        .to_string()
+}
+
+/// What the forwarder saw, for assertion messages.
+fn seen(f: &Forwarder) -> String {
+    let mut v: Vec<_> = f.counts().into_iter().collect();
+    v.sort();
+    format!("{v:?}")
+}
+
+#[tokio::test]
+async fn aws_string_secret_one_describe_per_version_one_get_per_fetch() {
+    let moto = Moto::start();
+    let created = create_string(&admin(&moto, "us-east-1"), "prod/db/password", "s3cr3t-string").await;
+    let fwd = Forwarder::start(moto.addr).await;
+    let p = provider("aws-main", "us-east-1", &fwd.url()).await;
+    let r = p.parse("prod/db/password").unwrap();
+
+    let v = p.version(&r).await.unwrap();
+    assert_eq!(
+        v,
+        Version::new(created.clone()),
+        "the token is CreateSecret's VersionId"
+    );
+    assert_eq!(fwd.count("DescribeSecret"), 1, "{}", seen(&fwd));
+    assert_eq!(
+        fwd.count("GetSecretValue"),
+        0,
+        "version() reads no value: {}",
+        seen(&fwd)
+    );
+
+    // A poll cycle that finds no change: metadata only, every time.
+    for _ in 0..4 {
+        assert_eq!(p.version(&r).await.unwrap(), v);
+    }
+    assert_eq!(fwd.count("DescribeSecret"), 5, "{}", seen(&fwd));
+    assert_eq!(fwd.count("GetSecretValue"), 0, "{}", seen(&fwd));
+
+    let value = p.fetch(&r, &v).await.unwrap();
+    assert_eq!(value.expose(), b"s3cr3t-string");
+    assert_eq!(fwd.count("GetSecretValue"), 1, "{}", seen(&fwd));
+    assert_eq!(
+        fwd.count("DescribeSecret"),
+        5,
+        "fetch() makes no metadata call: {}",
+        seen(&fwd)
+    );
+    assert_eq!(fwd.counts().len(), 2, "no other call was made: {}", seen(&fwd));
+}
+
+#[tokio::test]
+async fn aws_json_secret_field_selected() {
+    let moto = Moto::start();
+    let doc = r#"{"username":"app","password":"pw-json-1","port":5432}"#;
+    create_string(&admin(&moto, "us-east-1"), "prod/db", doc).await;
+    let fwd = Forwarder::start(moto.addr).await;
+    let p = provider("aws-main", "us-east-1", &fwd.url()).await;
+
+    let pw = p.parse("prod/db#password").unwrap();
+    let user = p.parse("prod/db#username").unwrap();
+    assert_eq!(
+        pw.object_key(),
+        user.object_key(),
+        "two fields, one object to poll"
+    );
+    let v = p.version(&pw).await.unwrap();
+    let whole = p.fetch(&pw, &v).await.unwrap();
+    assert_eq!(whole.expose(), doc.as_bytes(), "fetch returns the whole object");
+    assert_eq!(pw.select(&whole).unwrap().expose(), b"pw-json-1");
+    assert_eq!(user.select(&whole).unwrap().expose(), b"app");
+    assert_eq!(
+        p.parse("prod/db#port").unwrap().select(&whole).unwrap().expose(),
+        b"5432"
+    );
+    let missing = p
+        .parse("prod/db#nope")
+        .unwrap()
+        .select(&whole)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        missing.contains("no key \"nope\"") && !missing.contains("pw-json-1"),
+        "{missing}"
+    );
+    assert_eq!(
+        (fwd.count("DescribeSecret"), fwd.count("GetSecretValue")),
+        (1, 1),
+        "{}",
+        seen(&fwd)
+    );
+}
+
+#[tokio::test]
+async fn aws_binary_secret_bytes_unchanged() {
+    let moto = Moto::start();
+    let bytes: Vec<u8> = vec![0x00, 0xff, 0xfe, b'\n', b'$', b'"', 0x80, 0x01, 0x00];
+    let created = admin(&moto, "us-east-1")
+        .create_secret()
+        .name("tls/key.der")
+        .secret_binary(Blob::new(bytes.clone()))
+        .send()
+        .await
+        .unwrap();
+    let fwd = Forwarder::start(moto.addr).await;
+    let p = provider("aws-main", "us-east-1", &fwd.url()).await;
+    let r = p.parse("tls/key.der").unwrap();
+    let v = p.version(&r).await.unwrap();
+    assert_eq!(v.as_str(), created.version_id().unwrap());
+    assert_eq!(p.fetch(&r, &v).await.unwrap().expose(), bytes.as_slice());
+    assert_eq!(
+        (fwd.count("DescribeSecret"), fwd.count("GetSecretValue")),
+        (1, 1),
+        "{}",
+        seen(&fwd)
+    );
+}
+
+#[tokio::test]
+async fn aws_new_version_gets_a_new_token_and_old_version_still_reads_old_value() {
+    let moto = Moto::start();
+    let admin = admin(&moto, "us-east-1");
+    let old_id = create_string(&admin, "app/api-key", "old-value-1").await;
+    let fwd = Forwarder::start(moto.addr).await;
+    let p = provider("aws-main", "us-east-1", &fwd.url()).await;
+    let r = p.parse("app/api-key").unwrap();
+    let old = p.version(&r).await.unwrap();
+    assert_eq!(old.as_str(), old_id);
+
+    let put = admin
+        .put_secret_value()
+        .secret_id("app/api-key")
+        .secret_string("new-value-2")
+        .send()
+        .await
+        .unwrap();
+    let new = p.version(&r).await.unwrap();
+    assert_ne!(new, old, "PutSecretValue moves AWSCURRENT to a new version id");
+    assert_eq!(new.as_str(), put.version_id().unwrap());
+
+    assert_eq!(p.fetch(&r, &new).await.unwrap().expose(), b"new-value-2");
+    assert_eq!(
+        p.fetch(&r, &old).await.unwrap().expose(),
+        b"old-value-1",
+        "fetch reads exactly the version asked for"
+    );
+    assert_eq!(
+        (fwd.count("DescribeSecret"), fwd.count("GetSecretValue")),
+        (2, 2),
+        "{}",
+        seen(&fwd)
+    );
+}
+
+#[tokio::test]
+async fn aws_not_found_secret_and_version() {
+    let moto = Moto::start();
+    create_string(&admin(&moto, "us-east-1"), "exists", "value-x").await;
+    let fwd = Forwarder::start(moto.addr).await;
+    let p = provider("aws-main", "us-east-1", &fwd.url()).await;
+
+    let missing = p.parse("does/not/exist#password").unwrap();
+    let e = p.version(&missing).await.err().expect("missing secret");
+    assert!(matches!(e, Error::NotFound { .. }), "{e}");
+    let text = e.to_string();
+    assert!(
+        text.contains("aws-main") && text.contains("does/not/exist#password"),
+        "{text}"
+    );
+    assert!(!e.is_transient());
+    assert_eq!(
+        fwd.count("DescribeSecret"),
+        1,
+        "NotFound is not retried: {}",
+        seen(&fwd)
+    );
+
+    let r = p.parse("exists").unwrap();
+    let e = p
+        .fetch(&r, &Version::new("00000000-0000-0000-0000-000000000000"))
+        .await
+        .err()
+        .expect("missing version");
+    assert!(matches!(e, Error::NotFound { .. }), "{e}");
+    assert!(!e.to_string().contains("value-x"));
+}
+
+#[tokio::test]
+async fn aws_two_instances_two_servers_two_regions_at_once() {
+    let (east, west) = (Moto::start(), Moto::start());
+    let east_id = create_string(&admin(&east, "us-east-1"), "shared/name", "value-from-east").await;
+    let west_id = create_string(&admin(&west, "eu-west-1"), "shared/name", "value-from-west").await;
+    let (fe, fw) = (
+        Forwarder::start(east.addr).await,
+        Forwarder::start(west.addr).await,
+    );
+    let (ue, uw) = (fe.url(), fw.url());
+    let (pe, pw) = tokio::join!(
+        provider("aws-east", "us-east-1", &ue),
+        provider("aws-west", "eu-west-1", &uw)
+    );
+    assert_eq!((pe.region(), pw.region()), ("us-east-1", "eu-west-1"));
+    let (re, rw) = (pe.parse("shared/name").unwrap(), pw.parse("shared/name").unwrap());
+
+    for _ in 0..3 {
+        let ((ve, vale), (vw, valw)) = tokio::join!(
+            async {
+                let v = pe.version(&re).await.unwrap();
+                let val = pe.fetch(&re, &v).await.unwrap();
+                (v, val)
+            },
+            async {
+                let v = pw.version(&rw).await.unwrap();
+                let val = pw.fetch(&rw, &v).await.unwrap();
+                (v, val)
+            }
+        );
+        assert_eq!(
+            (ve.as_str(), vale.expose()),
+            (east_id.as_str(), b"value-from-east".as_slice())
+        );
+        assert_eq!(
+            (vw.as_str(), valw.expose()),
+            (west_id.as_str(), b"value-from-west".as_slice())
+        );
+    }
+    // Each instance spoke only to its own server.
+    for f in [&fe, &fw] {
+        assert_eq!(
+            (f.count("DescribeSecret"), f.count("GetSecretValue")),
+            (3, 3),
+            "{}",
+            seen(f)
+        );
+    }
+    // The region is each instance's own: the east secret does not exist in west's region
+    // on east's server.
+    let west_on_east = provider("aws-west-on-east", "eu-west-1", &fe.url()).await;
+    let e = west_on_east.version(&re).await.err().expect("other region");
+    assert!(matches!(e, Error::NotFound { .. }), "{e}");
+
+    // One instance's outage is not the other's.
+    drop(west);
+    let (e, ok) = tokio::join!(pw.version(&rw), pe.version(&re));
+    let e = e.err().expect("west is down");
+    assert!(matches!(e, Error::Unavailable { .. }) && e.is_transient(), "{e}");
+    assert_eq!(ok.unwrap().as_str(), east_id);
+}
+
+#[tokio::test]
+async fn aws_throttling_and_5xx_through_the_sdk_retries_from_limits() {
+    let moto = Moto::start();
+    let id = create_string(&admin(&moto, "us-east-1"), "busy", "v").await;
+    let fwd = Forwarder::start(moto.addr).await;
+    let attempts = 2;
+    let p = provider_with(
+        spec(
+            "aws-main",
+            "us-east-1",
+            &fwd.url(),
+            Limits {
+                retry_attempts: attempts,
+                ..limits()
+            },
+        ),
+        test_keys(),
+    )
+    .await;
+    let r = p.parse("busy").unwrap();
+    let throttle = Fault {
+        status: 400,
+        headers: vec![("Retry-After".to_string(), "3".to_string())],
+        code: "ThrottlingException".to_string(),
+        message: "Rate exceeded".to_string(),
+    };
+
+    // Throttled on every attempt: the SDK makes exactly `retry_attempts` attempts, then
+    // the error says throttled, with the server's Retry-After.
+    fwd.fail_next("DescribeSecret", attempts as usize, throttle.clone());
+    let e = p.version(&r).await.err().expect("throttled");
+    assert!(matches!(e, Error::Throttled { .. }), "{e}");
+    assert_eq!(e.retry_after(), Some(Duration::from_secs(3)));
+    assert_eq!(fwd.count("DescribeSecret"), attempts as usize, "{}", seen(&fwd));
+
+    // Throttled once: the SDK's second attempt succeeds.
+    fwd.fail_next("DescribeSecret", 1, throttle);
+    assert_eq!(p.version(&r).await.unwrap().as_str(), id);
+    assert_eq!(
+        fwd.count("DescribeSecret"),
+        attempts as usize + 2,
+        "{}",
+        seen(&fwd)
+    );
+
+    // InternalServiceError (500) on every attempt: Unavailable, transient.
+    let before = fwd.count("GetSecretValue");
+    fwd.fail_next(
+        "GetSecretValue",
+        attempts as usize,
+        Fault {
+            status: 500,
+            headers: vec![],
+            code: "InternalServiceError".to_string(),
+            message: "An error occurred on the server side.".to_string(),
+        },
+    );
+    let e = p.fetch(&r, &Version::new(id.clone())).await.err().expect("5xx");
+    assert!(matches!(e, Error::Unavailable { .. }) && e.is_transient(), "{e}");
+    assert_eq!(
+        fwd.count("GetSecretValue") - before,
+        attempts as usize,
+        "{}",
+        seen(&fwd)
+    );
+
+    // 503 without an AWS error code: Unavailable too.
+    fwd.fail_next(
+        "DescribeSecret",
+        attempts as usize,
+        Fault {
+            status: 503,
+            headers: vec![],
+            code: "ServiceUnavailable".to_string(),
+            message: "".to_string(),
+        },
+    );
+    let e = p.version(&r).await.err().expect("503");
+    assert!(matches!(e, Error::Unavailable { .. }), "{e}");
+
+    // 429: Throttled.
+    fwd.fail_next(
+        "DescribeSecret",
+        attempts as usize,
+        Fault {
+            status: 429,
+            headers: vec![],
+            code: "TooManyRequestsException".to_string(),
+            message: "slow down".to_string(),
+        },
+    );
+    let e = p.version(&r).await.err().expect("429");
+    assert!(
+        matches!(
+            e,
+            Error::Throttled {
+                retry_after: None,
+                ..
+            }
+        ),
+        "{e}"
+    );
+
+    // Nothing listening: Unavailable, within the deadline.
+    let dead = format!("http://127.0.0.1:{}", moto::free_port());
+    let p = provider_with(
+        spec(
+            "aws-dead",
+            "us-east-1",
+            &dead,
+            Limits {
+                retry_attempts: attempts,
+                timeout: Duration::from_secs(3),
+                ..limits()
+            },
+        ),
+        test_keys(),
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let e = p.version(&r).await.err().expect("connection refused");
+    assert!(matches!(e, Error::Unavailable { .. }), "{e}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn aws_scheduled_for_deletion_is_unusable_with_the_reason() {
+    let moto = Moto::start();
+    let admin = admin(&moto, "us-east-1");
+    let id = create_string(&admin, "retired", "old-secret-value").await;
+    admin
+        .delete_secret()
+        .secret_id("retired")
+        .recovery_window_in_days(7)
+        .send()
+        .await
+        .unwrap();
+    let fwd = Forwarder::start(moto.addr).await;
+    let p = provider("aws-main", "us-east-1", &fwd.url()).await;
+    let r = p.parse("retired").unwrap();
+    let e = p.version(&r).await.err().expect("deleted");
+    assert!(matches!(e, Error::Unusable { .. }), "{e}");
+    assert!(
+        e.to_string().contains("scheduled for deletion") && e.to_string().contains("restore-secret"),
+        "{e}"
+    );
+    let e = p.fetch(&r, &Version::new(id)).await.err().expect("deleted");
+    assert!(matches!(e, Error::Unusable { .. }), "{e}");
+    assert!(!e.to_string().contains("old-secret-value"), "{e}");
+}
+
+/// An IAM call made before moto starts enforcing (no signature needed then).
+async fn iam(moto: &Moto, form: &[(&str, &str)]) -> String {
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::Bytes;
+    let body: String = form
+        .iter()
+        .map(|(k, v)| format!("{k}={}", urlencode(v)))
+        .collect::<Vec<_>>()
+        .join("&");
+    let stream = tokio::net::TcpStream::connect(moto.addr).await.unwrap();
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = hyper::Request::post("/")
+        .header("host", moto.addr.to_string())
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header(
+            "authorization",
+            "AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/iam/aws4_request, SignedHeaders=host, Signature=0",
+        )
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    let resp = tx.send_request(req).await.unwrap();
+    assert!(resp.status().is_success(), "IAM {form:?}: {}", resp.status());
+    String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn xml_text(doc: &str, tag: &str) -> String {
+    let open = format!("<{tag}>");
+    let start = doc.find(&open).unwrap_or_else(|| panic!("no <{tag}> in {doc}")) + open.len();
+    let end = doc[start..].find('<').unwrap() + start;
+    doc[start..end].to_string()
+}
+
+#[tokio::test]
+async fn aws_access_denied_and_unknown_keys_against_moto_iam() {
+    // moto enforces IAM after the first 4 requests: create a user whose policy allows
+    // DescribeSecret only, its access key, and one secret.
+    let moto = Moto::start_with(&[("INITIAL_NO_AUTH_ACTION_COUNT", "4")]);
+    iam(
+        &moto,
+        &[
+            ("Action", "CreateUser"),
+            ("UserName", "dso-reader"),
+            ("Version", "2010-05-08"),
+        ],
+    )
+    .await;
+    let key = iam(
+        &moto,
+        &[
+            ("Action", "CreateAccessKey"),
+            ("UserName", "dso-reader"),
+            ("Version", "2010-05-08"),
+        ],
+    )
+    .await;
+    let policy = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":["secretsmanager:DescribeSecret"],"Resource":"*"}]}"#;
+    iam(
+        &moto,
+        &[
+            ("Action", "PutUserPolicy"),
+            ("UserName", "dso-reader"),
+            ("PolicyName", "describe-only"),
+            ("PolicyDocument", policy),
+            ("Version", "2010-05-08"),
+        ],
+    )
+    .await;
+    create_string(&admin(&moto, "us-east-1"), "guarded", "guarded-value").await;
+    let reader = Credentials::new(
+        xml_text(&key, "AccessKeyId"),
+        xml_text(&key, "SecretAccessKey"),
+        None,
+        None,
+        "dso-test-iam",
+    );
+    let fwd = Forwarder::start(moto.addr).await;
+    let p = provider_with(spec("aws-iam", "us-east-1", &fwd.url(), limits()), reader).await;
+    let r = p.parse("guarded").unwrap();
+
+    let v = p.version(&r).await.expect("DescribeSecret is allowed");
+    let e = p
+        .fetch(&r, &v)
+        .await
+        .err()
+        .expect("GetSecretValue is not allowed");
+    assert!(matches!(e, Error::Forbidden { .. }), "{e}");
+    assert!(
+        e.to_string().contains("guarded") && !e.to_string().contains("guarded-value"),
+        "{e}"
+    );
+    assert_eq!(
+        fwd.count("GetSecretValue"),
+        1,
+        "AccessDenied is not retried: {}",
+        seen(&fwd)
+    );
+
+    // Keys moto's IAM does not know: authentication failed (not retried, not transient).
+    let stranger = provider_with(
+        spec("aws-stranger", "us-east-1", &fwd.url(), limits()),
+        Credentials::new(
+            "AKIAUNKNOWNUNKNOWN00",
+            "not-a-real-secret-key",
+            None,
+            None,
+            "dso-test",
+        ),
+    )
+    .await;
+    let e = stranger.version(&r).await.err().expect("unknown key");
+    assert!(matches!(e, Error::Auth { .. }), "{e}");
+    assert!(!e.is_transient());
+    let e = stranger.check().await.err().expect("check with unknown key");
+    assert!(matches!(e, Error::Auth { .. }), "{e}");
+    let _ = admin_with; // (the admin client is used with the default test keys above)
+}
+
+#[tokio::test]
+async fn aws_check_reports_region_endpoint_identity_and_reads_no_secret() {
+    let moto = Moto::start();
+    create_string(&admin(&moto, "eu-central-1"), "some/secret", "not-read-by-check").await;
+    let fwd = Forwarder::start(moto.addr).await;
+    let p = provider("aws-doctor", "eu-central-1", &fwd.url()).await;
+    let report = p.check().await.unwrap();
+    assert_eq!(report.provider, "aws-doctor");
+    assert!(report.detail.contains("eu-central-1"), "{}", report.detail);
+    assert!(report.detail.contains(&fwd.url()), "{}", report.detail);
+    assert!(report.detail.contains("identity arn:aws:"), "{}", report.detail);
+    assert_eq!(fwd.count("GetSecretValue"), 0, "{}", seen(&fwd));
+    assert_eq!(fwd.count("DescribeSecret"), 1, "{}", seen(&fwd));
+
+    let dead = provider(
+        "aws-dead",
+        "eu-central-1",
+        &format!("http://127.0.0.1:{}", moto::free_port()),
+    )
+    .await;
+    let e = dead.check().await.err().expect("nothing listens");
+    assert!(matches!(e, Error::Unavailable { .. }), "{e}");
+}
+
+#[tokio::test]
+async fn aws_profile_gives_the_region() {
+    let moto = Moto::start();
+    create_string(&admin(&moto, "ap-southeast-2"), "from/profile", "profile-value").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config");
+    std::fs::write(&config, "[profile dso-test]\nregion = ap-southeast-2\n").unwrap();
+    let spec = ProviderSpec {
+        name: "aws-profile".to_string(),
+        limits: limits(),
+        settings: ProviderSettings::Aws(AwsSettings {
+            region: None,
+            endpoint_url: Some(moto.url()),
+            profile: Some("dso-test".to_string()),
+        }),
+    };
+    // The non-deprecated name lives in aws-runtime, which is not a direct dependency.
+    #[allow(deprecated)]
+    let files = aws_config::profile::profile_file::ProfileFiles::builder()
+        .with_file(
+            #[allow(deprecated)]
+            aws_config::profile::profile_file::ProfileFileKind::Config,
+            &config,
+        )
+        .build();
+    let p = AwsProvider::connect_with(&spec, |l| {
+        l.profile_files(files).credentials_provider(test_keys())
+    })
+    .await
+    .unwrap();
+    assert_eq!(p.region(), "ap-southeast-2");
+    let r = p.parse("from/profile").unwrap();
+    let v = p.version(&r).await.unwrap();
+    assert_eq!(p.fetch(&r, &v).await.unwrap().expose(), b"profile-value");
+}
+
+#[tokio::test]
+async fn aws_bad_settings_fail_at_connect_with_the_fix() {
+    let e = AwsProvider::connect_with(
+        &spec("aws-bad", "Not A Region", "http://127.0.0.1:1", limits()),
+        |l| l.credentials_provider(test_keys()),
+    )
+    .await
+    .err()
+    .unwrap();
+    assert!(
+        matches!(e, Error::Config { .. }) && e.to_string().contains("region"),
+        "{e}"
+    );
+    let e = AwsProvider::connect_with(&spec("aws-bad", "us-east-1", "localhost:4566", limits()), |l| {
+        l.credentials_provider(test_keys())
+    })
+    .await
+    .err()
+    .unwrap();
+    assert!(e.to_string().contains("endpoint_url"), "{e}");
+}

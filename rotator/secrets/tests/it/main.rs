@@ -1,0 +1,3 @@
+//! Integration tests of dso-secrets against real servers on loopback.
+
+mod aws;
