@@ -245,7 +245,7 @@ async fn aws_not_found_secret_and_version() {
     let p = provider("aws-main", "us-east-1", &fwd.url()).await;
 
     let missing = p.parse("does/not/exist#password").unwrap();
-    let e = p.version(&missing).await.err().expect("missing secret");
+    let e = p.version(&missing).await.expect_err("missing secret");
     assert!(matches!(e, Error::NotFound { .. }), "{e}");
     let text = e.to_string();
     assert!(
@@ -321,13 +321,13 @@ async fn aws_two_instances_two_servers_two_regions_at_once() {
     // The region is each instance's own: the east secret does not exist in west's region
     // on east's server.
     let west_on_east = provider("aws-west-on-east", "eu-west-1", &fe.url()).await;
-    let e = west_on_east.version(&re).await.err().expect("other region");
+    let e = west_on_east.version(&re).await.expect_err("other region");
     assert!(matches!(e, Error::NotFound { .. }), "{e}");
 
     // One instance's outage is not the other's.
     drop(west);
     let (e, ok) = tokio::join!(pw.version(&rw), pe.version(&re));
-    let e = e.err().expect("west is down");
+    let e = e.expect_err("west is down");
     assert!(matches!(e, Error::Unavailable { .. }) && e.is_transient(), "{e}");
     assert_eq!(ok.unwrap().as_str(), east_id);
 }
@@ -362,7 +362,7 @@ async fn aws_throttling_and_5xx_through_the_sdk_retries_from_limits() {
     // Throttled on every attempt: the SDK makes exactly `retry_attempts` attempts, then
     // the error says throttled, with the server's Retry-After.
     fwd.fail_next("DescribeSecret", attempts as usize, throttle.clone());
-    let e = p.version(&r).await.err().expect("throttled");
+    let e = p.version(&r).await.expect_err("throttled");
     assert!(matches!(e, Error::Throttled { .. }), "{e}");
     assert_eq!(e.retry_after(), Some(Duration::from_secs(3)));
     assert_eq!(fwd.count("DescribeSecret"), attempts as usize, "{}", seen(&fwd));
@@ -409,7 +409,7 @@ async fn aws_throttling_and_5xx_through_the_sdk_retries_from_limits() {
             message: "".to_string(),
         },
     );
-    let e = p.version(&r).await.err().expect("503");
+    let e = p.version(&r).await.expect_err("503");
     assert!(matches!(e, Error::Unavailable { .. }), "{e}");
 
     // 429: Throttled.
@@ -423,7 +423,7 @@ async fn aws_throttling_and_5xx_through_the_sdk_retries_from_limits() {
             message: "slow down".to_string(),
         },
     );
-    let e = p.version(&r).await.err().expect("429");
+    let e = p.version(&r).await.expect_err("429");
     assert!(
         matches!(
             e,
@@ -452,7 +452,7 @@ async fn aws_throttling_and_5xx_through_the_sdk_retries_from_limits() {
     )
     .await;
     let started = std::time::Instant::now();
-    let e = p.version(&r).await.err().expect("connection refused");
+    let e = p.version(&r).await.expect_err("connection refused");
     assert!(matches!(e, Error::Unavailable { .. }), "{e}");
     assert!(
         started.elapsed() < Duration::from_secs(4),
@@ -476,7 +476,7 @@ async fn aws_scheduled_for_deletion_is_unusable_with_the_reason() {
     let fwd = Forwarder::start(moto.addr).await;
     let p = provider("aws-main", "us-east-1", &fwd.url()).await;
     let r = p.parse("retired").unwrap();
-    let e = p.version(&r).await.err().expect("deleted");
+    let e = p.version(&r).await.expect_err("deleted");
     assert!(matches!(e, Error::Unusable { .. }), "{e}");
     assert!(
         e.to_string().contains("scheduled for deletion") && e.to_string().contains("restore-secret"),
@@ -608,10 +608,10 @@ async fn aws_access_denied_and_unknown_keys_against_moto_iam() {
         ),
     )
     .await;
-    let e = stranger.version(&r).await.err().expect("unknown key");
+    let e = stranger.version(&r).await.expect_err("unknown key");
     assert!(matches!(e, Error::Auth { .. }), "{e}");
     assert!(!e.is_transient());
-    let e = stranger.check().await.err().expect("check with unknown key");
+    let e = stranger.check().await.expect_err("check with unknown key");
     assert!(matches!(e, Error::Auth { .. }), "{e}");
     let _ = admin_with; // (the admin client is used with the default test keys above)
 }
@@ -636,7 +636,7 @@ async fn aws_check_reports_region_endpoint_identity_and_reads_no_secret() {
         &format!("http://127.0.0.1:{}", moto::free_port()),
     )
     .await;
-    let e = dead.check().await.err().expect("nothing listens");
+    let e = dead.check().await.expect_err("nothing listens");
     assert!(matches!(e, Error::Unavailable { .. }), "{e}");
 }
 
