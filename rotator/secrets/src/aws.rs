@@ -76,6 +76,8 @@ impl AwsProvider {
             return Err(config_error(format!("is a {} provider, not aws", spec.kind())));
         };
         check_settings(settings).map_err(config_error)?;
+        refuse_sensitive_logging(std::env::var(LOG_SENSITIVE_BODIES).ok().as_deref())
+            .map_err(config_error)?;
         let loader = adjust(loader_for(settings, &spec.limits));
         let sdk = loader.load().await;
         let Some(region) = sdk.region().map(Region::to_string) else {
@@ -97,6 +99,22 @@ impl AwsProvider {
     /// The region this instance talks to.
     pub fn region(&self) -> &str {
         &self.region
+    }
+}
+
+/// The AWS SDK's switch that logs response bodies of sensitive operations (such as
+/// `GetSecretValue`, i.e. secret values) at trace level.
+pub const LOG_SENSITIVE_BODIES: &str = "LOG_SENSITIVE_BODIES";
+
+/// Refuses to run when the SDK was told to log secret values (`LOG_SENSITIVE_BODIES=true`
+/// in the environment, which the SDK reads at every call).
+fn refuse_sensitive_logging(value: Option<&str>) -> std::result::Result<(), String> {
+    match value {
+        Some(v) if v.eq_ignore_ascii_case("true") => Err(format!(
+            "{LOG_SENSITIVE_BODIES}={v} in the environment makes the AWS SDK log secret values at \
+             trace level; unset it"
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -648,6 +666,14 @@ mod tests {
                 .unwrap_err()
                 .contains("endpoint_url")
         );
+    }
+
+    #[test]
+    fn sdk_body_logging_is_refused() {
+        assert!(refuse_sensitive_logging(None).is_ok());
+        assert!(refuse_sensitive_logging(Some("false")).is_ok());
+        let e = refuse_sensitive_logging(Some("TRUE")).unwrap_err();
+        assert!(e.contains("LOG_SENSITIVE_BODIES") && e.contains("unset"), "{e}");
     }
 
     #[test]

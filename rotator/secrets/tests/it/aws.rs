@@ -6,6 +6,7 @@
 //! (`AwsProvider::connect_with`), so no test touches the process environment and no test
 //! ever reaches the default chain's instance-metadata lookup.
 
+mod capture;
 mod forwarder;
 mod moto;
 
@@ -696,4 +697,54 @@ async fn aws_bad_settings_fail_at_connect_with_the_fix() {
     .err()
     .unwrap();
     assert!(e.to_string().contains("endpoint_url"), "{e}");
+}
+
+#[tokio::test]
+async fn aws_trace_log_of_the_whole_flow_holds_no_value() {
+    use base64::Engine as _;
+    let moto = Moto::start();
+    let admin = admin(&moto, "us-east-1");
+    let string_value = "trace-canary-string-7d1f0b";
+    let binary_value = b"trace-canary-binary-\x00\xff-4c2e".to_vec();
+    create_string(&admin, "canary/string", string_value).await;
+    admin
+        .create_secret()
+        .name("canary/binary")
+        .secret_binary(Blob::new(binary_value.clone()))
+        .send()
+        .await
+        .unwrap();
+    let fwd = Forwarder::start(moto.addr).await;
+
+    let capture = capture::Capture::default();
+    let guard = tracing::dispatcher::set_default(&tracing::Dispatch::new(capture.clone()));
+    let p = provider("aws-trace", "us-east-1", &fwd.url()).await;
+    for (name, expected) in [
+        ("canary/string", string_value.as_bytes()),
+        ("canary/binary", &binary_value[..]),
+    ] {
+        let r = p.parse(name).unwrap();
+        let v = p.version(&r).await.unwrap();
+        assert_eq!(p.fetch(&r, &v).await.unwrap().expose(), expected);
+    }
+    let r = p.parse("canary/string").unwrap();
+    let _ = p.fetch(&r, &Version::new("no-such-version")).await.err().unwrap();
+    p.check().await.unwrap();
+    drop(guard);
+
+    let log = capture.text();
+    assert!(
+        log.contains("aws: GetSecretValue") && log.contains("canary/binary") && log.contains("REDACTED"),
+        "the capture saw the SDK's trace output ({} bytes)",
+        log.len()
+    );
+    let b64 = base64::engine::general_purpose::STANDARD;
+    for needle in [
+        string_value.to_string(),
+        b64.encode(string_value),
+        b64.encode(&binary_value),
+        "trace-canary-binary".to_string(),
+    ] {
+        assert!(!log.contains(&needle), "the trace log holds {needle:?}");
+    }
 }
