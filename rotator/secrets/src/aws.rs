@@ -13,8 +13,8 @@
 //!
 //! Retries: the SDK's standard retry makes at most `limits.retry_attempts` attempts with
 //! exponential backoff from `limits.retry_backoff`, within one deadline of
-//! `limits.timeout`; what fails after that is returned to the watcher, which backs off
-//! across polls and does not retry the same call again.
+//! `limits.timeout`; what fails after that is returned to the watcher, whose part is to
+//! back off across polls, not to retry the same call again.
 
 use std::sync::Arc;
 use std::time::Duration;

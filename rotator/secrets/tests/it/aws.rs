@@ -614,7 +614,6 @@ async fn aws_access_denied_and_unknown_keys_against_moto_iam() {
     assert!(!e.is_transient());
     let e = stranger.check().await.expect_err("check with unknown key");
     assert!(matches!(e, Error::Auth { .. }), "{e}");
-    let _ = admin_with; // (the admin client is used with the default test keys above)
 }
 
 #[tokio::test]
@@ -746,5 +745,111 @@ async fn aws_trace_log_of_the_whole_flow_holds_no_value() {
         "trace-canary-binary".to_string(),
     ] {
         assert!(!log.contains(&needle), "the trace log holds {needle:?}");
+    }
+}
+
+/// The environment a child test process gets: exactly the variables named, plus PATH.
+const CHILD_AWS_VARS: [&str; 9] = [
+    "AWS_PROFILE",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_SESSION_TOKEN",
+    "AWS_ROLE_ARN",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_ENDPOINT_URL",
+];
+
+/// Runs this same test in a child process whose environment holds `env` (and no other AWS
+/// variable, instance metadata disabled), so the real default credential chain is used
+/// without changing this process's environment. Returns the child's output.
+fn run_child(test: &str, env: &[(&str, &str)]) -> String {
+    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+    cmd.args(["--exact", test, "--test-threads=1", "--nocapture"])
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY");
+    for k in CHILD_AWS_VARS {
+        cmd.env_remove(k);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run the child test");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.contains("1 passed"),
+        "child {test}:\n{text}"
+    );
+    text
+}
+
+#[tokio::test]
+async fn aws_registry_connect_uses_the_default_chain_from_the_environment() {
+    const NAME: &str = "aws::aws_registry_connect_uses_the_default_chain_from_the_environment";
+    match std::env::var("DSO_AWS_CHILD").as_deref() {
+        Ok("env-keys") => {
+            let endpoint = std::env::var("DSO_AWS_CHILD_ENDPOINT").unwrap();
+            let p = dso_secrets::connect(&spec("aws-env", "us-east-1", &endpoint, limits()))
+                .await
+                .unwrap();
+            assert_eq!(p.kind(), dso_secrets::ProviderKind::Aws);
+            let r = p.parse("env/secret").unwrap();
+            let v = p.version(&r).await.unwrap();
+            assert_eq!(p.fetch(&r, &v).await.unwrap().expose(), b"env-value");
+            let report = p.check().await.unwrap();
+            println!("child check: {}", report.detail);
+            return;
+        }
+        Ok("no-credentials") => {
+            let endpoint = std::env::var("DSO_AWS_CHILD_ENDPOINT").unwrap();
+            let e = dso_secrets::connect(&spec("aws-none", "us-east-1", &endpoint, limits()))
+                .await
+                .err()
+                .expect("no credentials anywhere");
+            assert!(matches!(e, Error::Auth { .. }), "{e}");
+            assert!(e.to_string().contains("AWS_ACCESS_KEY_ID"), "{e}");
+            println!("child error: {e}");
+            return;
+        }
+        _ => {}
+    }
+    let moto = Moto::start();
+    create_string(&admin(&moto, "us-east-1"), "env/secret", "env-value").await;
+    let url = moto.url();
+    let ok = run_child(
+        NAME,
+        &[
+            ("DSO_AWS_CHILD", "env-keys"),
+            ("DSO_AWS_CHILD_ENDPOINT", &url),
+            ("AWS_ACCESS_KEY_ID", "testing"),
+            ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ],
+    );
+    assert!(
+        ok.contains("child check: AWS Secrets Manager in region us-east-1"),
+        "{ok}"
+    );
+    let none = run_child(
+        NAME,
+        &[
+            ("DSO_AWS_CHILD", "no-credentials"),
+            ("DSO_AWS_CHILD_ENDPOINT", &url),
+        ],
+    );
+    assert!(
+        none.contains("child error: provider aws-none: authentication failed"),
+        "{none}"
+    );
+    for text in [&ok, &none] {
+        let at = text.find("child ").unwrap_or(0);
+        println!("{}", text[at..].lines().next().unwrap_or_default());
     }
 }
