@@ -264,7 +264,8 @@ impl Failure {
                 .get("retry-after")
                 .and_then(|v| v.trim().parse::<u64>().ok())
                 .map(Duration::from_secs);
-            if self.code.is_none() {
+            // Only an error status: a 2xx body that failed to parse may hold a value.
+            if self.code.is_none() && r.status().as_u16() >= 400 {
                 // Not the protocol's JSON error, but an XML `<Error><Code>` (what moto
                 // answers for IAM denials, and what some proxies in front of AWS send):
                 // take its code and message rather than only the status.

@@ -358,6 +358,7 @@ async fn aws_throttling_and_5xx_through_the_sdk_retries_from_limits() {
         headers: vec![("Retry-After".to_string(), "3".to_string())],
         code: "ThrottlingException".to_string(),
         message: "Rate exceeded".to_string(),
+        raw_body: None,
     };
 
     // Throttled on every attempt: the SDK makes exactly `retry_attempts` attempts, then
@@ -388,6 +389,7 @@ async fn aws_throttling_and_5xx_through_the_sdk_retries_from_limits() {
             headers: vec![],
             code: "InternalServiceError".to_string(),
             message: "An error occurred on the server side.".to_string(),
+            raw_body: None,
         },
     );
     let e = p.fetch(&r, &Version::new(id.clone())).await.err().expect("5xx");
@@ -408,6 +410,7 @@ async fn aws_throttling_and_5xx_through_the_sdk_retries_from_limits() {
             headers: vec![],
             code: "ServiceUnavailable".to_string(),
             message: "".to_string(),
+            raw_body: None,
         },
     );
     let e = p.version(&r).await.expect_err("503");
@@ -422,6 +425,7 @@ async fn aws_throttling_and_5xx_through_the_sdk_retries_from_limits() {
             headers: vec![],
             code: "TooManyRequestsException".to_string(),
             message: "slow down".to_string(),
+            raw_body: None,
         },
     );
     let e = p.version(&r).await.expect_err("429");
@@ -852,4 +856,30 @@ async fn aws_registry_connect_uses_the_default_chain_from_the_environment() {
         let at = text.find("child ").unwrap_or(0);
         println!("{}", text[at..].lines().next().unwrap_or_default());
     }
+}
+
+#[tokio::test]
+async fn aws_garbled_answer_is_a_protocol_error_that_quotes_nothing() {
+    let moto = Moto::start();
+    let id = create_string(&admin(&moto, "us-east-1"), "garbled", "v").await;
+    let fwd = Forwarder::start(moto.addr).await;
+    let p = provider("aws-main", "us-east-1", &fwd.url()).await;
+    let r = p.parse("garbled").unwrap();
+    // A 200 whose JSON is cut off inside the value (which looks like an XML error).
+    fwd.fail_next(
+        "GetSecretValue",
+        1,
+        Fault {
+            status: 200,
+            headers: vec![],
+            code: String::new(),
+            message: String::new(),
+            raw_body: Some(
+                r#"{"SecretString": "<Code>leak-canary</Code><Message>leak-canary</Message>"#.to_string(),
+            ),
+        },
+    );
+    let e = p.fetch(&r, &Version::new(id)).await.err().expect("garbled");
+    assert!(matches!(e, Error::Protocol { .. }), "{e}");
+    assert!(!e.to_string().contains("leak-canary"), "{e}");
 }

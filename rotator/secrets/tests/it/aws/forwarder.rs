@@ -30,6 +30,8 @@ pub struct Fault {
     pub code: String,
     /// AWS error message.
     pub message: String,
+    /// A body to send instead of the AWS error document (a garbled answer).
+    pub raw_body: Option<String>,
 }
 
 #[derive(Default)]
@@ -136,8 +138,9 @@ async fn handle(
         for (k, v) in &f.headers {
             resp = resp.header(k, v);
         }
-        let doc = serde_json::json!({"__type": f.code, "message": f.message});
-        return Ok(resp.body(Full::new(Bytes::from(doc.to_string()))).unwrap());
+        let doc = serde_json::json!({"__type": f.code, "message": f.message}).to_string();
+        let body = f.raw_body.unwrap_or(doc);
+        return Ok(resp.body(Full::new(Bytes::from(body))).unwrap());
     }
     let stream = TcpStream::connect(upstream).await.expect("connect to moto");
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
