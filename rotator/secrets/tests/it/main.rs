@@ -1,3 +1,4 @@
 //! Integration tests of dso-secrets against real servers on loopback.
 
+#[cfg(feature = "aws")]
 mod aws;
