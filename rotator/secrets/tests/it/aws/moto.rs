@@ -17,7 +17,8 @@ pub struct Moto {
     child: Child,
     /// `127.0.0.1:PORT`.
     pub addr: SocketAddr,
-    log: PathBuf,
+    /// moto's stderr (werkzeug's request log and any start-up error).
+    stderr: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -34,13 +35,13 @@ impl Moto {
         // A port picked by binding :0 can be taken again before moto binds it: retry.
         for _ in 0..3 {
             let dir = tempfile::tempdir().expect("tempdir");
-            let log = dir.path().join("moto.log");
+            let stderr = dir.path().join("moto.err");
             let port = free_port();
             let mut cmd = Command::new(&bin);
             cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()])
                 .stdin(Stdio::null())
-                .stdout(std::fs::File::create(&log).expect("moto log"))
-                .stderr(std::fs::File::create(dir.path().join("moto.err")).expect("moto err"))
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&stderr).expect("moto stderr file"))
                 // moto must never look for real AWS configuration.
                 .env("AWS_CONFIG_FILE", "/dev/null")
                 .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null");
@@ -57,7 +58,7 @@ impl Moto {
             let mut moto = Moto {
                 child,
                 addr,
-                log: dir.path().join("moto.err"),
+                stderr,
                 _dir: dir,
             };
             match moto.wait_ready(Duration::from_secs(60)) {
@@ -92,7 +93,7 @@ impl Moto {
     }
 
     fn stderr_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let text = std::fs::read_to_string(&self.stderr).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(10)..].join("\n")
     }
