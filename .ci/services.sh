@@ -301,4 +301,47 @@ ensure_compose() {
     fi
     _svc_apt_install docker-compose || return 1
     _svc_log "compose: $(docker compose version 2>/dev/null), $(docker-compose version --short 2>/dev/null | head -n1) (v1)"
+
+# Where ensure_moto puts its virtualenv (moto_server for the AWS Secrets Manager tests).
+: "${DSO_MOTO_VENV:=/opt/dso-moto-venv}"
+# The moto release the tests were written against (its error shapes matter to them).
+: "${DSO_MOTO_VERSION:=5.2.5}"
+
+# Installs moto_server (PyPI `moto[server]`, version $DSO_MOTO_VERSION) into its own
+# virtualenv, $DSO_MOTO_VENV (default /opt/dso-moto-venv), when it is not there yet, checks
+# that it imports, and prints the path of the binary on stdout. Starts nothing: the tests start their own moto_server
+# processes on free loopback ports. Uses `python3` from PATH (a pyenv shim works: only the
+# interpreter is needed, never a `moto_server` on PATH), or $DSO_MOTO_PYTHON.
+ensure_moto() {
+    local venv=$DSO_MOTO_VENV bin=$DSO_MOTO_VENV/bin/moto_server py=${DSO_MOTO_PYTHON:-python3}
+    local have
+    have=$("$venv/bin/python" -c 'import moto.server, moto; print(moto.__version__)' 2>/dev/null || true)
+    if [ -x "$bin" ] && [ "$have" = "$DSO_MOTO_VERSION" ]; then
+        _svc_log "moto: $("$venv/bin/python" -c 'import moto; print("moto " + moto.__version__)') in $venv"
+        echo "$bin"
+        return 0
+    fi
+    if ! command -v "$py" >/dev/null 2>&1 || ! "$py" -c 'import venv, ensurepip' 2>/dev/null; then
+        _svc_log "moto: no usable $py (needs the venv and ensurepip modules); installing python3-venv"
+        _svc_apt_install python3 python3-venv || return 1
+        py=/usr/bin/python3
+    fi
+    if [ ! -x "$venv/bin/python" ]; then
+        _svc_log "moto: creating virtualenv $venv with $("$py" --version 2>&1)"
+        "$py" -m venv "$venv" || {
+            _svc_log "ERROR: $py -m venv $venv failed"
+            return 1
+        }
+    fi
+    _svc_log "moto: pip install moto[server]==$DSO_MOTO_VERSION into $venv${have:+ (had $have)}"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "moto[server]==$DSO_MOTO_VERSION" >&2 || {
+        _svc_log "ERROR: pip install moto[server]==$DSO_MOTO_VERSION into $venv failed"
+        return 1
+    }
+    if [ ! -x "$bin" ] || ! "$venv/bin/python" -c 'import moto.server' 2>/dev/null; then
+        _svc_log "ERROR: $bin is missing or broken after pip install moto[server]"
+        return 1
+    fi
+    _svc_log "moto: $("$venv/bin/python" -c 'import moto; print("moto " + moto.__version__)') installed in $venv"
+    echo "$bin"
 }

@@ -5,6 +5,8 @@
 
 mod support;
 
+#[cfg(feature = "aws")]
+mod aws;
 #[cfg(feature = "azure")]
 mod azure;
 mod plugin;
