@@ -652,6 +652,7 @@ mod tests {
             region: region.map(str::to_string),
             endpoint_url: url.map(str::to_string),
             profile: None,
+            auth: Default::default(),
         };
         assert!(check_settings(&s(Some("eu-west-1"), Some("http://127.0.0.1:5000"))).is_ok());
         assert!(

@@ -219,14 +219,18 @@ pub struct AwsSettings {
 /// AWS credential sources (`providers.NAME.auth.method`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum AwsAuth {
-    /// The SDK's default chain: environment, profile, then the instance role.
+    /// The SDK's default chain: environment, profile, web identity, container, then the
+    /// instance role.
     #[default]
     Default,
-    /// Only the instance role (EC2 instance metadata, ECS task role).
+    /// Credentials are expected from the instance role. The chain is still the default
+    /// one (see docs/secrets.md): the method records intent, it does not restrict.
     IamRole,
-    /// Only `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` / `AWS_SESSION_TOKEN`.
+    /// Credentials are expected from `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY`; the
+    /// default chain, which reads those first.
     Env,
-    /// Only the named profile (`profile`).
+    /// Credentials are expected from the named `profile`; the default chain, given that
+    /// profile.
     Profile,
 }
 

@@ -43,6 +43,7 @@ fn spec(name: &str, region: &str, endpoint: &str, limits: Limits) -> ProviderSpe
             region: Some(region.to_string()),
             endpoint_url: Some(endpoint.to_string()),
             profile: None,
+            auth: Default::default(),
         }),
     }
 }
@@ -658,6 +659,7 @@ async fn aws_profile_gives_the_region() {
             region: None,
             endpoint_url: Some(moto.url()),
             profile: Some("dso-test".to_string()),
+            auth: Default::default(),
         }),
     };
     // The non-deprecated name lives in aws-runtime, which is not a direct dependency.
