@@ -50,7 +50,7 @@ impl Proxy {
         Proxy {
             inner: Arc::new(Inner {
                 listeners: RwLock::new(BTreeMap::new()),
-                global_limit: cfg.max_connections.map(|n| Arc::new(Semaphore::new(n))),
+                global_limit: crate::listener::connection_limit(cfg.max_connections),
                 stop: CancellationToken::new(),
                 kill: CancellationToken::new(),
                 connections: TaskTracker::new(),
