@@ -624,3 +624,46 @@ async fn acquire(
         p = Arc::clone(sem).acquire_owned() => p.ok().map(Some),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+
+    use super::retry_at_once;
+
+    /// Issue 9 item 4: accept(2) errors about one connection are retried at once, resource
+    /// shortages back off.
+    #[test]
+    fn accept_errors_that_concern_one_connection_are_retried_at_once() {
+        for code in [
+            libc_code("ECONNABORTED"),
+            libc_code("EINTR"),
+            libc_code("EPROTO"),
+            libc_code("ENETDOWN"),
+        ] {
+            assert!(retry_at_once(&io::Error::from_raw_os_error(code)), "{code}");
+        }
+        for code in [
+            libc_code("EMFILE"),
+            libc_code("ENFILE"),
+            libc_code("ENOBUFS"),
+            libc_code("ENOMEM"),
+        ] {
+            assert!(!retry_at_once(&io::Error::from_raw_os_error(code)), "{code}");
+        }
+    }
+
+    fn libc_code(name: &str) -> i32 {
+        use nix::errno::Errno;
+        (match name {
+            "ECONNABORTED" => Errno::ECONNABORTED,
+            "EINTR" => Errno::EINTR,
+            "EPROTO" => Errno::EPROTO,
+            "ENETDOWN" => Errno::ENETDOWN,
+            "EMFILE" => Errno::EMFILE,
+            "ENFILE" => Errno::ENFILE,
+            "ENOBUFS" => Errno::ENOBUFS,
+            _ => Errno::ENOMEM,
+        }) as i32
+    }
+}

@@ -158,6 +158,12 @@ impl Proxy {
         }
     }
 
+    /// Whether [`Proxy::shutdown`] or [`Proxy::force_close`] has begun: callers refuse
+    /// reconfiguration (swap, pause, resume) from then on.
+    pub fn is_shutting_down(&self) -> bool {
+        self.inner.stop.is_cancelled()
+    }
+
     /// Stops accepting and closes every connection now (second signal, fatal error).
     pub fn force_close(&self) {
         self.inner.stop.cancel();
