@@ -89,6 +89,7 @@ async fn run(cfg: Config, args: &AgentArgs, socket: &Path, shutdown: Duration) -
     } else {
         None
     };
+    let state_docker = docker.clone();
     let stop_secrets = CancellationToken::new();
     let secrets = crate::secrets::Secrets::start(&cfg.secrets, &args.state_dir, stop_secrets.clone())?;
     let state = State {
@@ -111,14 +112,29 @@ async fn run(cfg: Config, args: &AgentArgs, socket: &Path, shutdown: Duration) -
         _ = int.recv() => "SIGINT",
     };
     info!(signal = first, deadline = ?shutdown, "shutting down gracefully; send the signal again to force");
-    let graceful = proxy.shutdown(shutdown);
+    // Order: refuse new rotations and route changes (the API answers 409 from here on),
+    // let running rotations finish while connections drain, both within the deadline;
+    // then stop the Docker watcher and the API.
+    let rotations = {
+        let docker = state_docker.clone();
+        async move {
+            match docker {
+                Some(d) => d.finish(shutdown).await,
+                None => 0,
+            }
+        }
+    };
+    let graceful = async { tokio::join!(proxy.shutdown(shutdown), rotations) };
     tokio::pin!(graceful);
     tokio::select! {
-        report = &mut graceful => {
+        (report, unfinished) = &mut graceful => {
             if report.drained {
                 info!(took_ms = report.took_ms, "every connection finished; exiting");
             } else {
                 warn!(took_ms = report.took_ms, forced = report.forced, "shutdown deadline passed; remaining connections were closed");
+            }
+            if unfinished > 0 {
+                warn!(rotations = unfinished, "rotations still running at the shutdown deadline; the next agent start finishes them from the journal");
             }
         }
         second = async { tokio::select! { _ = term.recv() => "SIGTERM", _ = int.recv() => "SIGINT" } } => {

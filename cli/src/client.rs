@@ -37,6 +37,21 @@ pub struct Unreachable {
     pub source: std::io::Error,
 }
 
+/// Percent-encodes `text` as one URL path segment: every byte but the unreserved ones
+/// (`A-Z a-z 0-9 - . _ ~`) becomes `%XX`, so a listener name such as `shop/web:8080` stays
+/// one segment (`shop%2Fweb%3A8080`). The agent decodes it after splitting the path.
+pub fn path_segment(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// A client of one agent's control socket.
 #[derive(Debug, Clone)]
 pub struct Client {

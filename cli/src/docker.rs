@@ -23,6 +23,8 @@ pub struct Docker {
     pub rotator: Rotator<DockerEngine>,
     tracked: Mutex<VecDeque<Tracked>>,
     seq: std::sync::atomic::AtomicU64,
+    /// Rotations started through the API, awaited at shutdown ([`Docker::finish`]).
+    running: tokio_util::task::TaskTracker,
 }
 
 /// A rotation request as the API shows it.
@@ -73,6 +75,7 @@ impl Docker {
             rotator,
             tracked: Mutex::new(VecDeque::new()),
             seq: Default::default(),
+            running: tokio_util::task::TaskTracker::new(),
         }))
     }
 
@@ -109,7 +112,7 @@ impl Docker {
         });
         let me = Arc::clone(self);
         let run_id = id.clone();
-        tokio::spawn(async move {
+        self.running.spawn(async move {
             let result = me
                 .rotator
                 .rotate(RotateRequest {
@@ -134,6 +137,23 @@ impl Docker {
             });
         });
         id
+    }
+
+    /// Whether [`Docker::finish`] was called: no new rotation is started.
+    pub fn is_closed(&self) -> bool {
+        self.running.is_closed()
+    }
+
+    /// Takes no new rotation and waits up to `deadline` for those running to end, so that
+    /// the agent does not exit in the middle of one. Returns how many were still running
+    /// at the deadline (their journal lets the next agent finish them).
+    pub async fn finish(&self, deadline: std::time::Duration) -> usize {
+        self.running.close();
+        if tokio::time::timeout(deadline, self.running.wait()).await.is_ok() {
+            0
+        } else {
+            self.running.len()
+        }
     }
 
     /// The request with this ID.

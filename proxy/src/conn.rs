@@ -210,7 +210,11 @@ async fn route(shared: &Shared, peer: SocketAddr) -> Routed {
         };
         let start = *started.get_or_insert_with(Instant::now);
         let addr = backend.backend.addr;
-        let dial = tokio::time::timeout(cfg.connect_timeout, socket::connect(addr));
+        // One dial may take `connect_timeout`, but never past what is left of the budget.
+        let limit = cfg
+            .connect_timeout
+            .min(cfg.dial_budget.saturating_sub(start.elapsed()));
+        let dial = tokio::time::timeout(limit, socket::connect(addr));
         let dialed = tokio::select! {
             r = dial => match r {
                 Ok(r) => r,
@@ -219,6 +223,8 @@ async fn route(shared: &Shared, peer: SocketAddr) -> Routed {
             // The generation passed its drain deadline while we dialed: nothing has been
             // forwarded, so go to the current route instead.
             () = generation.force.cancelled() => continue,
+            // The proxy closes every connection now: a dial in flight ends with it.
+            () = shared.kill.cancelled() => return Routed::Killed,
         };
         match dialed {
             Ok(_) if generation.force.is_cancelled() => continue,
@@ -256,7 +262,10 @@ async fn route(shared: &Shared, peer: SocketAddr) -> Routed {
                 debug!(listener = %cfg.name, backend = %addr, attempt = attempts, local, error = %e, "dial failed; retrying");
                 drop(guard);
                 let pause = backoff(attempts).min(cfg.dial_budget.saturating_sub(spent));
-                tokio::time::sleep(pause).await;
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    () = shared.kill.cancelled() => return Routed::Killed,
+                }
             }
         }
     }
@@ -283,6 +292,7 @@ fn backoff(attempt: u32) -> Duration {
 
 /// A stable offset in `[0, window)` for this connection.
 fn spread(peer: SocketAddr, window: Duration) -> Duration {
+    let window = window.min(crate::listener::MAX_WAIT);
     let seed = u64::from(peer.port()).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     let frac = (seed >> 11) as f64 / (1u64 << 53) as f64;
     window.mul_f64(frac)

@@ -56,6 +56,24 @@ pub enum Error {
         /// The offending backend.
         backend: SocketAddr,
     },
+    /// A route was given more backends than a listener takes.
+    #[error("listener {listener}: {count} backends given; a route takes at most {max}")]
+    TooManyBackends {
+        /// Name of the listener.
+        listener: String,
+        /// How many were given.
+        count: usize,
+        /// The bound ([`crate::MAX_BACKENDS`]).
+        max: usize,
+    },
+    /// A backend address has port 0, which cannot be dialed.
+    #[error("listener {listener}: backend {backend} has port 0; give the port the backend listens on")]
+    PortZero {
+        /// Name of the listener.
+        listener: String,
+        /// The offending backend.
+        backend: SocketAddr,
+    },
     /// The proxy is shutting down and takes no new listeners.
     #[error("the proxy is shutting down")]
     ShuttingDown,

@@ -30,7 +30,9 @@ mod stats;
 
 pub use config::{ListenerConfig, ProxyConfig};
 pub use error::Error;
-pub use listener::{DrainReport, DrainStatus, Listener, Swap, routes_to_itself};
+pub use listener::{
+    DrainReport, DrainStatus, Listener, MAX_BACKENDS, MAX_WAIT, Swap, check_backends, routes_to_itself,
+};
 pub use proxy::{Proxy, ShutdownReport};
 pub use route::Backend;
 pub use stats::{

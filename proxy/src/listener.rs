@@ -125,12 +125,7 @@ impl Listener {
             addr: cfg.listen,
             source,
         })?;
-        if let Some(b) = cfg.backends.iter().find(|b| routes_to_itself(bind, b.addr)) {
-            return Err(Error::SelfLoop {
-                listener: cfg.name.clone(),
-                backend: b.addr,
-            });
-        }
+        check_backends(&cfg.name, bind, &cfg.backends)?;
         let epoch = Instant::now();
         let mut registry = HashMap::new();
         let backends = cfg
@@ -157,7 +152,7 @@ impl Listener {
             epoch,
             stop: parent.stop.child_token(),
             kill: parent.kill.child_token(),
-            limit: cfg.max_connections.map(|n| Arc::new(Semaphore::new(n))),
+            limit: connection_limit(cfg.max_connections),
             connections: parent.connections,
             cfg,
         });
@@ -202,14 +197,9 @@ impl Listener {
                 listener: self.0.cfg.name.clone(),
             });
         }
-        if let Some(b) = backends.iter().find(|b| routes_to_itself(self.0.bind, b.addr)) {
-            return Err(Error::SelfLoop {
-                listener: self.0.cfg.name.clone(),
-                backend: b.addr,
-            });
-        }
-        let mut control = self.lock_control();
-        let old = self.0.route.load_full();
+        check_backends(&self.0.cfg.name, self.0.bind, &backends)?;
+        // The new generation is built before the control lock is taken: a large swap on
+        // this listener never delays another control operation longer than the store.
         let states = {
             let mut registry = lock(&self.0.backends);
             registry.retain(|_, w| w.strong_count() > 0);
@@ -218,6 +208,8 @@ impl Listener {
                 .map(|b| backend_state(&mut registry, b, self.0.epoch))
                 .collect()
         };
+        let mut control = self.lock_control();
+        let old = self.0.route.load_full();
         let id = self.0.next_generation.fetch_add(1, Ordering::Relaxed);
         let generation = Arc::new(Generation::new(id, states, self.0.epoch));
         lock(&self.0.generations).push_front(Arc::clone(&generation));
@@ -246,12 +238,14 @@ impl Listener {
     /// [`resume`]: Listener::resume
     /// [`swap`]: Listener::swap
     pub fn pause(&self, max: Option<Duration>) -> Duration {
-        let max = max.unwrap_or(self.0.cfg.hold_max);
+        // The figure returned (and reported) is the one in force: longer holds are cut to
+        // MAX_WAIT.
+        let max = max.unwrap_or(self.0.cfg.hold_max).min(MAX_WAIT);
         let mut control = self.lock_control();
         let now = Instant::now();
         let hold = Arc::new(Hold {
             since: now,
-            until: now + max.min(MAX_WAIT),
+            until: now + max,
             expired: Default::default(),
         });
         let current = self.0.route.load_full();
@@ -398,19 +392,68 @@ fn backend_state(
     state
 }
 
+/// Most backends one route (one listener's generation, one swap) may have. Each backend
+/// costs a few hundred bytes until it is first dialed, then a few KiB for its latency
+/// histogram; the bound keeps a swap body from growing the agent without limit.
+pub const MAX_BACKENDS: usize = 1024;
+
+/// Refuses a route the listener bound at `bind` must not take: more than [`MAX_BACKENDS`]
+/// backends, a backend on port 0 (nothing can be dialed there), or one that is the
+/// listener itself ([`routes_to_itself`]). Shared by swap, resume and listener start.
+pub fn check_backends(listener: &str, bind: SocketAddr, backends: &[Backend]) -> Result<(), Error> {
+    if backends.len() > MAX_BACKENDS {
+        return Err(Error::TooManyBackends {
+            listener: listener.to_owned(),
+            count: backends.len(),
+            max: MAX_BACKENDS,
+        });
+    }
+    if let Some(b) = backends.iter().find(|b| b.addr.port() == 0) {
+        return Err(Error::PortZero {
+            listener: listener.to_owned(),
+            backend: b.addr,
+        });
+    }
+    if let Some(b) = backends.iter().find(|b| routes_to_itself(bind, b.addr)) {
+        return Err(Error::SelfLoop {
+            listener: listener.to_owned(),
+            backend: b.addr,
+        });
+    }
+    Ok(())
+}
+
 /// Whether dialing `backend` would reach the listener bound at `bind` itself: every
 /// connection would then loop through the proxy until descriptors run out.
+///
+/// Linux dials the unspecified address as the local host (`0.0.0.0` as `127.0.0.1`,
+/// `[::]` as `[::1]`), and an IPv4-mapped IPv6 address (`[::ffff:127.0.0.1]`) as its IPv4
+/// address; both are resolved that way before comparing. A listener on the unspecified
+/// address takes loopback connections too.
 pub fn routes_to_itself(bind: SocketAddr, backend: SocketAddr) -> bool {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
     if bind.port() != backend.port() || bind.port() == 0 {
         return false;
     }
-    let (b, t) = (bind.ip(), backend.ip());
-    b == t || (b.is_unspecified() && (t.is_loopback() || t.is_unspecified()))
+    let dialed = |ip: IpAddr| match ip {
+        IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    let (b, t) = (bind.ip(), dialed(backend.ip()));
+    b == t || (b.is_unspecified() && t.is_loopback() && b.is_ipv4() == t.is_ipv4())
 }
 
 /// Longest drain, hold or deadline the proxy takes; longer ones are cut to it, so that
 /// deadline arithmetic cannot overflow.
-const MAX_WAIT: Duration = Duration::from_secs(365 * 24 * 3600);
+pub const MAX_WAIT: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// The semaphore behind a `max_connections` setting. Values beyond what tokio's semaphore
+/// can count (2^61 - 1) are cut to that: no host gets near it, so it means no limit.
+pub(crate) fn connection_limit(max: Option<usize>) -> Option<Arc<Semaphore>> {
+    max.map(|n| Arc::new(Semaphore::new(n.min(Semaphore::MAX_PERMITS))))
+}
 
 fn deadline_after(d: Duration) -> Instant {
     Instant::now() + d.min(MAX_WAIT)
@@ -438,7 +481,7 @@ async fn drain_generation(shared: Arc<Shared>, generation: Arc<Generation>, dead
                 // Closing is spread over the window. A generation is reported drained only
                 // when it is empty: a connection still dialing gives up at `force` and
                 // goes to the current route, so this ends promptly.
-                let bound = shared.cfg.close_window + Duration::from_secs(5);
+                let bound = shared.cfg.close_window.min(MAX_WAIT) + Duration::from_secs(5);
                 if tokio::time::timeout(bound, generation.wait_empty()).await.is_err() {
                     warn!(listener = %name, generation = generation.id, connections = generation.active(), "connections still open after the drain deadline; waiting for them");
                     generation.wait_empty().await;
@@ -496,9 +539,9 @@ async fn accept_loop(shared: Arc<Shared>, socket: TcpListener, global: Option<Ar
     loop {
         // Past a limit the listener stops accepting: new connections wait in the kernel's
         // accept queue (up to the backlog) until a slot frees, instead of being refused.
-        let Some(global_permit) = acquire(&global, &shared.stop).await else {
-            break;
-        };
+        // The listener's own slot is taken before accept(); the global one only after,
+        // so a listener with nothing to accept never holds a slot another listener needs
+        // (with L listeners a global limit of N would otherwise serve only N - (L - 1)).
         let Some(local_permit) = acquire(&shared.limit, &shared.stop).await else {
             break;
         };
@@ -508,15 +551,23 @@ async fn accept_loop(shared: Arc<Shared>, socket: TcpListener, global: Option<Ar
         };
         match accepted {
             Ok((stream, peer)) => {
+                // Waits in line (the semaphore is fair) with the other listeners; the
+                // accepted connection is not served until then.
+                let Some(global_permit) = acquire(&global, &shared.stop).await else {
+                    break;
+                };
                 Counters::add(&shared.counters.accepted, 1);
                 let permits = (global_permit, local_permit);
                 shared
                     .connections
                     .spawn(conn::serve(Arc::clone(&shared), stream, peer, permits));
             }
+            Err(e) if retry_at_once(&e) => {
+                debug!(listener = %name, error = %e, "accept: connection gone before it was accepted; retrying");
+            }
             Err(e) => {
-                // EMFILE, ENFILE, ENOBUFS: back off instead of spinning, and say so at
-                // most once a second.
+                // EMFILE, ENFILE, ENOBUFS, ENOMEM: back off instead of spinning, and say
+                // so at most once a second.
                 if last_warning.is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(1)) {
                     warn!(listener = %name, error = %e, "accept failed; retrying in 50 ms");
                     last_warning = Some(Instant::now());
@@ -531,6 +582,38 @@ async fn accept_loop(shared: Arc<Shared>, socket: TcpListener, global: Option<Ar
     debug!(listener = %name, "stopped accepting");
 }
 
+/// Whether accept(2) failed for a reason that concerns only the connection it was about to
+/// return (aborted before accept, a pending network error, a signal): accept(2) says to
+/// retry at once. Resource shortages (descriptors, memory) are not among them.
+pub(crate) fn retry_at_once(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind as K;
+    if matches!(
+        e.kind(),
+        K::ConnectionAborted | K::Interrupted | K::WouldBlock | K::ConnectionReset
+    ) {
+        return true;
+    }
+    #[cfg(target_os = "linux")]
+    {
+        use nix::errno::Errno;
+        if let Some(code) = e.raw_os_error() {
+            return matches!(
+                Errno::from_raw(code),
+                Errno::EPROTO
+                    | Errno::ENETDOWN
+                    | Errno::ENOPROTOOPT
+                    | Errno::EHOSTDOWN
+                    | Errno::ENONET
+                    | Errno::EHOSTUNREACH
+                    | Errno::EOPNOTSUPP
+                    | Errno::ENETUNREACH
+                    | Errno::EPERM
+            );
+        }
+    }
+    false
+}
+
 async fn acquire(
     limit: &Option<Arc<Semaphore>>,
     stop: &CancellationToken,
@@ -539,5 +622,48 @@ async fn acquire(
     tokio::select! {
         () = stop.cancelled() => None,
         p = Arc::clone(sem).acquire_owned() => p.ok().map(Some),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+
+    use super::retry_at_once;
+
+    /// Issue 9 item 4: accept(2) errors about one connection are retried at once, resource
+    /// shortages back off.
+    #[test]
+    fn accept_errors_that_concern_one_connection_are_retried_at_once() {
+        for code in [
+            libc_code("ECONNABORTED"),
+            libc_code("EINTR"),
+            libc_code("EPROTO"),
+            libc_code("ENETDOWN"),
+        ] {
+            assert!(retry_at_once(&io::Error::from_raw_os_error(code)), "{code}");
+        }
+        for code in [
+            libc_code("EMFILE"),
+            libc_code("ENFILE"),
+            libc_code("ENOBUFS"),
+            libc_code("ENOMEM"),
+        ] {
+            assert!(!retry_at_once(&io::Error::from_raw_os_error(code)), "{code}");
+        }
+    }
+
+    fn libc_code(name: &str) -> i32 {
+        use nix::errno::Errno;
+        (match name {
+            "ECONNABORTED" => Errno::ECONNABORTED,
+            "EINTR" => Errno::EINTR,
+            "EPROTO" => Errno::EPROTO,
+            "ENETDOWN" => Errno::ENETDOWN,
+            "EMFILE" => Errno::EMFILE,
+            "ENFILE" => Errno::ENFILE,
+            "ENOBUFS" => Errno::ENOBUFS,
+            _ => Errno::ENOMEM,
+        }) as i32
     }
 }

@@ -50,7 +50,7 @@ impl Proxy {
         Proxy {
             inner: Arc::new(Inner {
                 listeners: RwLock::new(BTreeMap::new()),
-                global_limit: cfg.max_connections.map(|n| Arc::new(Semaphore::new(n))),
+                global_limit: crate::listener::connection_limit(cfg.max_connections),
                 stop: CancellationToken::new(),
                 kill: CancellationToken::new(),
                 connections: TaskTracker::new(),
@@ -156,6 +156,12 @@ impl Proxy {
             forced,
             took_ms,
         }
+    }
+
+    /// Whether [`Proxy::shutdown`] or [`Proxy::force_close`] has begun: callers refuse
+    /// reconfiguration (swap, pause, resume) from then on.
+    pub fn is_shutting_down(&self) -> bool {
+        self.inner.stop.is_cancelled()
     }
 
     /// Stops accepting and closes every connection now (second signal, fatal error).

@@ -45,18 +45,54 @@ pub async fn handle(state: State, req: ApiRequest) -> Option<Reply> {
     Some(reply)
 }
 
+/// 409 once the agent is draining for shutdown: the route is no longer changed then.
+pub(super) fn refuse_during_shutdown(state: &State) -> Result<(), ApiError> {
+    if state.proxy.is_shutting_down() {
+        return Err(ApiError {
+            status: StatusCode::CONFLICT,
+            message: "the agent is shutting down; routes are no longer changed".to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// A duration field that must not exceed the proxy's longest wait (365 days).
+fn bounded(field: &str, d: Option<HumanDuration>) -> Result<Option<Duration>, ApiError> {
+    match d.map(HumanDuration::get) {
+        Some(d) if d > dso_proxy::MAX_WAIT => Err(ApiError::bad_request(format!(
+            "{field}: {} is longer than the longest the proxy waits (365d)",
+            crate::duration::format(d)
+        ))),
+        other => Ok(other),
+    }
+}
+
+/// A backend list within the proxy's bound, checked before anything is applied.
+fn bounded_backends(entries: Vec<BackendEntry>) -> Result<Vec<Backend>, ApiError> {
+    if entries.len() > dso_proxy::MAX_BACKENDS {
+        return Err(ApiError::bad_request(format!(
+            "backends: {} given; a route takes at most {}",
+            entries.len(),
+            dso_proxy::MAX_BACKENDS
+        )));
+    }
+    Ok(to_backends(entries))
+}
+
 async fn swap(state: &State, name: &str, req: &ApiRequest) -> Reply {
     let body = Body::parse(req, &["backends", "drain", "wait"])?;
     let backends: Vec<BackendEntry> = body.required("backends")?;
-    let drain: Option<HumanDuration> = body.optional("drain")?;
+    let backends = bounded_backends(backends)?;
+    let drain = bounded("drain", body.optional("drain")?)?;
     let wait: bool = body.optional("wait")?.unwrap_or(false);
     let l = listener(state, name)?;
-    let swap = l
-        .swap(to_backends(backends), drain.map(HumanDuration::get))
-        .map_err(proxy_error)?;
+    refuse_during_shutdown(state)?;
+    let swap = l.swap(backends, drain).map_err(proxy_error)?;
     let drain_status = if wait {
-        let deadline = drain.map_or(l.config().drain_timeout, HumanDuration::get);
-        let timeout = deadline + l.config().close_window + WAIT_SLACK;
+        let deadline = drain.unwrap_or(l.config().drain_timeout);
+        let timeout = deadline
+            .saturating_add(l.config().close_window)
+            .saturating_add(WAIT_SLACK);
         Some(
             l.wait_drained(swap.previous, timeout)
                 .await
@@ -83,6 +119,8 @@ fn pause(state: &State, name: &str, req: &ApiRequest) -> Reply {
         return Err(ApiError::bad_request("max: must be longer than 0s"));
     }
     let l = listener(state, name)?;
+    refuse_during_shutdown(state)?;
+    // The answer gives the maximum in force: beyond 365 days a hold is cut to 365 days.
     let max = l.pause(max.map(HumanDuration::get));
     json(
         StatusCode::OK,
@@ -98,16 +136,16 @@ fn pause(state: &State, name: &str, req: &ApiRequest) -> Reply {
 fn resume(state: &State, name: &str, req: &ApiRequest) -> Reply {
     let body = Body::parse(req, &["backends", "drain"])?;
     let backends: Option<Vec<BackendEntry>> = body.optional("backends")?;
-    let drain: Option<HumanDuration> = body.optional("drain")?;
+    let drain = bounded("drain", body.optional("drain")?)?;
     if backends.as_ref().is_some_and(Vec::is_empty) {
         return Err(ApiError::bad_request(
             "backends: give at least one IP:PORT, or leave the field out",
         ));
     }
+    let backends = backends.map(bounded_backends).transpose()?;
     let l = listener(state, name)?;
-    let swap = l
-        .resume(backends.map(to_backends), drain.map(HumanDuration::get))
-        .map_err(proxy_error)?;
+    refuse_during_shutdown(state)?;
+    let swap = l.resume(backends, drain).map_err(proxy_error)?;
     json(
         StatusCode::OK,
         &SwapReply {
@@ -144,7 +182,9 @@ fn proxy_error(e: dso_proxy::Error) -> ApiError {
     use dso_proxy::Error as E;
     let status = match &e {
         E::UnknownListener { .. } | E::UnknownGeneration { .. } => StatusCode::NOT_FOUND,
-        E::NoBackends { .. } | E::SelfLoop { .. } => StatusCode::BAD_REQUEST,
+        E::NoBackends { .. } | E::SelfLoop { .. } | E::PortZero { .. } | E::TooManyBackends { .. } => {
+            StatusCode::BAD_REQUEST
+        }
         E::ShuttingDown | E::DuplicateListener { .. } => StatusCode::CONFLICT,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };

@@ -67,6 +67,12 @@ pub async fn services(state: State, req: ApiRequest) -> Option<Reply> {
 
 fn submit(state: &State, req: &ApiRequest) -> Reply {
     let d = docker(state)?;
+    if state.proxy.is_shutting_down() || d.is_closed() {
+        return Err(ApiError {
+            status: StatusCode::CONFLICT,
+            message: "the agent is shutting down; no new rotation is started".to_owned(),
+        });
+    }
     let body: RotateBody = req.json()?;
     let strategy = body
         .strategy

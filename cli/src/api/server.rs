@@ -3,7 +3,12 @@
 use std::convert::Infallible;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context as TaskContext, Poll};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use http_body_util::{BodyExt, Full, Limited};
@@ -11,7 +16,7 @@ use hyper::body::{Bytes, Incoming};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -21,6 +26,19 @@ use super::{ApiError, Router, State, error_response};
 
 /// Largest request body accepted.
 const MAX_BODY: usize = 1 << 20;
+
+/// Most control connections served at once. At the cap, a new connection evicts the one
+/// that has been quiet longest (no request in progress), so idle or trickling clients
+/// cannot lock the API out; if every connection has a request in progress, the new one
+/// waits in the socket's backlog.
+pub const MAX_CONNECTIONS: usize = 128;
+
+/// Longest a client may take to send a request's headers.
+pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Longest a kept-alive connection may stay without a byte either way and no request in
+/// progress.
+pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// A bound control socket, not yet serving.
 #[derive(Debug)]
@@ -35,6 +53,7 @@ pub async fn bind(path: &Path) -> anyhow::Result<ApiServer> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating socket directory {}", dir.display()))?;
+        check_socket_dir(dir)?;
     }
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
@@ -58,10 +77,19 @@ pub async fn bind(path: &Path) -> anyhow::Result<ApiServer> {
     }
     let listener =
         UnixListener::bind(path).with_context(|| format!("binding control socket {}", path.display()))?;
+    // The directory is checked (owned by root or us, nobody else may replace entries), and
+    // the path must still be the socket just bound, not a symlink planted meanwhile.
+    let meta = std::fs::symlink_metadata(path).with_context(|| format!("checking {}", path.display()))?;
+    if !meta.file_type().is_socket() {
+        bail!(
+            "{} is not the socket just bound; refusing to change its permissions",
+            path.display()
+        );
+    }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
         .with_context(|| format!("setting mode 0660 on {}", path.display()))?;
     if let Some(gid) = super::peer::group_id(GROUP)
-        && let Err(e) = std::os::unix::fs::chown(path, None, Some(gid))
+        && let Err(e) = std::os::unix::fs::lchown(path, None, Some(gid))
     {
         warn!(socket = %path.display(), group = GROUP, error = %e, "cannot give the socket to group dso");
     }
@@ -71,11 +99,47 @@ pub async fn bind(path: &Path) -> anyhow::Result<ApiServer> {
     })
 }
 
+/// Refuses a socket directory that someone other than root or the agent's user could use to
+/// swap the socket for a symlink: a symlink itself, owned by another user, or writable by
+/// group or others without the sticky bit.
+fn check_socket_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(dir)
+        .with_context(|| format!("checking socket directory {}", dir.display()))?;
+    if meta.file_type().is_symlink() {
+        bail!(
+            "socket directory {} is a symlink; give the real directory with --socket",
+            dir.display()
+        );
+    }
+    let own = super::peer::own_uid().unwrap_or(0);
+    if meta.uid() != 0 && meta.uid() != own {
+        bail!(
+            "socket directory {} belongs to uid {}, not to root or the agent's user (uid {own}); \
+             fix its owner or choose another --socket",
+            dir.display(),
+            meta.uid()
+        );
+    }
+    if meta.mode() & 0o022 != 0 && meta.mode() & 0o1000 == 0 {
+        bail!(
+            "socket directory {} is writable by other users (mode {:o}); make it 0755 or choose another --socket",
+            dir.display(),
+            meta.mode() & 0o7777
+        );
+    }
+    Ok(())
+}
+
 impl ApiServer {
     /// Serves requests until `stop` is cancelled, then removes the socket file.
     pub async fn serve(self, state: State, router: Router, stop: CancellationToken) {
         let access = Arc::new(Access::for_this_process());
         let router = Arc::new(router);
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        let open: Arc<Mutex<Vec<Arc<Activity>>>> = Arc::default();
+        let epoch = Instant::now();
+        let mut last_warning: Option<Instant> = None;
         info!(socket = %self.path.display(), "control API listening");
         loop {
             let accepted = tokio::select! {
@@ -85,9 +149,26 @@ impl ApiServer {
             let stream = match accepted {
                 Ok((s, _)) => s,
                 Err(e) => {
-                    warn!(error = %e, "control socket accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    // Out of descriptors, say: back off, and say so at most once a second.
+                    if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                        warn!(error = %e, "control socket accept failed; retrying in 50 ms");
+                        last_warning = Some(Instant::now());
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
+                }
+            };
+            let permit = match Arc::clone(&slots).try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => {
+                    evict_quietest(&open);
+                    tokio::select! {
+                        () = stop.cancelled() => break,
+                        p = Arc::clone(&slots).acquire_owned() => match p {
+                            Ok(p) => p,
+                            Err(_) => break,
+                        },
+                    }
                 }
             };
             let allowed = match stream.peer_cred() {
@@ -106,25 +187,165 @@ impl ApiServer {
                     false
                 }
             };
-            let (state, router, stop) = (state.clone(), Arc::clone(&router), stop.clone());
+            let activity = Arc::new(Activity::new(epoch));
+            lock(&open).push(Arc::clone(&activity));
+            let (state, router, stop, open) = (
+                state.clone(),
+                Arc::clone(&router),
+                stop.clone(),
+                Arc::clone(&open),
+            );
             tokio::spawn(async move {
-                let svc = service_fn(move |req| {
-                    let (state, router) = (state.clone(), Arc::clone(&router));
-                    async move { Ok::<_, Infallible>(answer(allowed, state, &router, req).await) }
-                });
-                let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+                let _permit = permit;
+                let svc = {
+                    let activity = Arc::clone(&activity);
+                    service_fn(move |req| {
+                        let (state, router, activity) =
+                            (state.clone(), Arc::clone(&router), Arc::clone(&activity));
+                        async move {
+                            let _busy = activity.busy();
+                            Ok::<_, Infallible>(answer(allowed, state, &router, req).await)
+                        }
+                    })
+                };
+                let io = Tracked {
+                    inner: stream,
+                    activity: Arc::clone(&activity),
+                };
+                let conn = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
+                    // A refused peer gets its 403 and the connection closes.
+                    .keep_alive(allowed)
+                    .serve_connection(TokioIo::new(io), svc);
                 tokio::pin!(conn);
                 tokio::select! {
                     r = conn.as_mut() => if let Err(e) = r {
                         debug!(error = %e, "control connection ended with an error");
                     },
                     () = stop.cancelled() => {}
+                    () = activity.evicted.cancelled() => debug!("control connection closed: quietest at the connection cap"),
+                    () = activity.idle_for(IDLE_TIMEOUT) => debug!("control connection closed: idle"),
                 }
+                lock(&open).retain(|a| !Arc::ptr_eq(a, &activity));
             });
         }
         if let Err(e) = std::fs::remove_file(&self.path) {
             warn!(socket = %self.path.display(), error = %e, "cannot remove control socket");
         }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Closes the open connection that has been quiet longest and has no request in progress.
+fn evict_quietest(open: &Mutex<Vec<Arc<Activity>>>) {
+    let open = lock(open);
+    if let Some(a) = open
+        .iter()
+        .filter(|a| a.in_flight.load(Ordering::Relaxed) == 0 && !a.evicted.is_cancelled())
+        .min_by_key(|a| a.last_ms.load(Ordering::Relaxed))
+    {
+        a.evicted.cancel();
+    }
+}
+
+/// When a control connection last moved a byte, and whether a request is in progress.
+#[derive(Debug)]
+struct Activity {
+    epoch: Instant,
+    last_ms: AtomicU64,
+    in_flight: AtomicUsize,
+    evicted: CancellationToken,
+}
+
+impl Activity {
+    fn new(epoch: Instant) -> Self {
+        let a = Activity {
+            epoch,
+            last_ms: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            evicted: CancellationToken::new(),
+        };
+        a.touch();
+        a
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn busy(&self) -> Busy<'_> {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        Busy(self)
+    }
+
+    /// Resolves once the connection has had no byte and no request in progress for `idle`.
+    async fn idle_for(&self, idle: Duration) {
+        loop {
+            let last = self.epoch + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+            let quiet = last.elapsed();
+            if quiet >= idle && self.in_flight.load(Ordering::Relaxed) == 0 {
+                return;
+            }
+            tokio::time::sleep(idle.saturating_sub(quiet).max(Duration::from_millis(100))).await;
+        }
+    }
+}
+
+/// A request in progress on a connection, until dropped.
+struct Busy<'a>(&'a Activity);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The control connection's stream, noting every byte read or written.
+struct Tracked {
+    inner: UnixStream,
+    activity: Arc<Activity>,
+}
+
+impl tokio::io::AsyncRead for Tracked {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+        }
+        r
+    }
+}
+
+impl tokio::io::AsyncWrite for Tracked {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, data);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

@@ -124,7 +124,10 @@ async fn resume(client: &Client, listener: &str, addrs: &[BackendArg]) -> anyhow
 }
 
 fn listener_path(listener: &str, op: &str) -> String {
-    format!("/v1/proxy/listeners/{listener}/{op}")
+    format!(
+        "/v1/proxy/listeners/{}/{op}",
+        crate::client::path_segment(listener)
+    )
 }
 
 fn backends(addrs: &[BackendArg]) -> serde_json::Value {

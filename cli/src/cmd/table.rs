@@ -42,7 +42,7 @@ pub fn render(snap: &ProxySnapshot) -> String {
             let backends: Vec<String> = g.backends.iter().map(ToString::to_string).collect();
             out.push_str(&format!(
                 "{}: generation {} ({}) draining: {} open, closed in {} if still open\n",
-                l.name,
+                printable(&l.name),
                 g.generation,
                 backends.join(", "),
                 g.active,
@@ -64,7 +64,7 @@ fn row(l: &ListenerSnapshot) -> [String; 13] {
         l.backends
             .iter()
             .map(|b| match &b.label {
-                Some(label) => format!("{} ({label})", b.addr),
+                Some(label) => format!("{} ({})", b.addr, printable(label)),
                 None => b.addr.to_string(),
             })
             .collect::<Vec<_>>()
@@ -78,7 +78,7 @@ fn row(l: &ListenerSnapshot) -> [String; 13] {
         }
     };
     [
-        l.name.clone(),
+        printable(&l.name),
         l.bind.to_string(),
         mode,
         l.generation.to_string(),
@@ -92,6 +92,23 @@ fn row(l: &ListenerSnapshot) -> [String; 13] {
         latency(l.connect.p50_us),
         latency(l.connect.p99_us),
     ]
+}
+
+/// `text` with control characters (newlines, escape sequences, ...) written as Rust escapes
+/// (`\n`, `\u{1b}`), so a label cannot add rows or drive the terminal.
+pub fn printable(text: &str) -> String {
+    if !text.chars().any(char::is_control) {
+        return text.to_owned();
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// Bytes in binary units: `512 B`, `1.5 KiB`, `3.2 GiB`.
@@ -112,6 +129,35 @@ pub fn bytes(n: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 9 item 16: labels come from the API caller (or container names); a newline
+    /// made a fake row and an escape sequence reached the terminal.
+    #[test]
+    fn control_characters_in_labels_and_names_are_escaped() {
+        use dso_proxy::{BackendSnapshot, ListenerSnapshot};
+        let l = ListenerSnapshot {
+            name: "a\u{1b}[2Jb".into(),
+            bind: "127.0.0.1:1".parse().unwrap(),
+            mode: "forward".into(),
+            hold_remaining_ms: None,
+            generation: 1,
+            backends: vec![BackendSnapshot {
+                addr: "127.0.0.1:2".parse().unwrap(),
+                label: Some("green\nfake  row\r".into()),
+                counters: Default::default(),
+                connect: Default::default(),
+            }],
+            draining: 0,
+            counters: Default::default(),
+            connect: Default::default(),
+            generations: vec![],
+        };
+        let out = render(&ProxySnapshot { listeners: vec![l] });
+        assert!(!out.chars().any(|c| c.is_control() && c != '\n'), "{out:?}");
+        assert_eq!(out.lines().count(), 2, "{out}");
+        assert!(out.contains("127.0.0.1:2 (green\\nfake  row\\r)"), "{out}");
+        assert!(out.contains("a\\u{1b}[2Jb"), "{out}");
+    }
 
     #[test]
     fn human_bytes() {

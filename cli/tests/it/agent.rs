@@ -195,3 +195,58 @@ async fn a_peer_that_is_not_root_owner_or_dso_gets_403() {
     poll(|| async { agent.log().contains("control client refused") }).await;
     assert!(agent.log().contains("uid=65534"), "{}", agent.log());
 }
+
+/// Issue 9 item 6: a socket directory that another user owns (or a symlink) could be used
+/// to swap the socket for a symlink while the agent, as root, changes its mode and group:
+/// refused, with the directory named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_directory_of_another_user_or_a_symlink_is_refused() {
+    use std::os::unix::fs::symlink;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("empty.yaml");
+    std::fs::write(&cfg, "").unwrap();
+    let run = |socket: std::path::PathBuf| {
+        let cfg = cfg.clone();
+        async move {
+            tokio::process::Command::new(DSO)
+                .args(["agent", "--socket"])
+                .arg(socket)
+                .arg("--config")
+                .arg(&cfg)
+                .output()
+                .await
+                .unwrap()
+        }
+    };
+    let open = dir.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = run(open.join("dso.sock")).await;
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("writable by other users"),
+        "{}",
+        stderr(&out)
+    );
+
+    let real = dir.path().join("real");
+    std::fs::create_dir(&real).unwrap();
+    let link = dir.path().join("link");
+    symlink(&real, &link).unwrap();
+    let out = run(link.join("dso.sock")).await;
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("is a symlink"), "{}", stderr(&out));
+
+    if std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with("Uid:\t0\t"))
+    {
+        let theirs = dir.path().join("theirs");
+        std::fs::create_dir(&theirs).unwrap();
+        std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+        let out = run(theirs.join("dso.sock")).await;
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        assert!(stderr(&out).contains("belongs to uid 65534"), "{}", stderr(&out));
+    }
+}

@@ -224,3 +224,147 @@ async fn agent_not_running_names_the_socket_and_how_to_start() {
         stderr(&out)
     );
 }
+
+/// Runs `docker ARGS`, failing the test with Docker's error.
+fn docker(args: &[&str]) -> String {
+    let out = std::process::Command::new("docker")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run docker ({e})"));
+    assert!(
+        out.status.success(),
+        "docker {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Removes every container and the network of a test run on drop.
+struct DockerRun(String);
+
+impl Drop for DockerRun {
+    fn drop(&mut self) {
+        let ids = docker(&["ps", "-aq", "--filter", &format!("label=dso.test.run={}", self.0)]);
+        for id in ids.lines() {
+            let _ = std::process::Command::new("docker")
+                .args(["rm", "-f", id])
+                .output();
+        }
+        let _ = std::process::Command::new("docker")
+            .args(["network", "rm", &format!("{}_default", self.0)])
+            .output();
+    }
+}
+
+/// A Compose service's listener is named `project/service:port`. Every `dso proxy` command
+/// and the one-listener endpoints must reach it: the client percent-encodes the name as one
+/// path segment and the agent decodes it (issue 8 item 1: before, `dso proxy pause
+/// shop/web:8080` answered `no endpoint`). Runs against the real engine and agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_proxy_command_works_on_a_compose_listener_name() {
+    let image = std::env::var("DSO_TESTSRV_IMAGE").unwrap_or_else(|_| "dso-testsrv:test".to_owned());
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let run = DockerRun(format!("dsoname{}x{nanos:x}", std::process::id()));
+    let label = format!("dso.test.run={}", run.0);
+    let network = format!("{}_default", run.0);
+    docker(&["network", "create", "--label", &label, &network]);
+    docker(&[
+        "run",
+        "-d",
+        "--name",
+        &format!("{}-web-1", run.0),
+        "--network",
+        &network,
+        "--label",
+        &label,
+        "--label",
+        "dso.reloader=true",
+        "--label",
+        "dso.host_ports=127.0.0.1:0:8080",
+        "--label",
+        &format!("com.docker.compose.project={}", run.0),
+        "--label",
+        "com.docker.compose.service=web",
+        &image,
+    ]);
+    let state = tempfile::tempdir().unwrap();
+    let mut agent = Agent::start(
+        "    []\n",
+        &[
+            "--docker",
+            "--docker-scope",
+            &label,
+            "--state-dir",
+            state.path().to_str().unwrap(),
+        ],
+    )
+    .await;
+    let name = format!("{}/web:8080", run.0);
+    poll(|| async {
+        agent.status().await["listeners"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["name"] == name.as_str())
+    })
+    .await;
+    let addr = agent.addr(&name).await;
+    let blue = Echo::start("blue").await;
+
+    let out = agent.dso(&["proxy", "pause", &name, "--max", "1m"]).await;
+    assert!(out.status.success(), "pause: {}", stderr(&out));
+    let out = agent.dso(&["proxy", "resume", &name]).await;
+    assert!(out.status.success(), "resume: {}", stderr(&out));
+    let out = agent
+        .dso(&[
+            "proxy",
+            "swap",
+            &name,
+            &blue.addr.to_string(),
+            "--drain",
+            "1s",
+            "--wait",
+        ])
+        .await;
+    assert!(out.status.success(), "swap --wait: {}", stderr(&out));
+    assert!(stdout(&out).contains("drained in"), "{}", stdout(&out));
+    let mut c = Conn::open(addr).await;
+    assert_eq!(c.greeting().await, "blue");
+
+    // The one-listener endpoints, with the name encoded as one segment.
+    let encoded = format!("{}%2Fweb%3A8080", run.0);
+    let (code, body) = crate::harness::http(
+        &agent.socket,
+        "GET",
+        &format!("/v1/proxy/listeners/{encoded}"),
+        "",
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["name"], name.as_str());
+    let gen_path = format!("/v1/proxy/listeners/{encoded}/generations/1/drain?timeout=0s");
+    let (code, body) = crate::harness::http(&agent.socket, "GET", &gen_path, "")
+        .await
+        .unwrap();
+    assert_eq!(code, 200, "{body}");
+    // The raw, unencoded name is not one segment: it is still a clear 404.
+    let (code, _) = crate::harness::http(
+        &agent.socket,
+        "POST",
+        &format!("/v1/proxy/listeners/{name}/pause"),
+        "",
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, 404);
+
+    // Stop the agent before the container goes, so nothing dials a removed container.
+    agent.child.kill().await.unwrap();
+    drop(c);
+}

@@ -3,6 +3,7 @@
 mod dial;
 mod drain;
 mod forward;
+mod hardening;
 mod hold;
 mod proxy;
 mod support;
