@@ -105,3 +105,21 @@ impl Error {
         }
     }
 }
+
+/// An error and its sources on one line, without repeating a source that the message
+/// already quotes (HTTP client errors often do). For provider error details: the errors
+/// of the HTTP stacks used here carry URLs and reasons, never a response body.
+#[cfg(any(feature = "vault", feature = "azure"))]
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !text.contains(&s_text) {
+            text.push_str(": ");
+            text.push_str(&s_text);
+        }
+        source = s.source();
+    }
+    text
+}

@@ -398,7 +398,7 @@ impl TokenSource {
         );
         let response = request.send().await.map_err(|e| Error::Unavailable {
             provider: self.provider.clone(),
-            detail: format!("token endpoint {endpoint}: {}", super::error_chain(&e)),
+            detail: format!("token endpoint {endpoint}: {}", crate::error::chain(&e)),
         })?;
         let status = response.status().as_u16();
         let retry_after = response

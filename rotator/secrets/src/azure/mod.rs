@@ -217,7 +217,7 @@ impl AzureProvider {
     fn transport_error(&self, e: &reqwest::Error) -> Error {
         Error::Unavailable {
             provider: self.name.clone(),
-            detail: error_chain(e),
+            detail: crate::error::chain(e),
         }
     }
 
@@ -455,19 +455,4 @@ fn vault_error(body: &[u8]) -> String {
 fn inner_code(body: &[u8]) -> Option<String> {
     let doc: serde_json::Value = serde_json::from_slice(body).ok()?;
     doc["error"]["innererror"]["code"].as_str().map(str::to_string)
-}
-
-/// An error and its sources on one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let s_text = s.to_string();
-        if !text.contains(&s_text) {
-            text.push_str(": ");
-            text.push_str(&s_text);
-        }
-        source = s.source();
-    }
-    text
 }

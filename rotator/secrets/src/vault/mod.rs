@@ -149,7 +149,8 @@ fn build_client(name: &str, settings: &VaultSettings, timeout: Duration) -> Resu
     let client_settings = builder
         .build()
         .map_err(|e| config(format!("vault client settings: {e}")))?;
-    VaultClient::new(client_settings).map_err(|e| config(format!("vault client: {}", chain(&e))))
+    VaultClient::new(client_settings)
+        .map_err(|e| config(format!("vault client: {}", crate::error::chain(&e))))
 }
 
 impl Shared {
@@ -161,11 +162,11 @@ impl Shared {
             .request(client.http.base.as_str())
             .map_err(|e| Error::Protocol {
                 provider: self.name.clone(),
-                detail: format!("building the request: {}", chain(&e)),
+                detail: format!("building the request: {}", crate::error::chain(&e)),
             })?;
         let response = client.http.send(request).await.map_err(|e| Error::Unavailable {
             provider: self.name.clone(),
-            detail: chain(&e),
+            detail: crate::error::chain(&e),
         })?;
         let status = response.status().as_u16();
         let retry_after = response
@@ -246,12 +247,12 @@ impl Shared {
                 ),
                 other => Error::Unavailable {
                     provider: self.name.clone(),
-                    detail: format!("{what}: {}", chain(&other)),
+                    detail: format!("{what}: {}", crate::error::chain(&other)),
                 },
             },
             other => Error::Protocol {
                 provider: self.name.clone(),
-                detail: format!("{what}: {}", chain(&other)),
+                detail: format!("{what}: {}", crate::error::chain(&other)),
             },
         }
     }
@@ -407,19 +408,4 @@ fn error_messages(body: &[u8]) -> String {
     serde_json::from_slice::<Body>(body)
         .map(|b| b.errors.join("; "))
         .unwrap_or_default()
-}
-
-/// An error and its sources on one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let s_text = s.to_string();
-        if !text.contains(&s_text) {
-            text.push_str(": ");
-            text.push_str(&s_text);
-        }
-        source = s.source();
-    }
-    text
 }
