@@ -192,12 +192,27 @@ async fn out_of_range_values_are_refused_before_anything_changes() {
             "--wait",
         ])
         .await;
+    // The CLI refuses it while parsing its flags (durations are capped at 365 days).
     assert_eq!(out.status.code(), Some(2), "{}", crate::harness::stderr(&out));
     assert!(
-        crate::harness::stderr(&out).contains("drain:"),
+        crate::harness::stderr(&out).contains("--drain") && crate::harness::stderr(&out).contains("365d"),
         "{}",
         crate::harness::stderr(&out)
     );
+    // The API refuses the same value sent raw, naming the field, before anything changes.
+    let (code, body) = http(
+        &agent.socket,
+        "POST",
+        "/v1/proxy/listeners/echo/swap",
+        &format!(
+            r#"{{"backends":["{}"],"drain":"18446744073709551615s","wait":true}}"#,
+            green.addr
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("drain"), "{body}");
     assert_eq!(
         agent.status().await["listeners"][0]["generation"],
         1,
@@ -205,6 +220,8 @@ async fn out_of_range_values_are_refused_before_anything_changes() {
     );
 
     let out = agent.dso(&["proxy", "pause", "echo", "--max", "1000d"]).await;
+    assert_eq!(out.status.code(), Some(2), "{}", crate::harness::stderr(&out));
+    let out = agent.dso(&["proxy", "pause", "echo", "--max", "365d"]).await;
     assert!(out.status.success(), "{}", crate::harness::stderr(&out));
     assert!(
         crate::harness::stdout(&out).contains("525600m00s"),
