@@ -210,10 +210,9 @@ pub async fn check(cfg: &SecretsConfig) -> Vec<Outcome> {
 mod tests {
     use super::*;
 
-    /// The local provider is being written by another helper: until it lands, `connect`
-    /// refuses with "not implemented yet"; once it lands, a vault file that does not exist
-    /// fails the same way (an error naming the provider). Either way every reference of
-    /// that provider is reported as failed, with the provider's reason.
+    /// A local provider whose vault file does not exist fails to connect (an error naming
+    /// the provider): every reference of that provider is reported as failed, with the
+    /// provider's reason.
     #[tokio::test]
     async fn check_reports_every_reference_of_a_provider_that_fails() {
         let dir = tempfile::tempdir().unwrap();
