@@ -259,11 +259,7 @@ impl Failure {
     ) -> Failure {
         if let Some(r) = response {
             self.status = Some(r.status().as_u16());
-            self.retry_after = r
-                .headers()
-                .get("retry-after")
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(Duration::from_secs);
+            self.retry_after = crate::error::retry_after(r.headers().get("retry-after"));
             // Only an error status: a 2xx body that failed to parse may hold a value.
             if self.code.is_none() && r.status().as_u16() >= 400 {
                 // Not the protocol's JSON error, but an XML `<Error><Code>` (what moto

@@ -123,3 +123,10 @@ pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     }
     text
 }
+
+/// A `Retry-After` header value in seconds (the HTTP-date form is not read: the providers
+/// here send seconds), for [`Error::Throttled`].
+#[cfg(any(feature = "vault", feature = "azure", feature = "aws"))]
+pub(crate) fn retry_after(value: Option<&str>) -> Option<Duration> {
+    value?.trim().parse::<u64>().ok().map(Duration::from_secs)
+}

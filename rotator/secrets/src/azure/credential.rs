@@ -401,12 +401,12 @@ impl TokenSource {
             detail: format!("token endpoint {endpoint}: {}", crate::error::chain(&e)),
         })?;
         let status = response.status().as_u16();
-        let retry_after = response
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+        let retry_after = crate::error::retry_after(
+            response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok()),
+        );
         let body = Zeroizing::new(response.bytes().await.unwrap_or_default().to_vec());
         if status != 200 {
             let reason = token_error(&body);

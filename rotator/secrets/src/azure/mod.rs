@@ -195,12 +195,12 @@ impl AzureProvider {
                 *self.challenge.lock().unwrap_or_else(|e| e.into_inner()) = Some(learned);
                 continue;
             }
-            let retry_after = response
-                .headers()
-                .get(reqwest::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(Duration::from_secs);
+            let retry_after = crate::error::retry_after(
+                response
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok()),
+            );
             let body = response.bytes().await.map_err(|e| self.transport_error(&e))?;
             return Ok(Answer {
                 status,
