@@ -1,0 +1,1 @@
+//! The in-memory archive (work in progress, issue 10).

@@ -1,0 +1,1 @@
+//! The tmpfs store (work in progress, issue 10).
