@@ -7,6 +7,7 @@
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -80,11 +81,23 @@ async fn run(cfg: Config, args: &AgentArgs, socket: &Path, shutdown: Duration) -
     let server = api::bind(socket).await?;
     let stop_api = CancellationToken::new();
     let stop_docker = CancellationToken::new();
+    // Delivery needs both sides: secrets to deliver and Docker to deliver them to.
+    let delivery = if args.docker && !cfg.secrets.secrets.is_empty() {
+        Some(crate::delivery::open(&cfg.agent.delivery, &cfg.secrets)?)
+    } else {
+        None
+    };
     let docker = if args.docker {
         let scope = args.docker_scope.clone();
         Some(
-            crate::docker::Docker::start(proxy.clone(), args.state_dir.clone(), scope, stop_docker.clone())
-                .await?,
+            crate::docker::Docker::start(
+                proxy.clone(),
+                args.state_dir.clone(),
+                scope,
+                delivery.clone(),
+                stop_docker.clone(),
+            )
+            .await?,
         )
     } else {
         None
@@ -92,6 +105,15 @@ async fn run(cfg: Config, args: &AgentArgs, socket: &Path, shutdown: Duration) -
     let state_docker = docker.clone();
     let stop_secrets = CancellationToken::new();
     let secrets = crate::secrets::Secrets::start(&cfg.secrets, &args.state_dir, stop_secrets.clone())?;
+    if let (Some(secrets), Some(docker), Some(delivery)) = (&secrets, &docker, &delivery) {
+        crate::delivery::Deliverer::start(
+            Arc::clone(secrets),
+            Arc::clone(docker),
+            Arc::clone(delivery),
+            cfg.secrets.clone(),
+            stop_secrets.clone(),
+        );
+    }
     let state = State {
         proxy: proxy.clone(),
         started: Instant::now(),

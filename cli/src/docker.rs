@@ -53,6 +53,7 @@ impl Docker {
         proxy: Proxy,
         state_dir: PathBuf,
         scope: Option<(String, String)>,
+        delivery: Option<Arc<dso_rotator::delivery::Delivery>>,
         stop: CancellationToken,
     ) -> anyhow::Result<Arc<Docker>> {
         let engine = DockerEngine::connect()
@@ -61,6 +62,7 @@ impl Docker {
         info!(api = engine.api_version(), state_dir = %state_dir.display(), "docker connected");
         let mut cfg = Config::new(&state_dir);
         cfg.scope = scope;
+        cfg.delivery = delivery;
         let (rotator, recovered) = Rotator::start(engine, proxy, cfg)
             .await
             .with_context(|| format!("starting the rotator on state directory {}", state_dir.display()))?;
@@ -85,6 +87,20 @@ impl Docker {
         target: String,
         strategy: Option<Strategy>,
         env: Vec<(String, String)>,
+    ) -> String {
+        self.submit_with(target, strategy, env, None, None, None)
+    }
+
+    /// [`Docker::submit`] with secret values to deliver, and a channel that receives the
+    /// outcome (the secret side records applied or failed versions from it).
+    pub fn submit_with(
+        self: &Arc<Self>,
+        target: String,
+        strategy: Option<Strategy>,
+        env: Vec<(String, String)>,
+        secrets: Option<Arc<dso_rotator::delivery::Bundle>>,
+        signal: Option<String>,
+        done: Option<tokio::sync::oneshot::Sender<Result<RotationReport, String>>>,
     ) -> String {
         let n = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         let id = n.to_string();
@@ -120,9 +136,14 @@ impl Docker {
                     strategy,
                     env,
                     progress: Some(tx),
+                    secrets,
+                    signal,
                     ..Default::default()
                 })
                 .await;
+            if let Some(done) = done {
+                let _ = done.send(result.clone().map_err(|e| e.to_string()));
+            }
             // Let the step pump catch up before the final state shows.
             tokio::task::yield_now().await;
             me.update(&run_id, |t| match result {

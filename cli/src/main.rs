@@ -14,6 +14,7 @@ mod args;
 mod client;
 mod cmd;
 mod config;
+mod delivery;
 mod docker;
 mod duration;
 mod logwriter;

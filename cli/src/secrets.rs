@@ -42,6 +42,8 @@ pub struct Secrets {
     counters: Arc<Mutex<BTreeMap<String, ProviderCounters>>>,
     /// The configured secrets, in file order: name, provider, mapping keys and references.
     secrets: Vec<SecretInfo>,
+    /// Delivery into containers, when the agent runs with `--docker`.
+    deliverer: std::sync::OnceLock<Arc<crate::delivery::Deliverer>>,
 }
 
 /// A configured secret as the API shows it (no value).
@@ -170,6 +172,7 @@ impl Secrets {
             seen: Arc::clone(&seen),
             counters: Arc::clone(&counters),
             secrets,
+            deliverer: std::sync::OnceLock::new(),
         });
         let this = Arc::clone(&secrets);
         tokio::spawn(async move {
@@ -186,8 +189,36 @@ impl Secrets {
         Ok(Some(secrets))
     }
 
+    /// Hands service snapshots to delivery from now on.
+    pub fn set_deliverer(&self, d: Arc<crate::delivery::Deliverer>) {
+        let _ = self.deliverer.set(d);
+    }
+
+    /// Delivery, when it runs.
+    pub fn deliverer(&self) -> Option<&Arc<crate::delivery::Deliverer>> {
+        self.deliverer.get()
+    }
+
+    /// The watcher.
+    pub fn watcher(&self) -> &Watcher {
+        &self.watcher
+    }
+
     fn on_event(&self, event: Event) {
         match event {
+            Event::Snapshot(snap) if crate::delivery::Deliverer::is_service_consumer(&snap.consumer) => {
+                match self.deliverer.get() {
+                    Some(d) => d.on_snapshot(snap),
+                    None => warn!(consumer = %snap.consumer, "service snapshot without delivery; dropped"),
+                }
+            }
+            Event::Unusable {
+                consumer,
+                reference,
+                reason,
+            } if crate::delivery::Deliverer::is_service_consumer(&consumer) => {
+                warn!(consumer = %consumer, reference = %reference, reason = %reason, "a secret of this service cannot be used; nothing is delivered to it");
+            }
             Event::Snapshot(snap) => {
                 let name = snap
                     .consumer

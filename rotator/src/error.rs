@@ -12,6 +12,9 @@ pub enum Error {
     /// A Docker call failed.
     #[error(transparent)]
     Engine(#[from] EngineError),
+    /// Secret delivery failed (store, layout, a missing value); nothing was created.
+    #[error("secret delivery: {0}")]
+    Delivery(String),
     /// A dso label is malformed.
     #[error(transparent)]
     Label(#[from] LabelError),
@@ -85,6 +88,11 @@ pub enum Error {
 }
 
 impl Error {
+    /// A delivery error, as text (the error type is not `Clone`).
+    pub fn delivery(e: crate::delivery::DeliveryError) -> Self {
+        Error::Delivery(e.to_string())
+    }
+
     /// A state-directory error.
     pub fn state(what: impl Into<String>, e: std::io::Error) -> Self {
         Error::State {

@@ -44,6 +44,7 @@ impl Fake {
             publishes_ports: false,
             auto_remove: false,
             mounts: vec![],
+            process: Default::default(),
         };
         self.containers.lock().unwrap().insert(id.to_owned(), c);
     }

@@ -53,6 +53,7 @@ mod tests {
             publishes_ports: false,
             auto_remove: false,
             mounts: vec![],
+            process: Default::default(),
         }
     }
 

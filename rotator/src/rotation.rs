@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::info;
 
+use crate::delivery::Prepared;
 use crate::engine::{CloneSpec, Container, Engine, short};
 use crate::error::Error;
 use crate::gateway::{Gateway, Member, Timing};
@@ -76,6 +77,8 @@ pub(crate) struct Run<'a, E: Engine> {
     pub progress: Option<&'a mpsc::UnboundedSender<Progress>>,
     pub hooks: Hooks,
     pub serving_after_ms: Option<u64>,
+    /// What delivery gives the new container (files written, binds, entrypoint).
+    pub prepared: Option<Prepared>,
 }
 
 impl<'a, E: Engine> Run<'a, E> {
@@ -140,6 +143,7 @@ impl<'a, E: Engine> Run<'a, E> {
             progress,
             hooks,
             serving_after_ms: None,
+            prepared: None,
         };
         run.report(Step::Begin, format!("{strategy} rotation of {}", run.blue.name));
         Ok(run)
@@ -154,12 +158,24 @@ impl<'a, E: Engine> Run<'a, E> {
     /// Creates green from blue's configuration under `name` and journals `GreenCreated`.
     /// Returns green's ID.
     pub async fn create_green(&mut self, name: String) -> Result<String, Error> {
+        let mut env = self.env.to_vec();
+        let mut labels = self.clone_labels();
+        let mut overrides = Default::default();
+        if let Some(p) = &self.prepared {
+            for (k, v) in &p.env {
+                env.retain(|(x, _)| x != k);
+                env.push((k.clone(), v.clone()));
+            }
+            labels.extend(p.labels.iter().cloned());
+            overrides = p.overrides.clone();
+        }
         let spec = CloneSpec {
             from: self.blue.id.clone(),
             name,
-            env: self.env.to_vec(),
-            labels: self.clone_labels(),
+            env,
+            labels,
             primary_network: self.spec.network.clone(),
+            overrides,
         };
         let id = self.engine.create_clone(&spec).await?;
         self.record(

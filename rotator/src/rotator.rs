@@ -9,8 +9,9 @@ use std::time::Duration;
 use dso_proxy::Proxy;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
-use tracing::warn;
+use tracing::{info, warn};
 
+use crate::delivery::{Bundle, Delivery, LABEL_INSTANCE, SWEEP_MIN_AGE};
 use crate::discovery::{self, Managed, Scan};
 use crate::engine::Engine;
 use crate::error::Error;
@@ -37,6 +38,8 @@ pub struct Config {
     /// released: a service recreated within it (`docker compose up --force-recreate`)
     /// keeps its ports without a gap in ownership.
     pub release_grace: Duration,
+    /// Secret delivery; `None` when no secret is configured (copies are plain copies).
+    pub delivery: Option<Arc<Delivery>>,
 }
 
 /// Default of [`Config::release_grace`].
@@ -50,6 +53,7 @@ impl Config {
             stop_grace: Duration::from_secs(10),
             scope: None,
             release_grace: DEFAULT_RELEASE_GRACE,
+            delivery: None,
         }
     }
 }
@@ -69,6 +73,11 @@ pub struct RotateRequest {
     pub hooks: Hooks,
     /// How many later requests were merged into this one (0 for a request on its own).
     pub merged: u32,
+    /// Secret values to deliver (a change the watcher saw); `None` keeps the current ones.
+    pub secrets: Option<Arc<Bundle>>,
+    /// Signal of the `signal` strategy when the container has no `dso.signal` label (a
+    /// secret's `rotation.signal`).
+    pub signal: Option<String>,
 }
 
 /// The result of a rotation request.
@@ -104,6 +113,10 @@ pub(crate) struct Inner<E: Engine> {
     pub(crate) queue: Arc<Queue<RotateRequest, Outcome>>,
     /// Makes rotation IDs unique within one millisecond.
     seq: std::sync::atomic::AtomicU64,
+    /// The last scan, for the secret side (which services consume what).
+    scans: tokio::sync::watch::Sender<Option<Arc<Scan>>>,
+    /// Whether the orphan sweep of agent start ran.
+    swept: std::sync::atomic::AtomicBool,
 }
 
 /// The rotator. Cheap to clone.
@@ -143,6 +156,8 @@ impl<E: Engine> Rotator<E> {
                 cfg,
                 queue: Arc::default(),
                 seq: Default::default(),
+                scans: tokio::sync::watch::Sender::new(None),
+                swept: Default::default(),
             }),
         };
         r.reconcile().await?;
@@ -178,7 +193,34 @@ impl<E: Engine> Rotator<E> {
         gw.mark_gone(|k| scan.services.contains_key(k) || queue.is_busy(k))
             .await;
         gw.release_gone(self.inner.cfg.release_grace);
-        Ok(scan)
+        if let Some(d) = &self.inner.cfg.delivery {
+            // Directories no container uses any more (removed outside a rotation, or left
+            // by a crash). Skipped while a container is left out for a label error: it may
+            // still use one.
+            if scan.errors.is_empty() {
+                let referenced = scan
+                    .services
+                    .values()
+                    .flat_map(|m| m.containers.iter())
+                    .filter_map(|c| Delivery::instance_of(c).map(str::to_owned))
+                    .collect();
+                // At start no rotation is writing a directory yet: every orphan goes.
+                let first = !self.inner.swept.swap(true, std::sync::atomic::Ordering::Relaxed);
+                let min_age = if first { Duration::ZERO } else { SWEEP_MIN_AGE };
+                for i in d.sweep(&referenced, min_age) {
+                    info!(instance = %i, "wiped the secret directory of a container that is gone");
+                }
+            }
+        }
+        let scan = Arc::new(scan);
+        self.inner.scans.send_replace(Some(Arc::clone(&scan)));
+        Ok(Arc::unwrap_or_clone(scan))
+    }
+
+    /// Follows the rotator's scans (each reconcile publishes one): which services and
+    /// containers exist, for the secret side's consumers.
+    pub fn subscribe_scans(&self) -> tokio::sync::watch::Receiver<Option<Arc<Scan>>> {
+        self.inner.scans.subscribe()
     }
 
     /// Rotates the service `req.target` names: every container of it, one after the
@@ -289,7 +331,23 @@ impl<E: Engine> Rotator<E> {
         req: &RotateRequest,
     ) -> Result<ContainerReport, Error> {
         let inner = &self.inner;
-        let strategy = strategy::resolve(&m.key, &blue, &m.spec, req.strategy)?;
+        let delivery = inner.cfg.delivery.clone();
+        let mut strategy = strategy::resolve(&m.key, &blue, &m.spec, req.strategy)?;
+        if let (Some(d), Some(bundle), Strategy::Signal | Strategy::None) =
+            (&delivery, &req.secrets, strategy)
+        {
+            if d.can_update_in_place(&blue) {
+                // The files change under the running container; `signal` then tells it.
+                d.update_in_place(&blue, bundle).map_err(Error::delivery)?;
+                info!(service = %m.key, container = %blue.name, "secret files updated in place");
+            } else {
+                // First delivery: the container was not created with dso's mounts (or
+                // holds its values in Config.Env), so one replacement gives it them.
+                let replace = strategy::resolve(&m.key, &blue, &m.spec, Some(Strategy::Auto))?;
+                info!(service = %m.key, container = %blue.name, strategy = %replace, "first delivery of its secrets: one {replace} rotation, since the container has no dso secret directory to update in place");
+                strategy = replace;
+            }
+        }
         if matches!(strategy, Strategy::Rolling | Strategy::Restart) {
             // Without its listeners a rotation neither holds nor swaps: clients would be
             // cut off while the report says zero downtime.
@@ -299,6 +357,14 @@ impl<E: Engine> Rotator<E> {
         let rotation = format!("{:x}{n}", now_ms());
         match strategy {
             Strategy::Rolling | Strategy::Restart => {
+                let prepared = match &delivery {
+                    Some(d) => d
+                        .plan(&blue, req.secrets.as_deref(), &rotation)
+                        .map_err(Error::delivery)?,
+                    None => None,
+                };
+                let blue_instance = Delivery::instance_of(&blue).map(str::to_owned);
+                let green_instance = prepared.as_ref().map(|p| p.instance.clone());
                 let mut run = Run::begin(
                     &inner.engine,
                     &inner.gateway,
@@ -313,11 +379,25 @@ impl<E: Engine> Rotator<E> {
                     req.progress.as_ref(),
                     req.hooks,
                 )?;
+                run.prepared = prepared;
                 let result = if strategy == Strategy::Rolling {
                     rolling::run(&mut run).await
                 } else {
                     restart::run(&mut run).await
                 };
+                if let Some(d) = &delivery {
+                    // Whichever side is gone loses its directory: blue after a rotation,
+                    // green after a rollback. A side that still exists keeps it.
+                    for inst in [&blue_instance, &green_instance].into_iter().flatten() {
+                        match inner.engine.list_labeled(LABEL_INSTANCE, inst).await {
+                            Ok(users) if users.is_empty() => d.wipe(inst),
+                            Ok(_) => {}
+                            Err(e) => {
+                                warn!(instance = %inst, error = %e, "cannot tell whether a secret directory is still used; the sweep will")
+                            }
+                        }
+                    }
+                }
                 match result {
                     Ok(green) => Ok(run.into_report(strategy, green)),
                     Err(e) => {
@@ -357,12 +437,16 @@ impl<E: Engine> Rotator<E> {
                 hint: "use --strategy rolling or restart, or leave out --env".to_owned(),
             }),
             Strategy::Signal => {
-                inner.engine.signal(&blue.id, &m.spec.signal).await?;
+                let signal = match &req.signal {
+                    Some(s) if !blue.labels.contains_key(crate::labels::SIGNAL) => s.clone(),
+                    _ => m.spec.signal.clone(),
+                };
+                inner.engine.signal(&blue.id, &signal).await?;
                 let p = Progress {
                     rotation: rotation.clone(),
                     step: Step::Done,
                     elapsed_ms: 0,
-                    detail: format!("sent {} to {}", m.spec.signal, blue.name),
+                    detail: format!("sent {signal} to {}", blue.name),
                 };
                 if let Some(tx) = &req.progress {
                     let _ = tx.send(p.clone());
@@ -400,6 +484,13 @@ impl<E: Engine> Rotator<E> {
 /// merged.
 fn merge(a: &mut RotateRequest, b: RotateRequest) {
     a.merged = a.merged.saturating_add(b.merged.max(1));
+    // A later snapshot of a service's secrets is complete: it replaces the earlier one.
+    if b.secrets.is_some() {
+        a.secrets = b.secrets;
+    }
+    if b.signal.is_some() {
+        a.signal = b.signal;
+    }
     let brings_env = !b.env.is_empty();
     for (k, v) in b.env {
         a.env.retain(|(x, _)| *x != k);

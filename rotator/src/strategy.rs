@@ -131,6 +131,7 @@ mod tests {
                     destination: d.to_string(),
                 })
                 .collect(),
+            process: Default::default(),
         }
     }
 

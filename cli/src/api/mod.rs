@@ -121,6 +121,7 @@ impl Router {
             .mount("/metrics", |s, r| Box::pin(metrics::handle(s, r)))
             .mount("/v1/rotations", |s, r| Box::pin(rotations::rotations(s, r)))
             .mount("/v1/services", |s, r| Box::pin(rotations::services(s, r)))
+            .mount("/v1/delivery", |s, r| Box::pin(rotations::delivery(s, r)))
             .mount("/v1/secrets", |s, r| Box::pin(secrets::handle(s, r)))
     }
 

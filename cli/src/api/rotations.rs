@@ -21,6 +21,12 @@ struct RotateBody {
     /// Environment values for the new container, as `KEY=VALUE` strings.
     #[serde(default)]
     env: Vec<String>,
+    /// Read the service's secrets from their providers now and deliver them.
+    #[serde(default)]
+    refresh: bool,
+    /// Like `refresh`, also retrying versions whose rotation failed.
+    #[serde(default)]
+    force: bool,
 }
 
 fn docker(state: &State) -> Result<Arc<Docker>, ApiError> {
@@ -93,6 +99,60 @@ fn submit(state: &State, req: &ApiRequest) -> Reply {
     if body.target.trim().is_empty() {
         return Err(ApiError::bad_request("target: empty"));
     }
+    if body.refresh || body.force {
+        if strategy.is_some() || !env.is_empty() {
+            return Err(ApiError::bad_request(
+                "refresh/force deliver the providers' current values with the service's own strategy; leave out strategy and env",
+            ));
+        }
+        let deliverer = state
+            .secrets
+            .as_ref()
+            .and_then(|s| s.deliverer())
+            .ok_or_else(|| ApiError {
+                status: StatusCode::CONFLICT,
+                message: "no secret delivery runs in this agent (no `secrets:` in its config)".to_owned(),
+            })?;
+        let scan = d.rotator.subscribe_scans().borrow().clone();
+        let key = scan
+            .as_deref()
+            .ok_or_else(|| ApiError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                message: "the agent has not scanned Docker yet; try again".to_owned(),
+            })?
+            .find(&body.target)
+            .map_err(|e| ApiError::not_found(e.to_string()))?
+            .key
+            .clone();
+        if !deliverer.refresh(&key, body.force) {
+            return Err(ApiError::not_found(format!(
+                "service {key} consumes no secret (no dso.secrets label naming a configured secret, no secrets[].targets match)"
+            )));
+        }
+        return json(
+            StatusCode::ACCEPTED,
+            &serde_json::json!({
+                "service": key.to_string(),
+                "refresh": true,
+                "force": body.force,
+                "message": format!("the providers of {key}'s secrets are read now; the rotation follows as for a change (see `dso rotate` history in `dso status`, GET /v1/delivery)"),
+            }),
+        );
+    }
     let id = d.submit(body.target, strategy, env);
     json(StatusCode::ACCEPTED, &serde_json::json!({ "id": id }))
+}
+
+/// `GET /v1/delivery`: per service, the secrets it consumes and its deliveries (no value).
+pub async fn delivery(state: State, req: ApiRequest) -> Option<Reply> {
+    if req.method != Method::GET || !req.path.is_empty() {
+        return None;
+    }
+    let status = state
+        .secrets
+        .as_ref()
+        .and_then(|s| s.deliverer())
+        .map(|d| d.status())
+        .unwrap_or_default();
+    Some(json(StatusCode::OK, &serde_json::json!({ "services": status })))
 }

@@ -18,9 +18,21 @@ pub struct RotateArgs {
     /// rolling, restart, signal, none or auto [default: the container's dso.update.strategy].
     #[arg(long, value_name = "STRATEGY")]
     pub strategy: Option<String>,
-    /// Environment value for the new container (repeatable). Visible in `docker inspect`.
-    #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
+    /// Refused with a usage error when it carries a value: values on the command line are
+    /// visible in /proc/PID/cmdline and shell history. Use --env-file.
+    #[arg(long = "env", short = 'e', value_name = "KEY=VALUE", hide = true)]
     pub env: Vec<String>,
+    /// Environment values for the new container, `KEY=VALUE` lines (`#` comments and blank
+    /// lines skipped); `-` reads them from stdin. Visible in `docker inspect`.
+    #[arg(long = "env-file", value_name = "FILE|-")]
+    pub env_file: Option<PathBuf>,
+    /// Read the service's secrets from their providers now and deliver the current values
+    /// (the rotation follows as for a change).
+    #[arg(long)]
+    pub refresh: bool,
+    /// Like --refresh, and also retry versions whose rotation failed before.
+    #[arg(long)]
+    pub force: bool,
     /// Print the final report as JSON instead of the steps.
     #[arg(long)]
     pub json: bool,
@@ -58,14 +70,43 @@ struct Tracked {
 /// ends with the total time. Exits non-zero when the rotation failed or was rolled back.
 pub fn rotate(args: RotateArgs, socket: PathBuf) -> anyhow::Result<()> {
     let client = Client::new(&socket);
-    if !args.env.is_empty() {
+    if let Some(e) = args.env.first() {
+        usage(format!(
+            "--env {}=...: values on the command line are visible in /proc/PID/cmdline and shell history; put KEY=VALUE lines in a file and pass --env-file FILE (or --env-file - to read them from stdin)",
+            e.split('=').next().unwrap_or_default()
+        ));
+    }
+    let env = match &args.env_file {
+        None => Vec::new(),
+        Some(p) => read_env_file(p)?,
+    };
+    if args.refresh || args.force {
+        if !env.is_empty() || args.strategy.is_some() {
+            usage(
+                "--refresh/--force deliver the providers' current values with the service's own strategy; leave out --env-file and --strategy"
+                    .to_owned(),
+            );
+        }
+        return super::runtime()?.block_on(async move {
+            let body = json!({ "target": args.target, "refresh": true, "force": args.force });
+            let v: serde_json::Value = client.post("/v1/rotations", &body).await?;
+            println!(
+                "{}",
+                v.get("message")
+                    .and_then(|m| m.as_str())
+                    .unwrap_or("providers are read now")
+            );
+            Ok(())
+        });
+    }
+    if !env.is_empty() {
         eprintln!(
             "note: --env values become environment variables of the new container, visible to \
              anyone who can run `docker inspect` on this host (see docs/rotation.md)"
         );
     }
     super::runtime()?.block_on(async move {
-        let body = json!({ "target": args.target, "strategy": args.strategy, "env": args.env });
+        let body = json!({ "target": args.target, "strategy": args.strategy, "env": env });
         let accepted: Accepted = client.post("/v1/rotations", &body).await?;
         let path = format!("/v1/rotations/{}", accepted.id);
         let mut shown = 0;
@@ -110,6 +151,47 @@ pub fn rotate(args: RotateArgs, socket: PathBuf) -> anyhow::Result<()> {
             }
         }
     })
+}
+
+/// A usage error: printed like clap's own, exit 2.
+fn usage(message: String) -> ! {
+    clap::Error::raw(clap::error::ErrorKind::InvalidValue, format!("{message}\n")).exit()
+}
+
+/// `KEY=VALUE` lines of an env file (`-`: stdin); `#` comments and blank lines skipped.
+/// Errors name the line, never its value.
+fn read_env_file(path: &std::path::Path) -> anyhow::Result<Vec<String>> {
+    use std::io::Read;
+    let mut text = String::new();
+    if path == std::path::Path::new("-") {
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .map_err(|e| anyhow::anyhow!("--env-file -: reading stdin: {e}"))?;
+    } else {
+        text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("--env-file {}: {e}", path.display()))?;
+    }
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let l = line.trim_start();
+        if l.is_empty() || l.starts_with('#') {
+            continue;
+        }
+        let ok = l.split_once('=').is_some_and(|(k, _)| {
+            !k.is_empty()
+                && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                && !k.starts_with(|c: char| c.is_ascii_digit())
+        });
+        if !ok {
+            usage(format!(
+                "--env-file {} line {}: expected KEY=VALUE with KEY made of letters, digits and _",
+                path.display(),
+                i + 1
+            ));
+        }
+        out.push(l.to_owned());
+    }
+    Ok(out)
 }
 
 /// Runs `dso status`.

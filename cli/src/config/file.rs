@@ -54,6 +54,22 @@ pub struct AgentSection {
     pub watch: Option<WatchSection>,
     /// Agent-wide rotation settings.
     pub rotation: Option<AgentRotationSection>,
+    /// Where delivered secret files live (the agent's tmpfs) and the launcher.
+    pub delivery: Option<DeliverySection>,
+}
+
+/// `agent.delivery`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliverySection {
+    /// The tmpfs directory holding one directory per container instance.
+    pub root: Option<PathBuf>,
+    /// Whether the agent mounts a tmpfs at `root` when it is not one (default true).
+    pub mount_tmpfs: Option<bool>,
+    /// Size limit of that tmpfs in MiB (default 64).
+    pub size_mib: Option<u64>,
+    /// Host path of the static `dso-init` launcher (env injection).
+    pub launcher: Option<PathBuf>,
 }
 
 /// `proxy:`.

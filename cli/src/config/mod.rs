@@ -49,6 +49,50 @@ pub struct AgentConfig {
     pub socket: Option<PathBuf>,
     /// Shutdown deadline, when the file sets one.
     pub shutdown_timeout: Option<Duration>,
+    /// `agent.delivery`, defaults applied.
+    pub delivery: DeliverySettings,
+}
+
+/// `agent.delivery`: the agent's tmpfs for delivered secrets and the launcher.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliverySettings {
+    /// Tmpfs root (default `/run/dso/secrets`).
+    pub root: PathBuf,
+    /// Mount a tmpfs at `root` when it is not one (default true).
+    pub mount_tmpfs: bool,
+    /// Size limit of that tmpfs in bytes (default 64 MiB).
+    pub size_bytes: u64,
+    /// Host path of `dso-init`; `None` means "look next to the `dso` binary, then
+    /// `/usr/lib/dso/dso-init`" (see [`DeliverySettings::launcher_path`]).
+    pub launcher: Option<PathBuf>,
+}
+
+impl Default for DeliverySettings {
+    fn default() -> DeliverySettings {
+        DeliverySettings {
+            root: PathBuf::from("/run/dso/secrets"),
+            mount_tmpfs: true,
+            size_bytes: 64 << 20,
+            launcher: None,
+        }
+    }
+}
+
+impl DeliverySettings {
+    /// The launcher to use: the configured path, else `dso-init` next to this binary,
+    /// else `/usr/lib/dso/dso-init`, whichever exists first (`None` when none does).
+    pub fn launcher_path(&self) -> Option<PathBuf> {
+        if let Some(p) = &self.launcher {
+            return Some(p.clone());
+        }
+        let beside = std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(|d| d.join("dso-init")));
+        beside
+            .into_iter()
+            .chain([PathBuf::from("/usr/lib/dso/dso-init")])
+            .find(|p| p.is_file())
+    }
 }
 
 /// Why a config file was rejected.

@@ -14,7 +14,7 @@ use dso_proxy::{Backend, ListenerConfig, ProxyConfig};
 
 use super::file::{FileConfig, ListenerEntry};
 use super::lines::Lines;
-use super::{AgentConfig, Config, ConfigError, LoggingConfig, SecretsConfig};
+use super::{AgentConfig, Config, ConfigError, DeliverySettings, LoggingConfig, SecretsConfig};
 
 /// Most connections a `max_connections` may allow (all listeners, or one). Far above what
 /// file descriptors allow (2 per connection), far below tokio's semaphore limit (2^61)
@@ -61,10 +61,12 @@ pub fn check(raw: FileConfig, lines: &Lines<'_>) -> Result<Config, ConfigError> 
         listeners.push(cfg);
     }
     let shutdown_timeout = agent.shutdown_timeout.map(|d| d.get());
+    let delivery = delivery(lines, agent.delivery.unwrap_or_default())?;
     Ok(Config {
         agent: AgentConfig {
             socket: agent.socket,
             shutdown_timeout,
+            delivery,
         },
         proxy: ProxyConfig {
             max_connections: proxy.max_connections,
@@ -73,6 +75,53 @@ pub fn check(raw: FileConfig, lines: &Lines<'_>) -> Result<Config, ConfigError> 
         secrets: SecretsConfig::default(),
         logging: LoggingConfig::default(),
     })
+}
+
+/// `agent.delivery`: an absolute root, a size of 1 MiB to 16 GiB, an absolute launcher.
+fn delivery(
+    lines: &Lines<'_>,
+    d: crate::config::file::DeliverySection,
+) -> Result<DeliverySettings, ConfigError> {
+    let bad = |key: &str, message: String| ConfigError::Invalid {
+        key: key.to_owned(),
+        line: lines.line(key),
+        message,
+    };
+    let mut out = DeliverySettings::default();
+    if let Some(root) = d.root {
+        if !root.is_absolute() || root == std::path::Path::new("/") {
+            return Err(bad(
+                "agent.delivery.root",
+                format!("{} must be an absolute directory other than /", root.display()),
+            ));
+        }
+        out.root = root;
+    }
+    if let Some(m) = d.mount_tmpfs {
+        out.mount_tmpfs = m;
+    }
+    if let Some(mib) = d.size_mib {
+        if !(1..=16 << 10).contains(&mib) {
+            return Err(bad(
+                "agent.delivery.size_mib",
+                format!("{mib} is out of range; expected 1 to 16384 (MiB)"),
+            ));
+        }
+        out.size_bytes = mib << 20;
+    }
+    if let Some(l) = d.launcher {
+        if !l.is_absolute() {
+            return Err(bad(
+                "agent.delivery.launcher",
+                format!(
+                    "{} must be an absolute path to the static dso-init binary",
+                    l.display()
+                ),
+            ));
+        }
+        out.launcher = Some(l);
+    }
+    Ok(out)
 }
 
 fn connections(lines: &Lines<'_>, key: &str, n: usize) -> Result<(), ConfigError> {

@@ -287,7 +287,15 @@ async fn dso_rotate_prints_steps_and_status_shows_the_result() {
     let state = tempfile::tempdir().unwrap();
     let agent = p.agent(state.path()).await;
     let target = format!("{}/web", p.run);
-    let out = agent.dso(&["rotate", &target, "--env", "K=v"]).await;
+    // A value on the command line is refused (exit 2, naming --env-file), nothing rotates.
+    let refused = agent.dso(&["rotate", &target, "--env", "K=v"]).await;
+    assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
+    assert!(stderr(&refused).contains("--env-file"), "{}", stderr(&refused));
+    let env_file = state.path().join("rotate.env");
+    std::fs::write(&env_file, "# comment\n\nK=v\n").unwrap();
+    let out = agent
+        .dso(&["rotate", &target, "--env-file", env_file.to_str().unwrap()])
+        .await;
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("docker inspect"),

@@ -35,6 +35,11 @@ pub(super) fn clone_body(blue: &ContainerInspectResponse, spec: &CloneSpec, imag
     hc.auto_remove = Some(false);
 
     let mut env: Vec<String> = cfg.env.clone().unwrap_or_default();
+    let ov = &spec.overrides;
+    env.retain(|e| {
+        let name = e.split_once('=').map_or(e.as_str(), |(n, _)| n);
+        !ov.remove_env.iter().any(|r| r == name)
+    });
     for (k, v) in &spec.env {
         env.retain(|e| e.split_once('=').map_or(e.as_str(), |(n, _)| n) != k);
         env.push(format!("{k}={v}"));
@@ -47,6 +52,7 @@ pub(super) fn clone_body(blue: &ContainerInspectResponse, spec: &CloneSpec, imag
     // Anonymous and named volumes that are not in Binds/Mounts (declared by the image or
     // with `-v /path`) are carried over by name, so the replacement sees the same data.
     let mut binds = hc.binds.clone().unwrap_or_default();
+    binds.retain(|b| !ov.drop_binds.contains(b));
     let declared: Vec<String> = binds
         .iter()
         .filter_map(|b| b.split(':').nth(1).map(str::to_owned))
@@ -61,9 +67,14 @@ pub(super) fn clone_body(blue: &ContainerInspectResponse, spec: &CloneSpec, imag
             binds.push(format!("{name}:{dest}{mode}"));
         }
     }
-    if !binds.is_empty() {
+    binds.extend(ov.add_binds.iter().cloned());
+    if !binds.is_empty() || hc.binds.is_some() {
         hc.binds = Some(binds);
     }
+    let (entrypoint, cmd) = match &ov.entrypoint {
+        Some((e, c)) => (Some(e.clone()), Some(c.clone())),
+        None => (cfg.entrypoint, cfg.cmd),
+    };
 
     let mut endpoints: Vec<(String, EndpointSettings)> = blue
         .network_settings
@@ -124,13 +135,13 @@ pub(super) fn clone_body(blue: &ContainerInspectResponse, spec: &CloneSpec, imag
         open_stdin: cfg.open_stdin,
         stdin_once: cfg.stdin_once,
         env: Some(env),
-        cmd: cfg.cmd,
+        cmd,
         healthcheck: cfg.healthcheck,
         args_escaped: cfg.args_escaped,
         image: Some(image),
         volumes: cfg.volumes,
         working_dir: cfg.working_dir,
-        entrypoint: cfg.entrypoint,
+        entrypoint,
         network_disabled: cfg.network_disabled,
         labels: Some(labels),
         stop_signal: cfg.stop_signal,

@@ -15,7 +15,9 @@ use futures_util::StreamExt;
 use tracing::debug;
 
 use super::clone::clone_body;
-use super::{CloneSpec, Container, DockerHealth, Engine, EngineError, Event, EventStream, Fut, Mount, short};
+use super::{
+    CloneSpec, Container, DockerHealth, Engine, EngineError, Event, EventStream, Fut, Mount, Process, short,
+};
 use crate::labels::RELOADER;
 
 /// Deadline of one engine call (inspect, list, create, start, remove, rename, signal; a
@@ -383,6 +385,12 @@ fn convert(c: ContainerInspectResponse) -> Container {
         _ => DockerHealth::Starting,
     };
     let hc = c.host_config.unwrap_or_default();
+    let process = Process {
+        user: cfg.user.clone().unwrap_or_default(),
+        entrypoint: cfg.entrypoint.clone().unwrap_or_default(),
+        cmd: cfg.cmd.clone().unwrap_or_default(),
+        binds: hc.binds.clone().unwrap_or_default(),
+    };
     let auto_remove = hc.auto_remove == Some(true);
     let publishes_ports = hc.publish_all_ports == Some(true)
         || hc
@@ -422,5 +430,6 @@ fn convert(c: ContainerInspectResponse) -> Container {
                 destination: m.destination.unwrap_or_default(),
             })
             .collect(),
+        process,
     }
 }

@@ -95,6 +95,23 @@ pub struct Container {
     pub auto_remove: bool,
     /// Mounts.
     pub mounts: Vec<Mount>,
+    /// What the container runs, as its configuration says (image defaults merged in).
+    pub process: Process,
+}
+
+/// The process settings of a container that delivery needs (`Config.User`,
+/// `Config.Entrypoint`, `Config.Cmd`, `HostConfig.Binds`). The daemon merges the image's
+/// defaults into a container's configuration at create time, so these are what runs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Process {
+    /// `USER` (`""`, `1000`, `1000:1000`, `app`, `app:app`).
+    pub user: String,
+    /// Entrypoint.
+    pub entrypoint: Vec<String>,
+    /// Command.
+    pub cmd: Vec<String>,
+    /// Bind mounts as `SOURCE:TARGET[:OPTIONS]` (also `VOLUME:TARGET`).
+    pub binds: Vec<String>,
 }
 
 impl Container {
@@ -122,6 +139,22 @@ pub struct CloneSpec {
     pub labels: Vec<(String, String)>,
     /// The network the route uses; it is the one given at create time.
     pub primary_network: Option<String>,
+    /// Changes delivery makes to the copy (mounts, entrypoint); empty for a plain copy.
+    pub overrides: Overrides,
+}
+
+/// What delivery changes in a copy: binds removed and added, the entrypoint and command
+/// replaced, environment variables removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Overrides {
+    /// Binds of blue (exact `HostConfig.Binds` items) the copy does not get.
+    pub drop_binds: Vec<String>,
+    /// Binds the copy gets in addition (`SOURCE:TARGET:ro`).
+    pub add_binds: Vec<String>,
+    /// Entrypoint and command of the copy, when they change.
+    pub entrypoint: Option<(Vec<String>, Vec<String>)>,
+    /// Names of environment variables the copy does not get.
+    pub remove_env: Vec<String>,
 }
 
 /// A container event the discovery follows.

@@ -106,6 +106,7 @@ async fn a_clone_keeps_every_setting_of_the_table() {
         env: vec![("NEW".into(), "2".into())],
         labels: vec![("dso.rotation.id".into(), "t1".into())],
         primary_network: None,
+        overrides: Default::default(),
     };
     let green = e.create_clone(&spec).await.unwrap();
     let (b, g) = (inspect(&w, &id), inspect(&w, &green));
@@ -192,6 +193,7 @@ async fn a_default_hostname_is_not_copied_and_auto_remove_is_cleared() {
         env: vec![],
         labels: vec![],
         primary_network: None,
+        overrides: Default::default(),
     };
     let green = e.create_clone(&spec).await.unwrap();
     let (b, g) = (inspect(&w, &id), inspect(&w, &green));

@@ -78,6 +78,7 @@ async fn engine_negotiates_inspects_clones_renames_signals_and_execs() {
         env: vec![("DSO_TEST_VALUE".into(), "v2".into())],
         labels: vec![("dso.rotation.id".into(), "t1".into())],
         primary_network: None,
+        overrides: Default::default(),
     };
     let green = e.create_clone(&spec).await.unwrap();
     e.start(&green).await.unwrap();
@@ -183,6 +184,7 @@ async fn a_clone_mounts_the_same_volumes() {
         env: vec![],
         labels: vec![],
         primary_network: None,
+        overrides: Default::default(),
     };
     let green = e.create_clone(&spec).await.unwrap();
     let before = mounts(&id);

@@ -1,0 +1,404 @@
+//! The agent's delivery wiring: which services consume which secrets (from the rotator's
+//! scans), one watcher consumer per service (`svc:PROJECT/SERVICE`, all its secrets' mappings,
+//! so a change of several secrets is one snapshot and one rotation), and each snapshot
+//! handed to the rotator as a rotation carrying the values (`docs/injection.md`).
+//!
+//! A snapshot's versions are recorded as applied only when its rotation succeeded; a
+//! failed one is remembered per service and not retried until a provider reports another
+//! version or `dso rotate SERVICE --force`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use dso_rotator::delivery::{Bundle, Delivery, DeliveryConfig, store::StoreOptions};
+use dso_rotator::labels::{self, ServiceKey};
+use dso_rotator::{Scan, Strategy};
+use dso_secrets::config::{SecretSpec, SecretsConfig, Strategy as SecretStrategy};
+use dso_secrets::watcher::Snapshot;
+use dso_secrets::{Reference, Version};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::DeliverySettings;
+use crate::docker::Docker;
+use crate::secrets::Secrets;
+
+/// The consumer prefix of a service.
+pub const SERVICE_CONSUMER: &str = "svc:";
+
+/// Opens the delivery store (mounting its tmpfs when needed) for the configured secrets.
+pub fn open(settings: &DeliverySettings, cfg: &SecretsConfig) -> anyhow::Result<Arc<Delivery>> {
+    let d = Delivery::new(DeliveryConfig {
+        root: settings.root.clone(),
+        store: StoreOptions {
+            mount: settings.mount_tmpfs,
+            size_bytes: settings.size_bytes,
+        },
+        launcher: settings.launcher_path(),
+        secrets: cfg.secrets.clone(),
+    })
+    .with_context(|| {
+        format!(
+            "opening the secret store at {} (agent.delivery.root)",
+            settings.root.display()
+        )
+    })?;
+    info!(root = %settings.root.display(), launcher = ?settings.launcher_path(), "secret delivery ready (tmpfs checked)");
+    Ok(Arc::new(d))
+}
+
+/// One service's consumer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Consumer {
+    key: ServiceKey,
+    /// `(secret, mapping key)` in watcher mapping order.
+    pairs: Vec<(String, String)>,
+    /// Watcher mappings (`secret/key`, reference).
+    mappings: Vec<(String, Reference)>,
+}
+
+/// What `GET /v1/delivery` shows per service.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ServiceDelivery {
+    /// `project/service`.
+    pub service: String,
+    /// Secrets it consumes.
+    pub secrets: Vec<String>,
+    /// Deliveries that succeeded since the agent started.
+    pub delivered: u64,
+    /// Deliveries whose rotation failed.
+    pub failed: u64,
+    /// Versions of the last successful delivery (`reference -> version`).
+    pub versions: BTreeMap<String, String>,
+    /// Versions whose rotation failed and that are not retried (`reference -> version`).
+    pub failed_versions: BTreeMap<String, String>,
+    /// The last failure, redacted.
+    pub last_error: Option<String>,
+    /// Unix ms of the last delivery attempt.
+    pub last_attempt_unix_ms: Option<u64>,
+}
+
+/// Follows scans, keeps the watcher's service consumers, rotates on snapshots.
+pub struct Deliverer {
+    secrets: Arc<Secrets>,
+    docker: Arc<Docker>,
+    delivery: Arc<Delivery>,
+    specs: Vec<SecretSpec>,
+    consumers: Mutex<HashMap<String, Consumer>>,
+    status: Mutex<BTreeMap<String, ServiceDelivery>>,
+}
+
+impl std::fmt::Debug for Deliverer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Deliverer").finish_non_exhaustive()
+    }
+}
+
+impl Deliverer {
+    /// Starts following the rotator's scans; registers itself with the secret side so
+    /// that service snapshots reach it.
+    pub fn start(
+        secrets: Arc<Secrets>,
+        docker: Arc<Docker>,
+        delivery: Arc<Delivery>,
+        cfg: SecretsConfig,
+        stop: CancellationToken,
+    ) -> Arc<Deliverer> {
+        let me = Arc::new(Deliverer {
+            secrets: Arc::clone(&secrets),
+            docker,
+            delivery,
+            specs: cfg.secrets,
+            consumers: Mutex::default(),
+            status: Mutex::default(),
+        });
+        secrets.set_deliverer(Arc::clone(&me));
+        let follow = Arc::clone(&me);
+        tokio::spawn(async move {
+            let mut scans = follow.docker.rotator.subscribe_scans();
+            loop {
+                let scan = scans.borrow_and_update().clone();
+                if let Some(scan) = scan {
+                    follow.on_scan(&scan);
+                }
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    r = scans.changed() => if r.is_err() { return },
+                }
+            }
+        });
+        me
+    }
+
+    /// Brings the watcher's service consumers in line with a scan.
+    fn on_scan(&self, scan: &Scan) {
+        let watcher = self.secrets.watcher();
+        let mut consumers = self.consumers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut seen = Vec::new();
+        for m in scan.services.values() {
+            let Some(c) = m.containers.iter().find(|c| c.running).or(m.containers.first()) else {
+                continue;
+            };
+            let consumed = self.delivery.consumed(c);
+            if consumed.is_empty() {
+                continue;
+            }
+            let id = format!("{SERVICE_CONSUMER}{}", m.key);
+            seen.push(id.clone());
+            let mut pairs = Vec::new();
+            let mut mappings = Vec::new();
+            for s in &consumed {
+                for (k, r) in &s.mappings {
+                    pairs.push((s.name.clone(), k.clone()));
+                    mappings.push((format!("{}/{k}", s.name), r.clone()));
+                }
+            }
+            let want = Consumer {
+                key: m.key.clone(),
+                pairs,
+                mappings,
+            };
+            // A running container without dso's secret directory needs its first delivery:
+            // forgetting the applied record makes the watcher hand out the current values.
+            let undelivered = m
+                .containers
+                .iter()
+                .any(|c| c.running && Delivery::instance_of(c).is_none());
+            let changed = consumers.get(&id) != Some(&want);
+            if !changed && !undelivered {
+                continue;
+            }
+            if undelivered && changed {
+                if let Err(e) = watcher.state().forget(&id) {
+                    warn!(service = %m.key, error = %e, "cannot reset the applied versions for a first delivery");
+                }
+                info!(service = %m.key, "a container has no dso secret directory yet: its secrets are read for a first delivery");
+            }
+            if changed {
+                if let Err(e) = watcher.watch(id.clone(), want.mappings.clone()) {
+                    warn!(service = %m.key, error = %e, "cannot watch the service's secrets");
+                    continue;
+                }
+                self.status
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .entry(m.key.to_string())
+                    .or_insert_with(|| ServiceDelivery {
+                        service: m.key.to_string(),
+                        ..Default::default()
+                    })
+                    .secrets = consumed.iter().map(|s| s.name.clone()).collect();
+                consumers.insert(id, want);
+            }
+        }
+        consumers.retain(|id, c| {
+            let keep = seen.contains(id);
+            if !keep {
+                info!(service = %c.key, "service gone or consumes no secret any more; its secrets are no longer watched for it");
+                watcher.unwatch(id);
+            }
+            keep
+        });
+    }
+
+    /// Whether a consumer id is a service's.
+    pub fn is_service_consumer(id: &str) -> bool {
+        id.starts_with(SERVICE_CONSUMER)
+    }
+
+    /// A service's snapshot: one rotation carrying every value.
+    pub fn on_snapshot(self: &Arc<Self>, snap: Snapshot) {
+        let Some(c) = self
+            .consumers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&snap.consumer)
+            .cloned()
+        else {
+            return;
+        };
+        let versions: BTreeMap<String, String> = snap
+            .versions
+            .iter()
+            .map(|(r, v)| (r.raw.clone(), v.to_string()))
+            .collect();
+        let service = c.key.to_string();
+        {
+            let status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(s) = status.get(&service)
+                && !snap.first
+                && !s.failed_versions.is_empty()
+                && s.failed_versions == versions
+            {
+                info!(service = %service, "these versions already failed to roll out; waiting for a new version or `dso rotate {service} --force`");
+                return;
+            }
+        }
+        if snap.values.len() != c.pairs.len() {
+            warn!(service = %service, "snapshot does not match the service's mappings; skipped");
+            return;
+        }
+        let mut values = Vec::with_capacity(c.pairs.len());
+        for ((secret, key), (_, v)) in c.pairs.iter().zip(snap.values) {
+            values.push((secret.clone(), key.clone(), v));
+        }
+        let labels_strategy = self.label_strategy(&c.key);
+        let strategy = match labels_strategy {
+            Some(_) => None,
+            None => self.secret_strategy(&c.pairs),
+        };
+        let bundle = Arc::new(Bundle::new(
+            values,
+            versions.iter().map(|(r, v)| format!("{r}@{v}")).collect(),
+        ));
+        info!(service = %service, first = snap.first, versions = ?versions, strategy = ?strategy.or(labels_strategy), "delivering changed secrets");
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let id = self.docker.submit_with(
+            service.clone(),
+            strategy,
+            Vec::new(),
+            Some(bundle),
+            self.secret_signal(&c.pairs),
+            Some(tx),
+        );
+        let me = Arc::clone(self);
+        let consumer = snap.consumer.clone();
+        let applied: Vec<(Reference, Version)> = snap.versions;
+        tokio::spawn(async move {
+            let outcome = rx
+                .await
+                .unwrap_or_else(|_| Err("the rotation task ended without a result".to_owned()));
+            let mut status = me.status.lock().unwrap_or_else(|e| e.into_inner());
+            let s = status.entry(service.clone()).or_insert_with(|| ServiceDelivery {
+                service: service.clone(),
+                ..Default::default()
+            });
+            s.last_attempt_unix_ms = Some(now_ms());
+            match outcome {
+                Ok(_) => {
+                    if let Err(e) = me.secrets.watcher().applied(&consumer, &applied) {
+                        warn!(service = %service, error = %e, "cannot record the delivered versions; an agent restart delivers them again");
+                    }
+                    s.delivered += 1;
+                    s.versions = versions;
+                    s.failed_versions.clear();
+                    s.last_error = None;
+                    info!(service = %service, rotation = %id, "secrets delivered");
+                }
+                Err(e) => {
+                    s.failed += 1;
+                    s.failed_versions = versions;
+                    s.last_error = Some(e.clone());
+                    warn!(service = %service, rotation = %id, error = %e, "delivery failed; the running container keeps its current values");
+                }
+            }
+        });
+    }
+
+    /// `dso rotate SERVICE --refresh` / `--force`: reads the providers now and delivers
+    /// their current values (`force` also retries versions that failed). Returns false
+    /// when the service consumes no secret.
+    pub fn refresh(&self, service: &ServiceKey, force: bool) -> bool {
+        let id = format!("{SERVICE_CONSUMER}{service}");
+        let Some(c) = self
+            .consumers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .cloned()
+        else {
+            return false;
+        };
+        if force
+            && let Some(s) = self
+                .status
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_mut(&service.to_string())
+        {
+            s.failed_versions.clear();
+        }
+        let watcher = self.secrets.watcher();
+        if let Err(e) = watcher.state().forget(&id) {
+            warn!(service = %service, error = %e, "cannot reset the applied versions");
+        }
+        if let Err(e) = watcher.watch(id, c.mappings) {
+            warn!(service = %service, error = %e, "cannot watch the service's secrets");
+            return false;
+        }
+        watcher.trigger(dso_secrets::watcher::Trigger::All);
+        true
+    }
+
+    /// Per-service delivery status.
+    pub fn status(&self) -> Vec<ServiceDelivery> {
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// The `dso.update.strategy` label of the service's first container, when set.
+    fn label_strategy(&self, key: &ServiceKey) -> Option<Strategy> {
+        let rx = self.docker.rotator.subscribe_scans();
+        let scan = rx.borrow().clone()?;
+        let m = scan.services.get(key)?;
+        let v = m.containers.first()?.labels.get(labels::STRATEGY)?;
+        v.trim().parse().ok().filter(|s| *s != Strategy::Auto)
+    }
+
+    /// The `rotation.signal` of the first of the service's secrets whose strategy is
+    /// `signal` (the container's `dso.signal` label still wins).
+    fn secret_signal(&self, pairs: &[(String, String)]) -> Option<String> {
+        self.specs
+            .iter()
+            .filter(|s| pairs.iter().any(|(n, _)| *n == s.name))
+            .find(|s| s.rotation.strategy == SecretStrategy::Signal)
+            .map(|s| s.rotation.signal.clone())
+    }
+
+    /// The strategy the service's secrets ask for: the one replacing the most (restart
+    /// over rolling over signal over none); `None` (the rotator's own choice) for `auto`.
+    fn secret_strategy(&self, pairs: &[(String, String)]) -> Option<Strategy> {
+        let rank = |s: Strategy| match s {
+            Strategy::Restart => 4,
+            Strategy::Rolling => 3,
+            Strategy::Signal => 2,
+            Strategy::None => 1,
+            Strategy::Auto => 0,
+        };
+        let mut best: Option<Strategy> = None;
+        for spec in self
+            .specs
+            .iter()
+            .filter(|s| pairs.iter().any(|(n, _)| *n == s.name))
+        {
+            let s = if !spec.rotation.enabled {
+                Strategy::None
+            } else {
+                match spec.rotation.strategy {
+                    SecretStrategy::Rolling => Strategy::Rolling,
+                    SecretStrategy::Restart => Strategy::Restart,
+                    SecretStrategy::Signal => Strategy::Signal,
+                    SecretStrategy::None => Strategy::None,
+                    SecretStrategy::Auto => Strategy::Auto,
+                }
+            };
+            if best.is_none_or(|b| rank(s) > rank(b)) {
+                best = Some(s);
+            }
+        }
+        best.filter(|s| *s != Strategy::Auto)
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
