@@ -153,9 +153,9 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
 /// Shows a duration the way it is written on the command line (`500ms`, `30s`, `2m`).
 pub fn show_duration(d: Duration) -> String {
     let ms = d.as_millis();
-    if ms % 60_000 == 0 && ms > 0 {
+    if ms.is_multiple_of(60_000) && ms > 0 {
         format!("{}m", ms / 60_000)
-    } else if ms % 1000 == 0 {
+    } else if ms.is_multiple_of(1000) {
         format!("{}s", ms / 1000)
     } else {
         format!("{ms}ms")
