@@ -46,8 +46,10 @@ fn init_bin() -> Option<PathBuf> {
             "DSO_INIT_BIN is not set but DSO_DOCKER_REQUIRED=1: export DSO_INIT_BIN=<the static dso-init printed by `bash .ci/build-test-image.sh`>"
         ),
         None => {
-            eprintln!(
-                "SKIPPED: DSO_INIT_BIN is not set (the static dso-init from `bash .ci/build-test-image.sh`); set it, or DSO_DOCKER_REQUIRED=1 to make this a failure"
+            // Straight to stderr, not eprintln!: the test harness would hide captured output.
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED docker::container_gets_the_value_as_pid_1_and_inspect_does_not: DSO_INIT_BIN is not set (the static dso-init from `bash .ci/build-test-image.sh`); set it, or DSO_DOCKER_REQUIRED=1 to make this a failure"
             );
             None
         }
@@ -99,6 +101,13 @@ impl Drop for Container {
 }
 
 impl Container {
+    /// What the container wrote to stderr (the launcher's and the server's messages).
+    fn logs(&self) -> String {
+        let out = Command::new("docker").args(["logs", &self.id]).output();
+        out.map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+            .unwrap_or_default()
+    }
+
     fn running(&self) -> bool {
         docker(&["inspect", "-f", "{{.State.Running}}", &self.id]).as_deref() == Ok("true")
     }
@@ -107,11 +116,7 @@ impl Container {
     /// address may already belong to someone else's).
     fn get(&self, addr: SocketAddr, path: &str) -> Result<(u16, Vec<u8>), String> {
         if !self.running() {
-            let logs = Command::new("docker").args(["logs", &self.id]).output();
-            let logs = logs
-                .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
-                .unwrap_or_default();
-            panic!("container {} is not running; its log:\n{logs}", self.id);
+            panic!("container {} is not running; its log:\n{}", self.id, self.logs());
         }
         let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| e.to_string())?;
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -205,9 +210,12 @@ fn container_gets_the_value_as_pid_1_and_inspect_does_not() {
         &container.id,
     ])
     .unwrap();
-    let addr: SocketAddr = format!("{ip}:8081")
-        .parse()
-        .unwrap_or_else(|_| panic!("container ip {ip:?}"));
+    let addr: SocketAddr = format!("{ip}:8081").parse().unwrap_or_else(|_| {
+        panic!(
+            "container has no address {ip:?} (exited?); its log:\n{}",
+            container.logs()
+        )
+    });
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         match container.get(addr, "/health") {
@@ -226,6 +234,38 @@ fn container_gets_the_value_as_pid_1_and_inspect_does_not() {
         (status, String::from_utf8_lossy(&pid).trim()),
         (200, "1"),
         "the application is PID 1"
+    );
+
+    // Where the value is visible: PID 1's environ for root; not for another uid, and not in
+    // the environment of a `docker exec` process (that one gets the configured Env).
+    let exec = |user: &str, path: &str| {
+        Command::new("docker")
+            .args(["exec", "-u", user, &container.id, "/dso-testsrv", "cat", path])
+            .output()
+            .unwrap()
+    };
+    let root_view = exec("0", "/proc/1/environ");
+    assert!(
+        root_view.status.success(),
+        "{}",
+        String::from_utf8_lossy(&root_view.stderr)
+    );
+    let needle = format!("DB_PASSWORD={value}\0");
+    assert!(
+        root_view
+            .stdout
+            .windows(needle.len())
+            .any(|w| w == needle.as_bytes()),
+        "PID 1's environment lacks the value"
+    );
+    let other = exec("1001", "/proc/1/environ");
+    assert_eq!(other.status.code(), Some(1), "uid 1001 read PID 1's environ");
+    assert!(String::from_utf8_lossy(&other.stderr).contains("ermission denied"));
+    let own = exec("0", "/proc/self/environ");
+    assert!(own.status.success());
+    assert!(
+        !String::from_utf8_lossy(&own.stdout).contains(&value),
+        "docker exec inherited the value"
     );
 
     let inspect = docker(&["inspect", &container.id]).unwrap();
@@ -248,6 +288,7 @@ fn container_gets_the_value_as_pid_1_and_inspect_does_not() {
     let started = Instant::now();
     docker(&["stop", "-t", "10", &container.id]).unwrap();
     let took = started.elapsed();
+    eprintln!("docker stop with the launcher as entrypoint took {took:?}");
     assert!(
         took < Duration::from_secs(5),
         "docker stop took {took:?}: SIGTERM did not reach the application"
