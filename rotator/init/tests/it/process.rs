@@ -67,6 +67,31 @@ fn exec_keeps_the_pid() {
 }
 
 #[test]
+fn program_inherits_signal_state_as_if_started_directly() {
+    // The Rust runtime ignores SIGPIPE in dso-init itself; the application must not inherit
+    // that: its ignored and blocked sets are those of the same program started directly.
+    let signals = |out: std::process::Output| {
+        assert!(out.status.success(), "{}", stderr(&out));
+        let status = String::from_utf8(out.stdout).unwrap();
+        let lines: Vec<String> = status
+            .lines()
+            .filter(|l| l.starts_with("SigIgn:") || l.starts_with("SigBlk:"))
+            .map(str::to_owned)
+            .collect();
+        assert_eq!(lines.len(), 2, "{status}");
+        lines
+    };
+    let d = tempfile::tempdir().unwrap();
+    let through = signals(run(&mut init(d.path(), &["--", "cat", "/proc/self/status"])));
+    let direct = signals(run(std::process::Command::new("cat").arg("/proc/self/status")));
+    assert_eq!(through, direct);
+    // SIGPIPE (13) is bit 12 of the ignored set.
+    let ignored = through.iter().find(|l| l.starts_with("SigIgn:")).unwrap();
+    let ignored = u64::from_str_radix(ignored.split_whitespace().nth(1).unwrap(), 16).unwrap();
+    assert_eq!(ignored & (1 << 12), 0, "SIGPIPE ignored in the application");
+}
+
+#[test]
 fn exit_status_is_the_programs() {
     let d = tempfile::tempdir().unwrap();
     let out = run(&mut init(d.path(), &["--", "sh", "-c", "exit 7"]));
