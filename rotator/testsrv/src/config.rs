@@ -4,6 +4,7 @@
 //! binary stays small and static, and the grammar is a handful of flags.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// Default address of the TCP echo listener.
@@ -15,17 +16,25 @@ pub const DEFAULT_HTTP: &str = "0.0.0.0:8081";
 pub const USAGE: &str = "\
 usage: dso-testsrv [--listen ADDR] [--http ADDR|off] [--healthy-after DUR] [--unhealthy] [--id ID]
        dso-testsrv probe HOST:PORT[/PATH] [--timeout DUR]
+       dso-testsrv cat PATH
 
 Serve:  TCP echo on --listen (env LISTEN, default 0.0.0.0:8080): writes the line
         `dso-testsrv <INSTANCE_ID>` then echoes. HTTP on --http (env HTTP_LISTEN, default
-        0.0.0.0:8081): GET /health, POST /health/fail, POST /health/ok, GET /id, GET /reloads,
-        GET /env/NAME, GET /file?path=P, GET /stat?path=P.
+        0.0.0.0:8081): GET /health, POST /health/fail, POST /health/ok, GET /id, GET /pid,
+        GET /uid, GET /reloads, GET /reloaded, GET /env/NAME, GET /file?path=P,
+        GET /stat?path=P.
         --healthy-after (env HEALTHY_AFTER, e.g. 500ms, 2s): unhealthy until then.
         --unhealthy (env UNHEALTHY=1): never healthy. --id (env INSTANCE_ID): the instance
         id, else the hostname (a container's short id).
-        SIGTERM/SIGINT: exit at once. SIGHUP: log `reloaded`, count it at GET /reloads.
+        Env HEALTH_FILE=PATH with UNHEALTHY_IF=TEXT: /health answers 503 while PATH's
+        content (trimmed) equals TEXT.
+        SIGTERM/SIGINT: exit at once. SIGHUP: log `reloaded`, count it at GET /reloads; with
+        env RELOAD_FILE=PATH, read PATH then: GET /reloaded answers what was read at the last
+        SIGHUP (404 before any).
 Probe:  GET http://HOST:PORT/PATH (default /health); exit 0 on 2xx, 1 otherwise, 2 on usage.
         HOST must be an IP address (no resolver in a scratch image).
+Cat:    print PATH to stdout, exit 0; on error (e.g. permission denied) print it to stderr,
+        exit 1 (a scratch image has no cat: `docker exec -u UID ... cat PATH`).
 ";
 
 /// What the process was asked to do.
@@ -35,6 +44,8 @@ pub enum Command {
     Serve(ServeConfig),
     /// Probe an HTTP endpoint once and exit with its verdict.
     Probe(ProbeConfig),
+    /// Print a file to stdout.
+    Cat(PathBuf),
     /// Print [`USAGE`] and exit 0.
     Help,
     /// Print the version and exit 0.
@@ -54,6 +65,11 @@ pub struct ServeConfig {
     pub never_healthy: bool,
     /// The name this instance gives in its greeting and at `GET /id`.
     pub instance_id: String,
+    /// Read at every SIGHUP; `GET /reloaded` shows what was read (env `RELOAD_FILE`).
+    pub reload_file: Option<PathBuf>,
+    /// Unhealthy while this file's trimmed content equals the text (env `HEALTH_FILE` and
+    /// `UNHEALTHY_IF`, given together).
+    pub health_file: Option<(PathBuf, String)>,
 }
 
 /// Settings of one probe.
@@ -88,6 +104,12 @@ pub fn parse(
 ) -> Result<Command, UsageError> {
     match args.first().map(String::as_str) {
         Some("probe") => return parse_probe(&args[1..]).map(Command::Probe),
+        Some("cat") => {
+            return match &args[1..] {
+                [path] => Ok(Command::Cat(PathBuf::from(path))),
+                _ => Err(UsageError("cat needs exactly one PATH".into())),
+            };
+        }
         Some("-h" | "--help" | "help") => return Ok(Command::Help),
         Some("-V" | "--version") => return Ok(Command::Version),
         _ => {}
@@ -97,6 +119,16 @@ pub fn parse(
     let mut healthy_after = env("HEALTHY_AFTER").unwrap_or_else(|| "0s".to_owned());
     let mut never_healthy = env("UNHEALTHY").is_some_and(|v| matches!(v.as_str(), "1" | "true" | "yes"));
     let mut instance_id = env("INSTANCE_ID").filter(|v| !v.is_empty());
+    let reload_file = env("RELOAD_FILE").filter(|v| !v.is_empty()).map(PathBuf::from);
+    let health_file = match (env("HEALTH_FILE").filter(|v| !v.is_empty()), env("UNHEALTHY_IF")) {
+        (Some(path), Some(text)) => Some((PathBuf::from(path), text)),
+        (None, None) => None,
+        _ => {
+            return Err(UsageError(
+                "HEALTH_FILE and UNHEALTHY_IF must be set together".into(),
+            ));
+        }
+    };
 
     let mut it = args.iter();
     while let Some(arg) = it.next() {
@@ -130,6 +162,8 @@ pub fn parse(
             .ok_or_else(|| UsageError(format!("--healthy-after: bad duration {healthy_after:?}")))?,
         never_healthy,
         instance_id: instance_id.unwrap_or_else(hostname),
+        reload_file,
+        health_file,
     }))
 }
 
@@ -266,6 +300,38 @@ mod tests {
         );
         assert_eq!(p("probe 10.0.0.1:1").path, "/health");
         assert!(parse(&args("probe"), |_| None, String::new).is_err());
+    }
+
+    #[test]
+    fn reload_and_health_files_from_the_environment() {
+        let c = serve(
+            "",
+            &[
+                ("RELOAD_FILE", "/run/secrets/conf"),
+                ("HEALTH_FILE", "/run/secrets/pw"),
+                ("UNHEALTHY_IF", "bad"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.reload_file, Some(PathBuf::from("/run/secrets/conf")));
+        assert_eq!(
+            c.health_file,
+            Some((PathBuf::from("/run/secrets/pw"), "bad".into()))
+        );
+        let c = serve("", &[]).unwrap();
+        assert_eq!((c.reload_file, c.health_file), (None, None));
+        let e = serve("", &[("HEALTH_FILE", "/x")]).unwrap_err().0;
+        assert!(e.contains("UNHEALTHY_IF"), "{e}");
+    }
+
+    #[test]
+    fn cat_takes_one_path() {
+        assert_eq!(
+            parse(&args("cat /run/secrets/db"), |_| None, String::new).unwrap(),
+            Command::Cat(PathBuf::from("/run/secrets/db"))
+        );
+        assert!(parse(&args("cat"), |_| None, String::new).is_err());
+        assert!(parse(&args("cat /a /b"), |_| None, String::new).is_err());
     }
 
     #[test]

@@ -9,7 +9,10 @@
 //! | `GET /health` | 200 `ok` or 503 `unhealthy` |
 //! | `POST /health/fail`, `POST /health/ok` | force 503 / back to normal |
 //! | `GET /id` | the instance id |
+//! | `GET /pid` | this process's PID (1 when it is a container's init) |
+//! | `GET /uid` | the real uid (from `/proc/self/status`) |
 //! | `GET /reloads` | SIGHUPs seen |
+//! | `GET /reloaded` | the bytes of `RELOAD_FILE` read at the last SIGHUP; 404 before any, 500 with the error if the read failed |
 //! | `GET /env/NAME` | the variable's value, 404 if unset |
 //! | `GET /file?path=P` | the file's bytes; headers `X-File-Mode` (octal), `X-File-Uid`, `X-File-Gid`, `X-File-Size` |
 //! | `GET /stat?path=P` | `mode=0400 uid=0 gid=0 size=12` |
@@ -78,6 +81,7 @@ fn reason(status: u16) -> &'static str {
         403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        500 => "Internal Server Error",
         503 => "Service Unavailable",
         _ => "Unknown",
     }
@@ -103,7 +107,21 @@ pub fn route(state: &State, method: &str, target: &str) -> Response {
             Response::text(200, "ok\n")
         }
         ("GET", "/id") => Response::text(200, format!("{}\n", state.instance_id())),
+        ("GET", "/pid") => Response::text(200, format!("{}\n", std::process::id())),
+        ("GET", "/uid") => match real_uid() {
+            Some(uid) => Response::text(200, format!("{uid}\n")),
+            None => Response::text(500, "no Uid: line in /proc/self/status\n"),
+        },
         ("GET", "/reloads") => Response::text(200, format!("{}\n", state.reloads())),
+        ("GET", "/reloaded") => match state.reloaded() {
+            Some(Ok(body)) => Response {
+                status: 200,
+                headers: Vec::new(),
+                body,
+            },
+            Some(Err(e)) => Response::text(500, format!("{e}\n")),
+            None => Response::text(404, "no reload with a RELOAD_FILE yet\n"),
+        },
         ("GET", p) if p.starts_with("/env/") => {
             let name = percent_decode(&p["/env/".len()..]);
             match std::env::var_os(&name) {
@@ -117,11 +135,30 @@ pub fn route(state: &State, method: &str, target: &str) -> Response {
         }
         ("GET", "/file") => file(query, true),
         ("GET", "/stat") => file(query, false),
-        (_, "/health" | "/health/fail" | "/health/ok" | "/id" | "/reloads" | "/file" | "/stat") => {
-            Response::text(405, "method not allowed\n")
-        }
+        (
+            _,
+            "/health" | "/health/fail" | "/health/ok" | "/id" | "/pid" | "/uid" | "/reloads" | "/reloaded"
+            | "/file" | "/stat",
+        ) => Response::text(405, "method not allowed\n"),
         _ => Response::text(404, "not found\n"),
     }
+}
+
+/// The real uid: the first field of the `Uid:` line of `/proc/self/status` (no libc).
+pub fn real_uid() -> Option<u32> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    parse_uid_line(&status)
+}
+
+/// The real uid from the text of a `/proc/PID/status` file.
+fn parse_uid_line(status: &str) -> Option<u32> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// `GET /file?path=P` (with content) and `GET /stat?path=P` (one line of metadata).
@@ -326,6 +363,47 @@ mod tests {
 
         assert_eq!(route(&state(), "GET", "/file?path=/surely/missing").status, 404);
         assert_eq!(route(&state(), "GET", "/file").status, 400);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn pid_and_uid_are_this_process() {
+        let r = route(&state(), "GET", "/pid");
+        assert_eq!(
+            (r.status, r.body),
+            (200, format!("{}\n", std::process::id()).into_bytes())
+        );
+        let r = route(&state(), "GET", "/uid");
+        assert_eq!(r.status, 200);
+        // Cross-checked against the owner of this process's /proc directory.
+        let owner = std::fs::metadata("/proc/self").unwrap().uid();
+        assert_eq!(r.body, format!("{owner}\n").into_bytes());
+        assert_eq!(route(&state(), "POST", "/pid").status, 405);
+    }
+
+    #[test]
+    fn uid_line_parsing() {
+        let status = "Name:\tx\nUmask:\t0022\nUid:\t1001\t0\t0\t0\nGid:\t5\t5\t5\t5\n";
+        assert_eq!(parse_uid_line(status), Some(1001));
+        assert_eq!(parse_uid_line("Name: x\n"), None);
+    }
+
+    #[test]
+    fn reloaded_shows_what_the_last_sighup_read() {
+        let dir = std::env::temp_dir().join(format!("dso-testsrv-reloaded-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("conf");
+        let s = state().with_reload_file(Some(f.clone()));
+        assert_eq!(route(&s, "GET", "/reloaded").status, 404);
+        std::fs::write(&f, b"secret-v1\n").unwrap();
+        s.reload();
+        let r = route(&s, "GET", "/reloaded");
+        assert_eq!((r.status, r.body), (200, b"secret-v1\n".to_vec()));
+        std::fs::remove_file(&f).unwrap();
+        s.reload();
+        let r = route(&s, "GET", "/reloaded");
+        assert_eq!(r.status, 500);
+        assert!(String::from_utf8(r.body).unwrap().contains("conf"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -52,11 +52,15 @@ impl Server {
             ),
             None => None,
         };
-        let state = Arc::new(State::new(
-            config.instance_id.clone(),
-            config.healthy_after,
-            config.never_healthy,
-        ));
+        let state = Arc::new(
+            State::new(
+                config.instance_id.clone(),
+                config.healthy_after,
+                config.never_healthy,
+            )
+            .with_reload_file(config.reload_file.clone())
+            .with_health_file(config.health_file.clone()),
+        );
         Ok(Self { echo, http, state })
     }
 

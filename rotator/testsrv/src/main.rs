@@ -34,6 +34,7 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         }
+        Command::Cat(path) => cat(&path),
         Command::Serve(c) => match serve(c) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -41,6 +42,24 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+    }
+}
+
+/// `cat PATH`: the file's bytes on stdout (exit 0), or the error on stderr (exit 1).
+fn cat(path: &std::path::Path) -> ExitCode {
+    use std::io::Write;
+    match std::fs::read(path) {
+        Ok(bytes) => match std::io::stdout().write_all(&bytes) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("dso-testsrv: cat: writing stdout: {e}");
+                ExitCode::from(1)
+            }
+        },
+        Err(e) => {
+            eprintln!("dso-testsrv: cat {}: {e}", path.display());
+            ExitCode::from(1)
+        }
     }
 }
 

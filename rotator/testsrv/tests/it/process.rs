@@ -16,10 +16,16 @@ fn free_addr() -> SocketAddr {
 
 /// Runs the binary and waits for its startup line on stderr.
 fn spawn(extra: &[&str]) -> (Child, SocketAddr) {
+    spawn_with_env(extra, &[])
+}
+
+/// Like [`spawn`], with extra environment variables.
+fn spawn_with_env(extra: &[&str], env: &[(&str, &std::path::Path)]) -> (Child, SocketAddr) {
     let (echo, web) = (free_addr(), free_addr());
     let mut child = Command::new(BIN)
         .args(["--listen", &echo.to_string(), "--http", &web.to_string()])
         .args(extra)
+        .envs(env.iter().map(|(k, v)| (k, v.as_os_str())))
         .env("INSTANCE_ID", "proc-1")
         .env("DSO_TEST_SECRET", "hunter2")
         .stderr(Stdio::piped())
@@ -67,6 +73,67 @@ fn sighup_counts_reloads_and_sigterm_exits_promptly() {
         "took {:?}",
         start.elapsed()
     );
+}
+
+/// Waits until `GET /reloads` shows `n`.
+fn await_reloads(web: SocketAddr, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while http(web, "GET", "/reloads").1 != format!("{n}\n") {
+        assert!(Instant::now() < deadline, "reload counter never reached {n}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn reload_file_health_file_pid_and_cat() {
+    let dir = std::env::temp_dir().join(format!("dso-testsrv-it-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (conf, pw) = (dir.join("conf"), dir.join("pw"));
+    let (mut child, web) = spawn_with_env(
+        &[],
+        &[
+            ("RELOAD_FILE", &conf),
+            ("HEALTH_FILE", &pw),
+            ("UNHEALTHY_IF", std::path::Path::new("bad-password")),
+        ],
+    );
+    assert_eq!(http(web, "GET", "/pid"), (200, format!("{}\n", child.id())));
+    assert_eq!(http(web, "GET", "/reloaded").0, 404, "no SIGHUP yet");
+
+    std::fs::write(&conf, "v1").unwrap();
+    kill(&child, "-HUP");
+    await_reloads(web, 1);
+    std::fs::write(&conf, "v2").unwrap();
+    assert_eq!(
+        http(web, "GET", "/reloaded"),
+        (200, "v1".into()),
+        "what was read at the signal, not the file now"
+    );
+    kill(&child, "-HUP");
+    await_reloads(web, 2);
+    assert_eq!(http(web, "GET", "/reloaded"), (200, "v2".into()));
+
+    assert_eq!(http(web, "GET", "/health").0, 200, "no health file yet");
+    std::fs::write(&pw, "bad-password\n").unwrap();
+    assert_eq!(http(web, "GET", "/health").0, 503);
+    std::fs::write(&pw, "good-password").unwrap();
+    assert_eq!(http(web, "GET", "/health").0, 200);
+
+    let out = Command::new(BIN).arg("cat").arg(&conf).output().unwrap();
+    assert_eq!((out.status.code(), out.stdout), (Some(0), b"v2".to_vec()));
+    let out = Command::new(BIN)
+        .arg("cat")
+        .arg(dir.join("missing"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("missing") && err.contains("No such file"), "{err}");
+
+    kill(&child, "-TERM");
+    child.wait().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

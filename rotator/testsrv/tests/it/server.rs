@@ -17,6 +17,8 @@ fn config(id: &str, healthy_after: Duration) -> ServeConfig {
         healthy_after,
         never_healthy: false,
         instance_id: id.into(),
+        reload_file: None,
+        health_file: None,
     }
 }
 
