@@ -117,6 +117,8 @@ pub(crate) struct Inner<E: Engine> {
     scans: tokio::sync::watch::Sender<Option<Arc<Scan>>>,
     /// Whether the orphan sweep of agent start ran.
     swept: std::sync::atomic::AtomicBool,
+    /// Instance directories the last scan's containers use.
+    known_instances: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// The rotator. Cheap to clone.
@@ -158,6 +160,7 @@ impl<E: Engine> Rotator<E> {
                 seq: Default::default(),
                 scans: tokio::sync::watch::Sender::new(None),
                 swept: Default::default(),
+                known_instances: Default::default(),
             }),
         };
         r.reconcile().await?;
@@ -198,17 +201,36 @@ impl<E: Engine> Rotator<E> {
             // by a crash). Skipped while a container is left out for a label error: it may
             // still use one.
             if scan.errors.is_empty() {
-                let referenced = scan
+                let referenced: std::collections::HashSet<String> = scan
                     .services
                     .values()
                     .flat_map(|m| m.containers.iter())
                     .filter_map(|c| Delivery::instance_of(c).map(str::to_owned))
                     .collect();
-                // At start no rotation is writing a directory yet: every orphan goes.
+                // A directory whose container was seen by the last scan and is gone now
+                // goes at once (`docker rm`, `compose down`).
+                let gone: Vec<String> = {
+                    let mut known = self
+                        .inner
+                        .known_instances
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner());
+                    let gone = known.difference(&referenced).cloned().collect();
+                    known.clone_from(&referenced);
+                    gone
+                };
+                for i in gone {
+                    if d.store().exists(&i) {
+                        d.wipe(&i);
+                        info!(instance = %i, "wiped the secret directory of a removed container");
+                    }
+                }
+                // At start no rotation is writing a directory yet: every orphan goes; later
+                // only those old enough not to belong to a container being created.
                 let first = !self.inner.swept.swap(true, std::sync::atomic::Ordering::Relaxed);
                 let min_age = if first { Duration::ZERO } else { SWEEP_MIN_AGE };
                 for i in d.sweep(&referenced, min_age) {
-                    info!(instance = %i, "wiped the secret directory of a container that is gone");
+                    info!(instance = %i, "wiped an orphaned secret directory");
                 }
             }
         }

@@ -4,6 +4,7 @@
 mod agent;
 mod api;
 mod config;
+mod delivery;
 mod harness;
 mod plugin;
 mod proxy;
