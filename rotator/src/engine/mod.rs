@@ -6,6 +6,7 @@
 //! and this module is tested against a real daemon. `docker.rs` implements the trait on
 //! bollard; `clone.rs` turns an inspected container into the create request of its copy.
 
+mod archive;
 mod clone;
 mod docker;
 
@@ -165,4 +166,26 @@ pub trait Engine: Send + Sync + 'static {
     /// Events of managed containers from the moment of this call (also those before the
     /// stream is first polled). Ends or errors when the daemon goes away.
     fn events(&self) -> EventStream;
+    /// Creates (or finds, when it exists with these very options) the named volume
+    /// `name` on the local driver as a tmpfs of `size_bytes` (mode 0711, nosuid, nodev,
+    /// noexec) with `labels`. An existing volume of that name with other options is an error.
+    /// The tmpfs is mounted only while a container using it runs.
+    fn create_tmpfs_volume<'a>(
+        &'a self,
+        name: &'a str,
+        size_bytes: u64,
+        labels: &'a [(String, String)],
+    ) -> Fut<'a, ()>;
+    /// Removes a volume; one that does not exist is not an error. A volume a container
+    /// still uses is.
+    fn remove_volume<'a>(&'a self, name: &'a str) -> Fut<'a, ()>;
+    /// Extracts the tar `archive` into directory `path` of the running container `id`
+    /// (CopyToContainer). Only into a tmpfs volume mounted there: anywhere else the bytes
+    /// land in the writable layer on disk. The engine answers success for a stopped
+    /// container and the files are lost, so call it while the container runs.
+    fn put_archive<'a>(&'a self, id: &'a str, path: &'a str, archive: &'a [u8]) -> Fut<'a, ()>;
+    /// Whether bind mounts from this host reach the engine: true for the engine on a unix
+    /// socket of this host; false over TCP and for rootless or Docker Desktop engines,
+    /// whose directories are not this host's.
+    fn is_local(&self) -> bool;
 }
