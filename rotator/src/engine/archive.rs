@@ -6,7 +6,9 @@
 //! so an archive must be uploaded while the container runs; an upload into a stopped
 //! container answers 200 and the files are gone. `docker volume create` of an existing name
 //! answers with the existing volume whatever options it was asked for, so the answer is
-//! checked: a secret must never go into a volume that is not a tmpfs.
+//! checked: a secret must never go into a volume that is not a tmpfs. Before an upload the
+//! container is inspected: it must run and have a local tmpfs volume mounted exactly at the
+//! target path, or nothing is sent.
 
 use std::collections::HashMap;
 
@@ -87,6 +89,54 @@ impl DockerEngine {
         }
     }
 
+    /// Refuses, before any byte is sent, an upload that would not stay in RAM: into a
+    /// container that is not running (the engine answers success and the files are lost)
+    /// or into a path where no local-driver tmpfs volume is mounted (the bytes would land
+    /// in the overlay upper directory on disk, also under a `--tmpfs` mount).
+    async fn check_tmpfs_target(&self, id: &str, path: &str, op: &str) -> Result<(), EngineError> {
+        let c = self
+            .docker
+            .inspect_container(id, None)
+            .await
+            .map_err(|e| err(op, e))?;
+        if c.state.and_then(|s| s.running) != Some(true) {
+            return Err(EngineError::new(
+                op,
+                "the container is not running: the engine would accept the archive and lose it (a tmpfs volume is mounted only while its container runs); upload after the start",
+            ));
+        }
+        let want = path.trim_end_matches('/');
+        let volume = c
+            .mounts
+            .unwrap_or_default()
+            .into_iter()
+            .find(|m| m.destination.as_deref().map(|d| d.trim_end_matches('/')) == Some(want))
+            .filter(|m| m.typ.as_deref() == Some("volume"))
+            .and_then(|m| m.name);
+        let Some(volume) = volume else {
+            return Err(EngineError::new(
+                op,
+                "no volume is mounted at that path: the files would land in the container's writable layer on disk; mount a dso tmpfs volume there",
+            ));
+        };
+        let v = self
+            .docker
+            .inspect_volume(&volume)
+            .await
+            .map_err(|e| err(format!("{op}: inspect volume {volume}"), e))?;
+        let opt = |k: &str| v.options.get(k).map(String::as_str);
+        if v.driver != "local" || opt("type") != Some("tmpfs") || opt("device") != Some("tmpfs") {
+            return Err(EngineError::new(
+                op,
+                format!(
+                    "volume {volume} mounted there is not a local tmpfs volume (driver {:?}); the files would be on disk",
+                    v.driver
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     pub(super) async fn put_archive_call(
         &self,
         id: &str,
@@ -97,6 +147,7 @@ impl DockerEngine {
         if !path.starts_with('/') {
             return Err(EngineError::new(op, "the target path must be absolute"));
         }
+        self.check_tmpfs_target(id, path, &op).await?;
         let opts = UploadToContainerOptionsBuilder::new()
             .path(path)
             // An entry that would replace a directory with a file (or back) is an error,

@@ -180,9 +180,10 @@ pub trait Engine: Send + Sync + 'static {
     /// still uses is.
     fn remove_volume<'a>(&'a self, name: &'a str) -> Fut<'a, ()>;
     /// Extracts the tar `archive` into directory `path` of the running container `id`
-    /// (CopyToContainer). Only into a tmpfs volume mounted there: anywhere else the bytes
-    /// land in the writable layer on disk. The engine answers success for a stopped
-    /// container and the files are lost, so call it while the container runs.
+    /// (CopyToContainer). Refused, with nothing sent, unless the container runs and a local
+    /// tmpfs volume is mounted exactly at `path`: anywhere else the bytes would land in the
+    /// writable layer on disk, and into a stopped container the engine answers success and
+    /// loses the files.
     fn put_archive<'a>(&'a self, id: &'a str, path: &'a str, archive: &'a [u8]) -> Fut<'a, ()>;
     /// Whether bind mounts from this host reach the engine: true for the engine on a unix
     /// socket of this host; false over TCP and for rootless or Docker Desktop engines,

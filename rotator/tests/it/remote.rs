@@ -37,6 +37,26 @@ async fn forwarder() -> (SocketAddr, Arc<AtomicUsize>) {
     (addr, count)
 }
 
+/// `docker cp - DEST` with `archive` on stdin: the engine's CopyToContainer without dso's
+/// checks.
+fn docker_cp(archive: &[u8], dest: &str) {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("docker")
+        .args(["cp", "-", dest])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(archive).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "docker cp: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A value nobody else has: 16 bytes from the kernel's generator, hex.
 fn unique_value(tag: &str) -> String {
     let mut b = [0u8; 16];
@@ -197,7 +217,12 @@ async fn tar_streamer_over_tcp_delivers_into_the_volume_tmpfs_and_nothing_reache
     // A container with the volume at the target path.
     let mut svc = Svc::new("app");
     svc.health_interval = None;
-    svc.run_args = vec!["-v".into(), format!("{volume}:/run/secrets")];
+    svc.run_args = vec![
+        "-v".into(),
+        format!("{volume}:/run/secrets"),
+        "--tmpfs".into(),
+        "/run:size=64k".into(),
+    ];
     let id = w.start(&svc);
     assert_eq!(
         mounted_at(&mountpoint).as_deref(),
@@ -285,8 +310,22 @@ async fn tar_streamer_over_tcp_delivers_into_the_volume_tmpfs_and_nothing_reache
         let (n, where_) = occurrences(&roots, v.as_bytes());
         assert_eq!(n, 0, "value found on disk in {where_:?}");
     }
-    // The control: the same upload into the writable layer (a path with no volume) does
-    // land in the container's overlay upper dir, and the search finds it there.
+    // Neither the container's configuration nor the engine's log holds it.
+    let inspect = w.docker(&["inspect", &id]).unwrap();
+    assert!(
+        !inspect.contains(&password) && !inspect.contains(&token),
+        "docker inspect shows a value"
+    );
+    // (The log of the engine .ci/services.sh starts; absent elsewhere, then nothing is read.)
+    let engine_log = PathBuf::from("/var/log/dso-dockerd.log");
+    assert_eq!(
+        occurrences(&[engine_log], password.as_bytes()).0,
+        0,
+        "the value is in the engine's log"
+    );
+    // The control: the same kind of upload into the writable layer (a path with no volume;
+    // raw CopyToContainer through the CLI, since dso's call refuses it) lands in the
+    // container's overlay upper dir, and the search finds it there.
     let canary = unique_value("canary");
     let f = [FileEntry {
         name: "canary",
@@ -295,10 +334,10 @@ async fn tar_streamer_over_tcp_delivers_into_the_volume_tmpfs_and_nothing_reache
         uid: 0,
         gid: 0,
     }];
-    engine
-        .put_archive(&id, "/", &archive::build(&f, false).unwrap())
-        .await
-        .unwrap();
+    let canary_tar = archive::build(&f, false).unwrap();
+    let e = engine.put_archive(&id, "/", &canary_tar).await.unwrap_err();
+    assert!(e.to_string().contains("writable layer"), "{e}");
+    docker_cp(&canary_tar, &format!("{id}:/"));
     let upper = w
         .docker(&["inspect", "-f", "{{.GraphDriver.Data.UpperDir}}", &id])
         .unwrap();
@@ -308,6 +347,9 @@ async fn tar_streamer_over_tcp_delivers_into_the_volume_tmpfs_and_nothing_reache
         (1, vec![Path::new(&upper).join("canary")]),
         "the search finds a leak"
     );
+    // A `--tmpfs` mount is not a volume either: refused.
+    let e = engine.put_archive(&id, "/run", &canary_tar).await.unwrap_err();
+    assert!(e.to_string().contains("no volume"), "{e}");
 
     // Stopped: the tmpfs is unmounted and the files are gone with it; the directory under
     // it on disk never held them.
@@ -338,7 +380,7 @@ async fn tar_streamer_over_tcp_delivers_into_the_volume_tmpfs_and_nothing_reache
 }
 
 #[tokio::test]
-async fn an_upload_into_a_stopped_container_is_lost_and_a_plain_volume_is_refused() {
+async fn an_upload_before_start_is_refused_a_raw_one_is_lost_and_a_plain_volume_is_refused() {
     let w = World::new();
     let (addr, _) = forwarder().await;
     let engine = DockerEngine::connect_to(&format!("tcp://{addr}")).await.unwrap();
@@ -400,16 +442,17 @@ async fn an_upload_into_a_stopped_container_is_lost_and_a_plain_volume_is_refuse
         gid: 0,
     }];
     let tar = archive::build(&f, true).unwrap();
-    let early = engine.put_archive(&id, "/run/secrets", &tar).await;
+    // dso's call refuses it, with nothing sent.
+    let e = engine.put_archive(&id, "/run/secrets", &tar).await.unwrap_err();
+    assert!(e.to_string().contains("not running"), "{e}");
+    // The raw CopyToContainer is accepted by the engine and the files do not survive.
+    docker_cp(&tar, &format!("{id}:/run/secrets"));
     w.docker(&["start", &id]).unwrap();
     let c = engine.inspect(&id).await.unwrap().unwrap();
     let ip = c.networks[&w.network].unwrap();
     wait_http(ip).await;
     let (status, _, _) = get(ip, "/stat?path=/run/secrets/early").await.unwrap();
-    assert_eq!(
-        status, 404,
-        "an upload before start is lost (the engine answered {early:?})"
-    );
+    assert_eq!(status, 404, "an upload before start is lost");
     let mut roots = disk_roots(&id);
     roots.push(PathBuf::from(
         w.docker(&["volume", "inspect", "-f", "{{.Mountpoint}}", &volume])
@@ -417,6 +460,10 @@ async fn an_upload_into_a_stopped_container_is_lost_and_a_plain_volume_is_refuse
     ));
     let (n, where_) = occurrences(&roots, value.as_bytes());
     assert_eq!(n, 0, "the lost upload is not on disk either: {where_:?}");
+    // Once it runs, dso's upload goes in.
+    engine.put_archive(&id, "/run/secrets", &tar).await.unwrap();
+    let (status, _, body) = get(ip, "/file?path=/run/secrets/early").await.unwrap();
+    assert_eq!((status, body), (200, value.as_bytes().to_vec()));
 
     // A relative path is refused before anything is sent.
     let e = engine.put_archive(&id, "run/secrets", &tar).await.unwrap_err();
