@@ -273,6 +273,8 @@ mod tests {
         // Exact size: headers, data padded to blocks, marker, two end blocks.
         assert_eq!(archive.len(), 512 + 512 + 512 + 1536 + 512 + 512 + 1024);
         assert_eq!(archive.capacity(), archive.len(), "allocated once, exactly");
+        let count = archive.windows(12).filter(|w| *w == b"s3cret-value").count();
+        assert_eq!(count, 1, "the value is in the archive once, as the file's data");
     }
 
     #[test]
