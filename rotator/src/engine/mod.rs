@@ -4,7 +4,8 @@
 //! *Boundary*: every bollard call of the crate is in this module. Nothing above it sees a
 //! bollard type, so rotations, health checks and recovery are tested with a fake engine,
 //! and this module is tested against a real daemon. `docker.rs` implements the trait on
-//! bollard; `clone.rs` turns an inspected container into the create request of its copy.
+//! bollard; `clone.rs` turns an inspected container into the create request of its copy;
+//! `archive.rs` has the remote-delivery calls (tmpfs volumes, CopyToContainer into them).
 
 mod archive;
 mod clone;
