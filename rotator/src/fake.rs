@@ -25,6 +25,26 @@ pub(crate) struct Fake {
     pub seq: Mutex<u32>,
     /// Makes `exec` never answer (a hung probe); the caller's timeout ends it.
     pub exec_hangs: bool,
+    /// Makes `is_local` false: the engine is remote (bind mounts do not reach it).
+    pub remote: bool,
+    /// Tmpfs volumes created: name → (size in bytes, labels).
+    pub volumes: Mutex<BTreeMap<String, FakeVolume>>,
+    /// Every `put_archive` accepted (into a running container), in order.
+    pub uploads: Mutex<Vec<Upload>>,
+}
+
+/// A tmpfs volume of the fake: (size in bytes, labels).
+pub(crate) type FakeVolume = (u64, Vec<(String, String)>);
+
+/// One `put_archive` the fake received.
+#[derive(Debug)]
+pub(crate) struct Upload {
+    /// The container as the caller named it.
+    pub id: String,
+    /// The extraction path.
+    pub path: String,
+    /// The archive bytes (zeroed on drop, as the caller's buffer is).
+    pub archive: zeroize::Zeroizing<Vec<u8>>,
 }
 
 impl Fake {
@@ -191,5 +211,107 @@ impl Engine for Fake {
 
     fn events(&self) -> EventStream {
         Box::pin(futures_util::stream::empty())
+    }
+
+    fn create_tmpfs_volume<'a>(
+        &'a self,
+        name: &'a str,
+        size_bytes: u64,
+        labels: &'a [(String, String)],
+    ) -> Fut<'a, ()> {
+        Box::pin(async move {
+            self.call(format!("create_tmpfs_volume {name} {size_bytes}"));
+            let mut vs = self.volumes.lock().unwrap();
+            match vs.get(name) {
+                // As the real engine: the same volume again is fine, another one is refused.
+                Some((size, _)) if *size != size_bytes => Err(EngineError::new(
+                    format!("create tmpfs volume {name}"),
+                    "a volume of that name already exists with other options (fake)",
+                )),
+                Some(_) => Ok(()),
+                None => {
+                    vs.insert(name.to_owned(), (size_bytes, labels.to_vec()));
+                    Ok(())
+                }
+            }
+        })
+    }
+
+    fn remove_volume<'a>(&'a self, name: &'a str) -> Fut<'a, ()> {
+        Box::pin(async move {
+            self.call(format!("remove_volume {name}"));
+            self.volumes.lock().unwrap().remove(name);
+            Ok(())
+        })
+    }
+
+    fn put_archive<'a>(&'a self, id: &'a str, path: &'a str, archive: &'a [u8]) -> Fut<'a, ()> {
+        Box::pin(async move {
+            self.call(format!("put_archive {id} {path} {}", archive.len()));
+            // As the real engine: refused unless the container runs (the fake does not model
+            // which volume is mounted where).
+            if !self.with(id, "copy archive into", |c| c.running)? {
+                return Err(EngineError::new(
+                    "copy archive into",
+                    "the container is not running (fake)",
+                ));
+            }
+            self.uploads.lock().unwrap().push(Upload {
+                id: id.to_owned(),
+                path: path.to_owned(),
+                archive: zeroize::Zeroizing::new(archive.to_vec()),
+            });
+            Ok(())
+        })
+    }
+
+    fn is_local(&self) -> bool {
+        !self.remote
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_fake_records_volumes_and_uploads_and_refuses_a_stopped_container() {
+        let f = Fake {
+            remote: true,
+            ..Fake::default()
+        };
+        assert!(!f.is_local());
+        f.add("c1", "app-1", &[], false);
+        let labels = [("dso.delivery.instance".to_owned(), "i1".to_owned())];
+        f.create_tmpfs_volume("v1", 4096, &labels).await.unwrap();
+        f.create_tmpfs_volume("v1", 4096, &labels).await.unwrap();
+        assert!(f.create_tmpfs_volume("v1", 8192, &labels).await.is_err());
+        assert!(
+            f.put_archive("c1", "/run/secrets", b"before").await.is_err(),
+            "not running"
+        );
+        f.start("c1").await.unwrap();
+        f.put_archive("c1", "/run/secrets", b"after").await.unwrap();
+        assert!(
+            f.put_archive("nope", "/run/secrets", b"x")
+                .await
+                .unwrap_err()
+                .is_not_found()
+        );
+        let ups = std::mem::take(&mut *f.uploads.lock().unwrap());
+        let seen: Vec<_> = ups
+            .iter()
+            .map(|u| (u.id.as_str(), u.path.as_str(), u.archive.as_slice()))
+            .collect();
+        assert_eq!(seen, [("c1", "/run/secrets", &b"after"[..])]);
+        let calls = f.calls.lock().unwrap().clone();
+        assert_eq!(
+            calls.iter().filter(|c| c.starts_with("put_archive c1")).count(),
+            2
+        );
+        assert_eq!(f.volumes.lock().unwrap()["v1"], (4096, labels.to_vec()));
+        f.remove_volume("v1").await.unwrap();
+        f.remove_volume("v1").await.unwrap();
+        assert!(f.volumes.lock().unwrap().is_empty());
     }
 }

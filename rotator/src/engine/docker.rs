@@ -14,6 +14,7 @@ use bollard::query_parameters::{
 use futures_util::StreamExt;
 use tracing::debug;
 
+use super::archive::runs_apart;
 use super::clone::clone_body;
 use super::{
     CloneSpec, Container, DockerHealth, Engine, EngineError, Event, EventStream, Fut, Mount, Process, short,
@@ -42,26 +43,66 @@ async fn within<T>(
     }
 }
 
-/// [`Engine`] on the local Docker daemon through bollard.
+/// [`Engine`] on a Docker daemon through bollard.
 #[derive(Debug, Clone)]
 pub struct DockerEngine {
-    docker: Docker,
+    pub(super) docker: Docker,
     api: String,
+    /// Whether bind mounts from this host reach the engine (see [`Engine::is_local`]).
+    local: bool,
 }
 
 impl DockerEngine {
-    /// Connects with the local defaults (`DOCKER_HOST` or `/var/run/docker.sock`) and
+    /// Connects to the engine `DOCKER_HOST` names (unset: `/var/run/docker.sock`) and
     /// negotiates the API version down to what the daemon speaks (1.41 for Docker 20.10).
+    /// A unix socket is local (bind mounts from this host reach it) unless the engine says it
+    /// is rootless or Docker Desktop; `tcp://` and `http://` are remote.
     pub async fn connect() -> Result<Self, EngineError> {
-        let docker = Docker::connect_with_local_defaults().map_err(|e| err("connect", e))?;
+        let host = std::env::var("DOCKER_HOST").ok().filter(|h| !h.is_empty());
+        match host {
+            None => Self::connect_to("unix:///var/run/docker.sock").await,
+            Some(h) => {
+                if std::env::var_os("DOCKER_TLS_VERIFY").is_some() {
+                    return Err(EngineError::new(
+                        "connect",
+                        "DOCKER_TLS_VERIFY is set but this build speaks plain HTTP to the engine; forward the engine's socket (e.g. `ssh -NL 127.0.0.1:2375:/var/run/docker.sock HOST`) and set DOCKER_HOST=tcp://127.0.0.1:2375",
+                    ));
+                }
+                Self::connect_to(&h).await
+            }
+        }
+    }
+
+    /// Connects to the engine at `url`: `unix:///PATH` (local unless the engine is rootless
+    /// or Docker Desktop) or `tcp://HOST:PORT` / `http://HOST:PORT` (remote).
+    pub async fn connect_to(url: &str) -> Result<Self, EngineError> {
+        let op = format!("connect to {url}");
+        let (docker, unix) = if url.starts_with("unix://") {
+            let d = Docker::connect_with_unix(url, 120, bollard::API_DEFAULT_VERSION);
+            (d.map_err(|e| err(&op, e))?, true)
+        } else if url.starts_with("tcp://") || url.starts_with("http://") {
+            let d = Docker::connect_with_http(url, 120, bollard::API_DEFAULT_VERSION);
+            (d.map_err(|e| err(&op, e))?, false)
+        } else {
+            return Err(EngineError::new(
+                op,
+                "unsupported engine address; use unix:///PATH or tcp://HOST:PORT (for ssh://, forward the socket: `ssh -NL 127.0.0.1:2375:/var/run/docker.sock HOST` and DOCKER_HOST=tcp://127.0.0.1:2375)",
+            ));
+        };
         let docker = docker
             .negotiate_version()
             .await
             .map_err(|e| err("negotiate API version", e))?;
         let v = docker.client_version();
         let api = format!("{}.{}", v.major_version, v.minor_version);
-        debug!(api = %api, "connected to docker");
-        Ok(DockerEngine { docker, api })
+        // A rootless engine or Docker Desktop answers on a local socket but runs in its own
+        // namespace or VM: this host's directories are not what it bind-mounts.
+        let local = unix && {
+            let info = docker.info().await.map_err(|e| err("engine info", e))?;
+            !runs_apart(info.operating_system.as_deref(), info.security_options.as_deref())
+        };
+        debug!(api = %api, url, local, "connected to docker");
+        Ok(DockerEngine { docker, api, local })
     }
 
     /// The negotiated API version, e.g. `1.41`.
@@ -348,13 +389,46 @@ impl Engine for DockerEngine {
         });
         Box::pin(s)
     }
+
+    fn create_tmpfs_volume<'a>(
+        &'a self,
+        name: &'a str,
+        size_bytes: u64,
+        labels: &'a [(String, String)],
+    ) -> Fut<'a, ()> {
+        Box::pin(within(
+            format!("create tmpfs volume {name}"),
+            CALL_TIMEOUT,
+            self.create_tmpfs_volume_call(name, size_bytes, labels),
+        ))
+    }
+
+    fn remove_volume<'a>(&'a self, name: &'a str) -> Fut<'a, ()> {
+        Box::pin(within(
+            format!("remove volume {name}"),
+            CALL_TIMEOUT,
+            self.remove_volume_call(name),
+        ))
+    }
+
+    fn put_archive<'a>(&'a self, id: &'a str, path: &'a str, archive: &'a [u8]) -> Fut<'a, ()> {
+        Box::pin(within(
+            format!("copy archive into {}:{path}", short(id)),
+            CALL_TIMEOUT,
+            self.put_archive_call(id, path, archive),
+        ))
+    }
+
+    fn is_local(&self) -> bool {
+        self.local
+    }
 }
 
 fn force() -> bollard::query_parameters::RemoveContainerOptions {
     RemoveContainerOptionsBuilder::new().force(true).v(false).build()
 }
 
-fn err(op: impl Into<String>, e: bollard::errors::Error) -> EngineError {
+pub(super) fn err(op: impl Into<String>, e: bollard::errors::Error) -> EngineError {
     let status = match &e {
         bollard::errors::Error::DockerResponseServerError { status_code, .. } => Some(*status_code),
         _ => None,

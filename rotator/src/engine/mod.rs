@@ -4,8 +4,10 @@
 //! *Boundary*: every bollard call of the crate is in this module. Nothing above it sees a
 //! bollard type, so rotations, health checks and recovery are tested with a fake engine,
 //! and this module is tested against a real daemon. `docker.rs` implements the trait on
-//! bollard; `clone.rs` turns an inspected container into the create request of its copy.
+//! bollard; `clone.rs` turns an inspected container into the create request of its copy;
+//! `archive.rs` has the remote-delivery calls (tmpfs volumes, CopyToContainer into them).
 
+mod archive;
 mod clone;
 mod docker;
 
@@ -198,4 +200,27 @@ pub trait Engine: Send + Sync + 'static {
     /// Events of managed containers from the moment of this call (also those before the
     /// stream is first polled). Ends or errors when the daemon goes away.
     fn events(&self) -> EventStream;
+    /// Creates (or finds, when it exists with these very options) the named volume
+    /// `name` on the local driver as a tmpfs of `size_bytes` (mode 0711, nosuid, nodev,
+    /// noexec) with `labels`. An existing volume of that name with other options is an error.
+    /// The tmpfs is mounted only while a container using it runs.
+    fn create_tmpfs_volume<'a>(
+        &'a self,
+        name: &'a str,
+        size_bytes: u64,
+        labels: &'a [(String, String)],
+    ) -> Fut<'a, ()>;
+    /// Removes a volume; one that does not exist is not an error. A volume a container
+    /// still uses is.
+    fn remove_volume<'a>(&'a self, name: &'a str) -> Fut<'a, ()>;
+    /// Extracts the tar `archive` into directory `path` of the running container `id`
+    /// (CopyToContainer). Refused, with nothing sent, unless the container runs and a local
+    /// tmpfs volume is mounted exactly at `path`: anywhere else the bytes would land in the
+    /// writable layer on disk, and into a stopped container the engine answers success and
+    /// loses the files.
+    fn put_archive<'a>(&'a self, id: &'a str, path: &'a str, archive: &'a [u8]) -> Fut<'a, ()>;
+    /// Whether bind mounts from this host reach the engine: true for the engine on a unix
+    /// socket of this host; false over TCP and for rootless or Docker Desktop engines,
+    /// whose directories are not this host's.
+    fn is_local(&self) -> bool;
 }

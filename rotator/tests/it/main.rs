@@ -6,6 +6,7 @@ mod clone;
 mod crash;
 mod engine;
 mod lifecycle;
+mod remote;
 mod rotate;
 mod support;
 mod timing;
