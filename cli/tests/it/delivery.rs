@@ -255,6 +255,14 @@ impl Drop for Fixture {
     }
 }
 
+/// The one service's entry of `GET /v1/delivery`.
+async fn delivery_status(f: &Fixture) -> serde_json::Value {
+    let (code, body) = http(&f.agent().socket, "GET", "/v1/delivery", "").await.unwrap();
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["services"][0].clone()
+}
+
 /// The container's IP on the run's network (only asked while it exists).
 fn ip(id: &str) -> String {
     docker(&[
@@ -296,7 +304,10 @@ async fn get(id: &str, path: &str) -> (u16, Vec<u8>) {
 
 /// Every file under `dir` (not following symlinks, not crossing into /proc or /sys) whose
 /// bytes contain `needle`; files older than `since` are skipped when `since` is given.
-fn search(dir: &Path, needle: &[u8], since: Option<SystemTime>, hits: &mut Vec<PathBuf>) {
+fn search(dir: &Path, skip: &Path, needle: &[u8], since: Option<SystemTime>, hits: &mut Vec<PathBuf>) {
+    if dir == skip {
+        return;
+    }
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
@@ -306,7 +317,7 @@ fn search(dir: &Path, needle: &[u8], since: Option<SystemTime>, hits: &mut Vec<P
             continue;
         };
         if m.is_dir() {
-            search(&p, needle, since, hits);
+            search(&p, skip, needle, since, hits);
         } else if m.is_file() {
             if since.is_some_and(|t| m.modified().map_or(true, |mt| mt < t)) {
                 continue;
@@ -321,14 +332,16 @@ fn search(dir: &Path, needle: &[u8], since: Option<SystemTime>, hits: &mut Vec<P
 }
 
 /// The value is nowhere on disk: every file of Docker's root dir and the agent's state
-/// dir, and every file written under /tmp and $HOME since the test started.
+/// dir, and every file written under /tmp and $HOME since the test started. The agent's
+/// tmpfs (RAM, where a container that still exists keeps its files) is not disk.
 fn assert_on_no_disk(f: &Fixture, value: &[u8]) {
     let mut hits = Vec::new();
-    search(Path::new("/var/lib/docker"), value, None, &mut hits);
-    search(f.state.path(), value, None, &mut hits);
-    search(Path::new("/tmp"), value, Some(f.started), &mut hits);
+    let skip = f.root.as_path();
+    search(Path::new("/var/lib/docker"), skip, value, None, &mut hits);
+    search(f.state.path(), skip, value, None, &mut hits);
+    search(Path::new("/tmp"), skip, value, Some(f.started), &mut hits);
     if let Some(home) = std::env::var_os("HOME") {
-        search(Path::new(&home), value, Some(f.started), &mut hits);
+        search(Path::new(&home), skip, value, Some(f.started), &mut hits);
     }
     assert!(hits.is_empty(), "the value was found on disk in {hits:?}");
 }
@@ -432,8 +445,8 @@ async fn file_secret_first_delivery_then_changes_roll_under_load_and_leave_no_tr
         assert!(!inspect.contains(v), "value in docker inspect");
         assert!(!log.contains(v), "value in the agent log");
     }
-    let status = http(&f.agent().socket, "GET", "/v1/delivery", "").await.unwrap();
-    assert!(status.1.contains("\"delivered\":3"), "{}", status.1);
+    let status = delivery_status(&f).await;
+    assert_eq!(status["delivered"], 3, "{status}");
 
     // Removal wipes the directory; nothing is left on disk.
     docker(&["rm", "-f", &current]);
@@ -541,9 +554,17 @@ async fn a_value_that_makes_green_unhealthy_rolls_back_and_blue_keeps_the_old_on
     f.set("app/pw", b"bad").await;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let (_, body) = http(&f.agent().socket, "GET", "/v1/delivery", "").await.unwrap();
-        if body.contains("\"failed\":1") {
-            assert!(body.contains("failed_versions"), "{body}");
+        let body = delivery_status(&f).await;
+        if body["failed"] == 1 {
+            assert_eq!(
+                body["failed_versions"].as_object().map(|m| m.len()),
+                Some(1),
+                "{body}"
+            );
+            assert!(
+                body["last_error"].as_str().unwrap().contains("not healthy"),
+                "{body}"
+            );
             break;
         }
         assert!(
