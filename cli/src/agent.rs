@@ -77,6 +77,15 @@ async fn run(cfg: Config, args: &AgentArgs, socket: &Path, shutdown: Duration) -
             .add_listener(l)
             .with_context(|| format!("starting listener {name} from {}", path.display()))?;
     }
+    // The state directory holds what root acts on later (journals, locks, versions): refuse
+    // one that another user could plant a symlink in, before anything is written there.
+    if args.docker
+        || !cfg.secrets.providers.is_empty()
+        || !cfg.secrets.secrets.is_empty()
+        || args.state_dir.exists()
+    {
+        dso_rotator::journal::check_state_dir(&args.state_dir)?;
+    }
     let server = api::bind(socket).await?;
     let stop_api = CancellationToken::new();
     let stop_docker = CancellationToken::new();
