@@ -86,7 +86,7 @@ async fn run(cfg: Config, args: &AgentArgs, socket: &Path, shutdown: Duration) -
     {
         dso_rotator::journal::check_state_dir(&args.state_dir)?;
     }
-    let server = api::bind(socket).await?;
+    let server = api::bind_with_group(socket, cfg.agent.socket_group.as_deref()).await?;
     let stop_api = CancellationToken::new();
     let stop_docker = CancellationToken::new();
     let docker = if args.docker {

@@ -24,7 +24,7 @@ use hyper::{Method, Response, StatusCode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-pub use server::bind;
+pub use server::bind_with_group;
 
 /// What every handler can reach.
 #[derive(Debug, Clone)]

@@ -54,6 +54,18 @@ pub struct AgentSection {
     pub watch: Option<WatchSection>,
     /// Agent-wide rotation settings.
     pub rotation: Option<AgentRotationSection>,
+    /// Who may do what on the control socket.
+    pub api: Option<ApiSection>,
+}
+
+/// `agent.api:`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiSection {
+    /// Group (besides root and the agent's user) allowed on the control socket.
+    pub socket_group: Option<String>,
+    /// Whether `GET /v1/vault/secrets/{name}` answers values.
+    pub allow_secret_read: Option<bool>,
 }
 
 /// `proxy:`.

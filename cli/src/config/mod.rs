@@ -49,6 +49,11 @@ pub struct AgentConfig {
     pub socket: Option<PathBuf>,
     /// Shutdown deadline, when the file sets one.
     pub shutdown_timeout: Option<Duration>,
+    /// `agent.api.socket_group`, when the file sets one (else group `dso`, when it exists).
+    pub socket_group: Option<String>,
+    /// `agent.api.allow_secret_read` (default false): whether members of the socket group
+    /// may read local vault values back through the control socket.
+    pub allow_secret_read: bool,
 }
 
 /// Why a config file was rejected.
