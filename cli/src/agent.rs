@@ -70,6 +70,7 @@ async fn run(cfg: Config, args: &AgentArgs, socket: &Path, shutdown: Duration) -
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
 
+    api::vault::configure(&cfg);
     let proxy = Proxy::new(cfg.proxy.clone());
     for l in cfg.listeners {
         let name = l.name.clone();

@@ -11,6 +11,7 @@ mod proxy;
 mod rotations;
 mod secrets;
 mod server;
+pub mod vault;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -122,6 +123,7 @@ impl Router {
             .mount("/v1/rotations", |s, r| Box::pin(rotations::rotations(s, r)))
             .mount("/v1/services", |s, r| Box::pin(rotations::services(s, r)))
             .mount("/v1/secrets", |s, r| Box::pin(secrets::handle(s, r)))
+            .mount("/v1/vault", |s, r| Box::pin(vault::handle(s, r)))
     }
 
     /// Adds a module answering under `prefix`.

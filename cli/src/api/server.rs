@@ -24,8 +24,9 @@ use tracing::{debug, info, warn};
 use super::peer::{Access, GROUP, Verdict};
 use super::{ApiError, Router, State, error_response};
 
-/// Largest request body accepted.
-const MAX_BODY: usize = 1 << 20;
+/// Largest request body accepted: a local vault value (`PUT /v1/vault/secrets/{name}`) at
+/// its size limit; beyond it the answer is 413.
+const MAX_BODY: usize = dso_secrets::value::MAX_VALUE_LEN;
 
 /// Most control connections served at once. At the cap, a new connection evicts the one
 /// that has been quiet longest (no request in progress), so idle or trickling clients
@@ -392,6 +393,12 @@ async fn answer(
     let (parts, body) = req.into_parts();
     let body = match Limited::new(body, MAX_BODY).collect().await {
         Ok(b) => b.to_bytes(),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            return error_response(&ApiError {
+                status: StatusCode::PAYLOAD_TOO_LARGE,
+                message: format!("request body larger than {MAX_BODY} bytes, the limit; nothing was changed"),
+            });
+        }
         Err(e) => return error_response(&ApiError::bad_request(format!("cannot read body: {e}"))),
     };
     let (method, path) = (parts.method, parts.uri.path().to_owned());

@@ -272,7 +272,10 @@ fn agent_api_keys_default_off_and_are_checked() {
     assert_eq!(c.agent.socket_group.as_deref(), Some("dso-ops"));
     assert!(c.agent.allow_secret_read);
     let e = err("agent:\n  api:\n    socket_group: 'Dso Ops'\n");
-    assert!(e.contains("agent.api.socket_group") && e.contains("line 3"), "{e}");
+    assert!(
+        e.contains("agent.api.socket_group") && e.contains("line 3"),
+        "{e}"
+    );
     let e = err("agent:\n  api:\n    allow_secret_reads: true\n");
     assert!(e.contains("allow_secret_reads") && e.contains("line 3"), "{e}");
     let e = err("agent:\n  api:\n    allow_secret_read: maybe\n");

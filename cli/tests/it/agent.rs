@@ -155,13 +155,16 @@ async fn a_second_agent_on_the_same_socket_is_refused() {
 }
 
 /// A system group that exists for one test and is removed when dropped.
-struct TempGroup {
-    name: String,
-    gid: u32,
+pub struct TempGroup {
+    /// Its name, `dso-test-PID`.
+    pub name: String,
+    /// Its gid.
+    pub gid: u32,
 }
 
 impl TempGroup {
-    fn create() -> TempGroup {
+    /// `groupadd --system dso-test-PID` (root only).
+    pub fn create() -> TempGroup {
         let name = format!("dso-test-{}", std::process::id());
         let out = std::process::Command::new("groupadd")
             .args(["--system", &name])
