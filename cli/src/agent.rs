@@ -71,6 +71,7 @@ async fn run(cfg: Config, args: &AgentArgs, socket: &Path, shutdown: Duration) -
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
 
+    api::vault::configure(&cfg);
     let proxy = Proxy::new(cfg.proxy.clone());
     for l in cfg.listeners {
         let name = l.name.clone();
@@ -78,7 +79,16 @@ async fn run(cfg: Config, args: &AgentArgs, socket: &Path, shutdown: Duration) -
             .add_listener(l)
             .with_context(|| format!("starting listener {name} from {}", path.display()))?;
     }
-    let server = api::bind(socket).await?;
+    // The state directory holds what root acts on later (journals, locks, versions): refuse
+    // one that another user could plant a symlink in, before anything is written there.
+    if args.docker
+        || !cfg.secrets.providers.is_empty()
+        || !cfg.secrets.secrets.is_empty()
+        || args.state_dir.exists()
+    {
+        dso_rotator::journal::check_state_dir(&args.state_dir)?;
+    }
+    let server = api::bind_with_group(socket, cfg.agent.socket_group.as_deref()).await?;
     let stop_api = CancellationToken::new();
     let stop_docker = CancellationToken::new();
     // Delivery needs both sides: secrets to deliver and Docker to deliver them to.

@@ -11,6 +11,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -138,11 +139,13 @@ pub fn now_ms() -> u64 {
 
 impl Journal {
     /// Opens (creating) `STATE/journal` and `STATE/history`.
+    /// The state directory and both subdirectories must pass [`check_state_dir`].
     pub fn open(state_dir: &Path) -> io::Result<Journal> {
+        check_state_dir(state_dir)?;
         let dir = state_dir.join("journal");
         let history = state_dir.join("history");
-        fs::create_dir_all(&dir)?;
-        fs::create_dir_all(&history)?;
+        check_state_dir(&dir)?;
+        check_state_dir(&history)?;
         Ok(Journal { dir, history })
     }
 
@@ -189,11 +192,7 @@ impl Journal {
                 )));
             }
         }
-        let file = OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .open(&path)?;
+        let file = open_nofollow(OpenOptions::new().create(true).write(true).truncate(true), &path)?;
         sync_dir(&self.dir)?;
         let mut e = Entry {
             file,
@@ -216,7 +215,7 @@ impl Journal {
             path = legacy;
         }
         let torn = fs::read(&path)?.last().is_some_and(|b| *b != b'\n');
-        let mut file = OpenOptions::new().append(true).open(&path)?;
+        let mut file = open_nofollow(OpenOptions::new().append(true), &path)?;
         if torn {
             // End the torn line so the next record stands on a line of its own.
             file.write_all(b"\n")?;
@@ -246,7 +245,13 @@ impl Journal {
     pub fn set_history(&self, service: &ServiceKey, h: &History) -> io::Result<()> {
         let path = self.history.join(format!("{}.json", service.file_stem()));
         let tmp = path.with_extension("json.tmp");
-        let mut f = File::create(&tmp)?;
+        // A temp file left by a crash, or anything planted there, is unlinked (never
+        // followed), and the new one must be a fresh file this call creates.
+        match fs::remove_file(&tmp) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let mut f = open_nofollow(OpenOptions::new().write(true).create_new(true), &tmp)?;
         f.write_all(&serde_json::to_vec_pretty(h).map_err(io::Error::other)?)?;
         f.sync_all()?;
         fs::rename(&tmp, &path)?;
@@ -303,6 +308,83 @@ impl Entry {
     }
 }
 
+/// Opens `path` with `O_NOFOLLOW`: a symlink at its last component is an error naming it,
+/// never followed (the agent runs as root; a link could point at any file).
+pub(crate) fn open_nofollow(opts: &mut OpenOptions, path: &Path) -> io::Result<File> {
+    opts.custom_flags(libc::O_NOFOLLOW).open(path).map_err(|e| {
+        if e.raw_os_error() == Some(libc::ELOOP) {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "{} is a symlink; refusing to write through it (remove the link)",
+                    path.display()
+                ),
+            )
+        } else {
+            io::Error::new(e.kind(), format!("opening {}: {e}", path.display()))
+        }
+    })
+}
+
+/// The effective uid of this process (`/proc/self/status`, second `Uid:` field).
+fn effective_uid() -> Option<u32> {
+    let status = fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find_map(|l| l.strip_prefix("Uid:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Creates `dir` (mode 0700) when it is missing, then refuses it unless nobody but root or
+/// this process's user can replace what is in it: not a symlink, owned by root or the
+/// effective uid, and not writable by group or others unless the sticky bit is set. The
+/// error names the directory and the fix.
+pub fn check_state_dir(dir: &Path) -> io::Result<()> {
+    if let Err(e) = fs::DirBuilder::new().recursive(true).mode(0o700).create(dir) {
+        return Err(io::Error::new(
+            e.kind(),
+            format!("creating state directory {}: {e}", dir.display()),
+        ));
+    }
+    let meta = fs::symlink_metadata(dir).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("checking state directory {}: {e}", dir.display()),
+        )
+    })?;
+    let refuse = |why: String| Err(io::Error::new(io::ErrorKind::PermissionDenied, why));
+    if meta.file_type().is_symlink() {
+        return refuse(format!(
+            "state directory {} is a symlink; give the real directory with --state-dir",
+            dir.display()
+        ));
+    }
+    if !meta.is_dir() {
+        return refuse(format!(
+            "state directory {} is not a directory; remove it or choose another --state-dir",
+            dir.display()
+        ));
+    }
+    let own = effective_uid().unwrap_or(0);
+    if meta.uid() != 0 && meta.uid() != own {
+        return refuse(format!(
+            "state directory {} belongs to uid {}, not to root or the agent's user (uid {own}); \
+             fix its owner (chown {own} {}) or choose another --state-dir",
+            dir.display(),
+            meta.uid(),
+            dir.display()
+        ));
+    }
+    if meta.mode() & 0o022 != 0 && meta.mode() & 0o1000 == 0 {
+        return refuse(format!(
+            "state directory {} is writable by other users (mode {:o}); make it 0700 (chmod 0700 {}) \
+             or choose another --state-dir",
+            dir.display(),
+            meta.mode() & 0o7777,
+            dir.display()
+        ));
+    }
+    Ok(())
+}
+
 fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
@@ -332,6 +414,109 @@ mod tests {
             at_ms: 0,
             error: None,
         }
+    }
+
+    #[test]
+    fn a_symlink_at_the_history_temp_path_is_not_written_through() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, b"untouched").unwrap();
+        let key = record("web").service;
+        let tmp = dir
+            .path()
+            .join("history")
+            .join(format!("{}.json.tmp", key.file_stem()));
+        symlink(&victim, &tmp).unwrap();
+        let h = History {
+            rotation: "r1".into(),
+            strategy: Strategy::Rolling,
+            result: "done".into(),
+            error: None,
+            started_at_ms: 1,
+            took_ms: 1,
+            container: None,
+        };
+        j.set_history(&key, &h).unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"untouched");
+        assert_eq!(j.history(&key).unwrap().rotation, "r1");
+        assert!(fs::symlink_metadata(&tmp).is_err(), "the planted link is gone");
+    }
+
+    #[test]
+    fn a_symlink_at_the_journal_path_is_refused_and_not_written_through() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, b"untouched").unwrap();
+        let rec = record("web");
+        let path = j.path(&rec.service);
+        symlink(&victim, &path).unwrap();
+        let e = j.begin(rec.clone()).unwrap_err().to_string();
+        assert!(
+            e.contains("symlink") && e.contains(&path.display().to_string()),
+            "{e}"
+        );
+        let e = j.reopen(rec).unwrap_err().to_string();
+        assert!(e.contains("symlink"), "{e}");
+        assert_eq!(fs::read(&victim).unwrap(), b"untouched");
+    }
+
+    #[test]
+    fn a_state_dir_writable_by_others_is_refused_with_its_name() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        fs::create_dir(&state).unwrap();
+        fs::set_permissions(&state, fs::Permissions::from_mode(0o777)).unwrap();
+        let e = Journal::open(&state).unwrap_err().to_string();
+        assert!(
+            e.contains(&state.display().to_string()) && e.contains("writable by other users"),
+            "{e}"
+        );
+        assert!(
+            !state.join("journal").exists(),
+            "nothing created in a refused directory"
+        );
+        // Sticky and world-writable (like /tmp) is accepted.
+        fs::set_permissions(&state, fs::Permissions::from_mode(0o1777)).unwrap();
+        Journal::open(&state).unwrap();
+    }
+
+    #[test]
+    fn a_state_dir_owned_by_another_user_is_refused_with_its_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        fs::create_dir(&state).unwrap();
+        if std::os::unix::fs::chown(&state, Some(64_123), None).is_err() {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI runs as root: chown must work"
+            );
+            eprintln!("skipped: not root, cannot give a directory to another uid");
+            return;
+        }
+        let e = Journal::open(&state).unwrap_err().to_string();
+        assert!(
+            e.contains(&state.display().to_string()) && e.contains("uid 64123"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_symlinked_state_dir_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real");
+        fs::create_dir(&real).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let e = Journal::open(&link).unwrap_err().to_string();
+        assert!(
+            e.contains("symlink") && e.contains(&link.display().to_string()),
+            "{e}"
+        );
     }
 
     #[test]

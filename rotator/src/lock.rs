@@ -11,7 +11,7 @@
 //! a stale lock.
 
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{File, OpenOptions};
 use std::future::Future;
 use std::io;
 use std::path::Path;
@@ -62,13 +62,10 @@ impl ServiceLock {
 
 fn lock_file(state_dir: &Path, service: &ServiceKey) -> io::Result<File> {
     let dir = state_dir.join("locks");
-    fs::create_dir_all(&dir)?;
+    crate::journal::check_state_dir(&dir)?;
     let path = dir.join(format!("{}.lock", service.file_stem()));
-    OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
+    // Never through a symlink planted at the lock's path.
+    crate::journal::open_nofollow(OpenOptions::new().create(true).truncate(false).write(true), &path)
 }
 
 impl Drop for ServiceLock {
@@ -207,6 +204,32 @@ mod tests {
             project: "p".into(),
             service: s.into(),
         }
+    }
+
+    #[test]
+    fn a_symlink_at_the_lock_path_is_refused_and_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"untouched").unwrap();
+        std::fs::create_dir(dir.path().join("locks")).unwrap();
+        let path = dir
+            .path()
+            .join("locks")
+            .join(format!("{}.lock", key("web").file_stem()));
+        std::os::unix::fs::symlink(&victim, &path).unwrap();
+        let e = ServiceLock::try_acquire(dir.path(), &key("web"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("symlink") && e.contains(&path.display().to_string()),
+            "{e}"
+        );
+        assert_eq!(std::fs::read(&victim).unwrap(), b"untouched");
+        assert!(
+            ServiceLock::try_acquire(dir.path(), &key("api"))
+                .unwrap()
+                .is_some()
+        );
     }
 
     #[tokio::test]

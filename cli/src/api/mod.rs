@@ -11,6 +11,7 @@ mod proxy;
 mod rotations;
 mod secrets;
 mod server;
+pub mod vault;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -24,7 +25,7 @@ use hyper::{Method, Response, StatusCode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-pub use server::bind;
+pub use server::bind_with_group;
 
 /// What every handler can reach.
 #[derive(Debug, Clone)]
@@ -123,6 +124,7 @@ impl Router {
             .mount("/v1/services", |s, r| Box::pin(rotations::services(s, r)))
             .mount("/v1/delivery", |s, r| Box::pin(rotations::delivery(s, r)))
             .mount("/v1/secrets", |s, r| Box::pin(secrets::handle(s, r)))
+            .mount("/v1/vault", |s, r| Box::pin(vault::handle(s, r)))
     }
 
     /// Adds a module answering under `prefix`.

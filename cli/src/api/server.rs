@@ -24,8 +24,9 @@ use tracing::{debug, info, warn};
 use super::peer::{Access, GROUP, Verdict};
 use super::{ApiError, Router, State, error_response};
 
-/// Largest request body accepted.
-const MAX_BODY: usize = 1 << 20;
+/// Largest request body accepted: a local vault value (`PUT /v1/vault/secrets/{name}`) at
+/// its size limit; beyond it the answer is 413.
+const MAX_BODY: usize = dso_secrets::value::MAX_VALUE_LEN;
 
 /// Most control connections served at once. At the cap, a new connection evicts the one
 /// that has been quiet longest (no request in progress), so idle or trickling clients
@@ -45,11 +46,26 @@ pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60)
 pub struct ApiServer {
     listener: UnixListener,
     path: PathBuf,
+    /// The group whose members may use the socket, and its gid when it exists.
+    group: (String, Option<u32>),
 }
 
 /// Creates the control socket at `path`: parent directory created, a stale socket file
-/// removed only when nothing answers on it, mode 0660, group `dso` when it exists.
-pub async fn bind(path: &Path) -> anyhow::Result<ApiServer> {
+/// removed only when nothing answers on it, mode 0660, given to `group`
+/// (`agent.api.socket_group`) or, by default, to group `dso` when it exists. A group that is
+/// named but does not exist is an error naming the key; the default group may be missing
+/// (then only root and the agent's user get in).
+pub async fn bind_with_group(path: &Path, group: Option<&str>) -> anyhow::Result<ApiServer> {
+    let (group, gid) = match group {
+        Some(g) => match super::peer::group_id(g) {
+            Some(gid) => (g.to_owned(), Some(gid)),
+            None => bail!(
+                "agent.api.socket_group: group {g:?} does not exist on this host; create it \
+                 (groupadd --system {g}) or remove the key to use group {GROUP}"
+            ),
+        },
+        None => (GROUP.to_owned(), super::peer::group_id(GROUP)),
+    };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating socket directory {}", dir.display()))?;
@@ -88,14 +104,15 @@ pub async fn bind(path: &Path) -> anyhow::Result<ApiServer> {
     }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
         .with_context(|| format!("setting mode 0660 on {}", path.display()))?;
-    if let Some(gid) = super::peer::group_id(GROUP)
+    if let Some(gid) = gid
         && let Err(e) = std::os::unix::fs::lchown(path, None, Some(gid))
     {
-        warn!(socket = %path.display(), group = GROUP, error = %e, "cannot give the socket to group dso");
+        warn!(socket = %path.display(), group = %group, error = %e, "cannot give the socket to its group");
     }
     Ok(ApiServer {
         listener,
         path: path.to_owned(),
+        group: (group, gid),
     })
 }
 
@@ -134,7 +151,11 @@ fn check_socket_dir(dir: &Path) -> anyhow::Result<()> {
 impl ApiServer {
     /// Serves requests until `stop` is cancelled, then removes the socket file.
     pub async fn serve(self, state: State, router: Router, stop: CancellationToken) {
-        let access = Arc::new(Access::for_this_process());
+        let access = Arc::new(Access {
+            group: self.group.1,
+            ..Access::for_this_process()
+        });
+        let group: Arc<str> = Arc::from(self.group.0.as_str());
         let router = Arc::new(router);
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         let open: Arc<Mutex<Vec<Arc<Activity>>>> = Arc::default();
@@ -178,7 +199,7 @@ impl ApiServer {
                         true
                     }
                     Verdict::Deny => {
-                        warn!(uid = cred.uid(), gid = cred.gid(), pid = ?cred.pid(), "control client refused: not root, not the agent's user, not in group dso");
+                        warn!(uid = cred.uid(), gid = cred.gid(), pid = ?cred.pid(), group = %group, "control client refused: not root, not the agent's user, not in the socket's group");
                         false
                     }
                 },
@@ -189,22 +210,27 @@ impl ApiServer {
             };
             let activity = Arc::new(Activity::new(epoch));
             lock(&open).push(Arc::clone(&activity));
-            let (state, router, stop, open) = (
+            let (state, router, stop, open, group) = (
                 state.clone(),
                 Arc::clone(&router),
                 stop.clone(),
                 Arc::clone(&open),
+                Arc::clone(&group),
             );
             tokio::spawn(async move {
                 let _permit = permit;
                 let svc = {
                     let activity = Arc::clone(&activity);
                     service_fn(move |req| {
-                        let (state, router, activity) =
-                            (state.clone(), Arc::clone(&router), Arc::clone(&activity));
+                        let (state, router, activity, group) = (
+                            state.clone(),
+                            Arc::clone(&router),
+                            Arc::clone(&activity),
+                            Arc::clone(&group),
+                        );
                         async move {
                             let _busy = activity.busy();
-                            Ok::<_, Infallible>(answer(allowed, state, &router, req).await)
+                            Ok::<_, Infallible>(answer(allowed, &group, state, &router, req).await)
                         }
                     })
                 };
@@ -351,6 +377,7 @@ impl tokio::io::AsyncWrite for Tracked {
 
 async fn answer(
     allowed: bool,
+    group: &str,
     state: State,
     router: &Router,
     req: Request<Incoming>,
@@ -359,13 +386,19 @@ async fn answer(
         return error_response(&ApiError {
             status: StatusCode::FORBIDDEN,
             message: format!(
-                "permission denied: only root, the agent's user and members of group {GROUP} may use the control socket"
+                "permission denied: only root, the agent's user and members of group {group} may use the control socket"
             ),
         });
     }
     let (parts, body) = req.into_parts();
     let body = match Limited::new(body, MAX_BODY).collect().await {
         Ok(b) => b.to_bytes(),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            return error_response(&ApiError {
+                status: StatusCode::PAYLOAD_TOO_LARGE,
+                message: format!("request body larger than {MAX_BODY} bytes, the limit; nothing was changed"),
+            });
+        }
         Err(e) => return error_response(&ApiError::bad_request(format!("cannot read body: {e}"))),
     };
     let (method, path) = (parts.method, parts.uri.path().to_owned());

@@ -4,6 +4,11 @@
 //! from stdin, a no-echo prompt on a terminal, or `--from-file`. After a set or delete, a
 //! running agent is told (`POST /v1/secrets/notify`, names only) so it need not wait for
 //! its next poll.
+//!
+//! When the caller cannot read the vault file or its key (`EACCES`: in agent mode both are
+//! root's) and an agent answers on the socket, the command goes through the agent's
+//! `/v1/vault/secrets` endpoints instead; `--via-agent` forces that. The value then travels
+//! as the raw body of the request on the socket, never on the command line.
 
 use std::ffi::OsString;
 use std::io::{IsTerminal, Read, Write};
@@ -63,6 +68,14 @@ pub struct SecretArgs {
     /// Which vault.
     #[command(flatten)]
     pub vault: VaultArgs,
+    /// Go through the running agent's control socket (`/v1/vault/secrets`) even when the
+    /// vault is readable here. Without it, that happens only when the vault file or its key
+    /// cannot be read by this user (permission denied) and an agent answers.
+    #[arg(long, global = true)]
+    pub via_agent: bool,
+    /// Through the agent: which `type: local` provider of its config, when it has several.
+    #[arg(long, value_name = "NAME", global = true)]
+    pub provider: Option<String>,
     /// What to do.
     #[command(subcommand)]
     pub command: SecretCommand,
@@ -129,6 +142,14 @@ fn parse_name(s: &str) -> Result<String, String> {
 /// Runs `dso secret ...`.
 pub fn run(args: SecretArgs, socket: PathBuf) -> anyhow::Result<()> {
     let (vault_file, key_file) = args.vault.paths()?;
+    let denied = if args.via_agent {
+        None
+    } else {
+        unreadable(&vault_file, &key_file)
+    };
+    if args.via_agent || denied.is_some() {
+        return via_agent::run(args.command, &socket, args.provider.as_deref(), denied.as_deref());
+    }
     match args.command {
         SecretCommand::Set {
             name,
@@ -178,6 +199,207 @@ pub fn run(args: SecretArgs, socket: PathBuf) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `Some(why)` when this user may not read the vault file or its key (permission denied):
+/// the case where the agent, which runs as root, is asked instead.
+fn unreadable(vault_file: &Path, key_file: &Path) -> Option<String> {
+    let denied = |p: &Path| match std::fs::File::open(p) {
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            Some(format!("{} is not readable by this user ({e})", p.display()))
+        }
+        _ => None,
+    };
+    if let Some(why) = denied(vault_file) {
+        return Some(why);
+    }
+    // The key file matters only for a key-file vault (it may not exist otherwise).
+    match LocalVault::read_protection(vault_file) {
+        Ok(Protection::KeyFile) => denied(key_file),
+        _ => None,
+    }
+}
+
+/// `dso secret ...` through the agent's `/v1/vault/secrets`.
+mod via_agent {
+    use std::io::Write;
+    use std::path::{Path, PathBuf};
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use anyhow::{Context, bail};
+    use dso_secrets::local::EntryInfo;
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::Bytes;
+    use hyper::{Method, Request, StatusCode};
+    use hyper_util::rt::TokioIo;
+    use serde::Deserialize;
+    use tokio::net::UnixStream;
+
+    use super::SecretCommand;
+    use crate::client::{ApiFailure, Unreachable, path_segment};
+
+    /// One entry as the agent answers it.
+    #[derive(Debug, Deserialize)]
+    struct Entry {
+        name: String,
+        version: u64,
+        updated_ns: u64,
+    }
+
+    impl Entry {
+        fn info(&self) -> EntryInfo {
+            EntryInfo {
+                name: self.name.clone(),
+                version: self.version,
+                updated: UNIX_EPOCH + Duration::from_nanos(self.updated_ns),
+            }
+        }
+    }
+
+    #[derive(Debug, Deserialize)]
+    struct List {
+        vault_file: PathBuf,
+        secrets: Vec<Entry>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    struct Changed {
+        vault_file: PathBuf,
+        #[serde(alias = "deleted")]
+        secret: Entry,
+    }
+
+    /// Runs one subcommand through the agent at `socket`. `denied` says why the vault
+    /// could not be read here, when that is why the agent is asked.
+    pub fn run(
+        command: SecretCommand,
+        socket: &Path,
+        provider: Option<&str>,
+        denied: Option<&str>,
+    ) -> anyhow::Result<()> {
+        let rt = crate::cmd::runtime()?;
+        let path = |name: Option<&str>| {
+            let mut p = "/v1/vault/secrets".to_owned();
+            if let Some(n) = name {
+                p.push('/');
+                p.push_str(&path_segment(n));
+            }
+            if let Some(pr) = provider {
+                p.push_str("?provider=");
+                p.push_str(&path_segment(pr));
+            }
+            p
+        };
+        let call = |method: Method, path: String, body: Bytes| {
+            rt.block_on(request(socket, method, &path, body))
+                .map_err(|e| explain(e, socket, denied))
+        };
+        match command {
+            SecretCommand::Set {
+                name,
+                from_file,
+                value_in_argv,
+            } => {
+                if !value_in_argv.is_empty() {
+                    super::refuse_value_in_argv();
+                }
+                let value = super::read_value(&name, from_file.as_deref())?;
+                let answer = call(
+                    Method::PUT,
+                    path(Some(&name)),
+                    Bytes::copy_from_slice(value.expose()),
+                )?;
+                drop(value);
+                let c: Changed = serde_json::from_slice(&answer).context("decoding the agent's answer")?;
+                println!(
+                    "set {name} version {} in {} (through the agent)",
+                    c.secret.version,
+                    c.vault_file.display()
+                );
+            }
+            SecretCommand::Get { name } => {
+                let value = call(Method::GET, path(Some(&name)), Bytes::new())?;
+                let mut out = std::io::stdout().lock();
+                out.write_all(&value)
+                    .and_then(|()| out.flush())
+                    .context("writing the value to stdout")?;
+            }
+            SecretCommand::List { json } => {
+                let answer = call(Method::GET, path(None), Bytes::new())?;
+                let l: List = serde_json::from_slice(&answer).context("decoding the agent's answer")?;
+                let entries: Vec<EntryInfo> = l.secrets.iter().map(Entry::info).collect();
+                print!("{}", super::render_list(&l.vault_file, &entries, json));
+            }
+            SecretCommand::Delete { name } => {
+                let answer = call(Method::DELETE, path(Some(&name)), Bytes::new())?;
+                let c: Changed = serde_json::from_slice(&answer).context("decoding the agent's answer")?;
+                println!(
+                    "deleted {name} (was version {}) from {} (through the agent)",
+                    c.secret.version,
+                    c.vault_file.display()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds why the agent was asked to an unreachable agent's error.
+    fn explain(e: anyhow::Error, socket: &Path, denied: Option<&str>) -> anyhow::Error {
+        match (denied, e.downcast_ref::<Unreachable>()) {
+            (Some(why), Some(_)) => anyhow::anyhow!(
+                "{why}, and no dso agent answers at {} to do it instead: run this as root (sudo), \
+                 or start the agent (`dso agent --config FILE`) and use its socket (--socket PATH)",
+                socket.display()
+            ),
+            _ => e,
+        }
+    }
+
+    /// One request with a raw body; the raw answer on success, [`ApiFailure`] otherwise.
+    async fn request(socket: &Path, method: Method, path: &str, body: Bytes) -> anyhow::Result<Bytes> {
+        let stream = UnixStream::connect(socket).await.map_err(|source| Unreachable {
+            path: socket.to_owned(),
+            source,
+        })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .context("starting HTTP on the control socket")?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let req = Request::builder()
+            .method(method.clone())
+            .uri(path)
+            .header("host", "localhost")
+            .header("content-type", "application/octet-stream")
+            .body(Full::new(body))
+            .context("building request")?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .with_context(|| format!("{method} {path} on {}", socket.display()))?;
+        let status = resp.status();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .context("reading the agent's answer")?
+            .to_bytes();
+        if !status.is_success() {
+            let message = serde_json::from_slice::<serde_json::Value>(&bytes)
+                .ok()
+                .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
+                .unwrap_or_else(|| String::from_utf8_lossy(&bytes).trim().to_owned());
+            if status == StatusCode::NOT_FOUND && message.starts_with("no endpoint") {
+                bail!(
+                    "the agent at {} does not serve /v1/vault/secrets (an older dso?): {message}",
+                    socket.display()
+                );
+            }
+            return Err(ApiFailure { status, message }.into());
+        }
+        Ok(bytes)
+    }
 }
 
 /// Exits with status 2: the value was typed where everyone can read it. It is not echoed.

@@ -56,6 +56,8 @@ pub struct AgentSection {
     pub rotation: Option<AgentRotationSection>,
     /// Where delivered secret files live (the agent's tmpfs) and the launcher.
     pub delivery: Option<DeliverySection>,
+    /// Who may do what on the control socket.
+    pub api: Option<ApiSection>,
 }
 
 /// `agent.delivery`.
@@ -70,6 +72,16 @@ pub struct DeliverySection {
     pub size_mib: Option<u64>,
     /// Host path of the static `dso-init` launcher (env injection).
     pub launcher: Option<PathBuf>,
+}
+
+/// `agent.api:`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiSection {
+    /// Group (besides root and the agent's user) allowed on the control socket.
+    pub socket_group: Option<String>,
+    /// Whether `GET /v1/vault/secrets/{name}` answers values.
+    pub allow_secret_read: Option<bool>,
 }
 
 /// `proxy:`.

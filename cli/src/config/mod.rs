@@ -51,6 +51,11 @@ pub struct AgentConfig {
     pub shutdown_timeout: Option<Duration>,
     /// `agent.delivery`, defaults applied.
     pub delivery: DeliverySettings,
+    /// `agent.api.socket_group`, when the file sets one (else group `dso`, when it exists).
+    pub socket_group: Option<String>,
+    /// `agent.api.allow_secret_read` (default false): whether members of the socket group
+    /// may read local vault values back through the control socket.
+    pub allow_secret_read: bool,
 }
 
 /// `agent.delivery`: the agent's tmpfs for delivered secrets and the launcher.

@@ -258,3 +258,26 @@ proxy:
 0.0.0.0:5432; connections would loop through dso at line 5"
     );
 }
+
+#[test]
+fn agent_api_keys_default_off_and_are_checked() {
+    let c = parse("", no_env).unwrap();
+    assert_eq!(c.agent.socket_group, None);
+    assert!(!c.agent.allow_secret_read);
+    let c = parse(
+        "agent:\n  api:\n    socket_group: dso-ops\n    allow_secret_read: true\n",
+        no_env,
+    )
+    .unwrap();
+    assert_eq!(c.agent.socket_group.as_deref(), Some("dso-ops"));
+    assert!(c.agent.allow_secret_read);
+    let e = err("agent:\n  api:\n    socket_group: 'Dso Ops'\n");
+    assert!(
+        e.contains("agent.api.socket_group") && e.contains("line 3"),
+        "{e}"
+    );
+    let e = err("agent:\n  api:\n    allow_secret_reads: true\n");
+    assert!(e.contains("allow_secret_reads") && e.contains("line 3"), "{e}");
+    let e = err("agent:\n  api:\n    allow_secret_read: maybe\n");
+    assert!(e.contains("line 3"), "{e}");
+}

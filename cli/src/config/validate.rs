@@ -62,11 +62,17 @@ pub fn check(raw: FileConfig, lines: &Lines<'_>) -> Result<Config, ConfigError> 
     }
     let shutdown_timeout = agent.shutdown_timeout.map(|d| d.get());
     let delivery = delivery(lines, agent.delivery.unwrap_or_default())?;
+    let api = agent.api.unwrap_or_default();
+    if let Some(g) = &api.socket_group {
+        group_name(lines, g)?;
+    }
     Ok(Config {
         agent: AgentConfig {
             socket: agent.socket,
             shutdown_timeout,
             delivery,
+            socket_group: api.socket_group,
+            allow_secret_read: api.allow_secret_read.unwrap_or(false),
         },
         proxy: ProxyConfig {
             max_connections: proxy.max_connections,
@@ -122,6 +128,29 @@ fn delivery(
         out.launcher = Some(l);
     }
     Ok(out)
+}
+
+/// `agent.api.socket_group` must be a plain group name (whether it exists is checked when
+/// the agent starts, on the host that runs it).
+fn group_name(lines: &Lines<'_>, g: &str) -> Result<(), ConfigError> {
+    let ok = !g.is_empty()
+        && g.len() <= 32
+        && g.bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
+        && g.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    if ok {
+        return Ok(());
+    }
+    let key = "agent.api.socket_group";
+    Err(ConfigError::Invalid {
+        key: key.to_owned(),
+        line: lines.line(key),
+        message: format!(
+            "{g:?} is not a group name; use a name like dso (lowercase letters, digits, `_`, `-`, at most 32)"
+        ),
+    })
 }
 
 fn connections(lines: &Lines<'_>, key: &str, n: usize) -> Result<(), ConfigError> {

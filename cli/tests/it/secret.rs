@@ -546,3 +546,393 @@ fn on_a_terminal_the_value_is_asked_twice_without_echo() {
     assert!(!ok && shown.contains("differ"), "{shown}");
     assert_eq!(home.run(&["secret", "get", "tty/y"], None).status.code(), Some(1));
 }
+
+/// The agent's side of `dso secret` (issue 7): the vault through `/v1/vault/secrets`.
+mod through_the_agent {
+    use std::path::Path;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use crate::agent::TempGroup;
+    use crate::harness::{Agent, http};
+
+    const VALUE: &[u8] = b"agent-path-Zq8 $x \"q\"\nline two \xff\x00end";
+
+    fn vault_config(dirs: &[&Path], allow_read: bool, group: Option<&str>) -> String {
+        let mut y = String::from("version: v1.0.0\nmode: agent\nproviders:\n");
+        for (i, d) in dirs.iter().enumerate() {
+            y.push_str(&format!(
+                "  local{i}:\n    type: local\n    vault_file: {v}/vault.enc\n    master_key_file: {v}/master.key\n",
+                v = d.display()
+            ));
+        }
+        y.push_str(&format!(
+            "agent:\n  watch:\n    debounce: 0s\n  api:\n    allow_secret_read: {allow_read}\n"
+        ));
+        if let Some(g) = group {
+            y.push_str(&format!("    socket_group: {g}\n"));
+        }
+        y.push_str("secrets:\n  - name: app\n    provider: local0\n    mappings:\n      W: app/w\n");
+        y
+    }
+
+    fn init(dir: &Path) {
+        let out = std::process::Command::new(super::DSO)
+            .args(["init", "--vault-file"])
+            .arg(dir.join("vault.enc"))
+            .arg("--key-file")
+            .arg(dir.join("master.key"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", super::text(&out.stderr));
+    }
+
+    /// Runs `dso --socket S secret ARGS` with `stdin`, under `setpriv PRIV` when given.
+    async fn secret(
+        agent: &Agent,
+        vault: &Path,
+        privs: &[String],
+        args: &[&str],
+        stdin: &[u8],
+    ) -> std::process::Output {
+        let mut c = if privs.is_empty() {
+            tokio::process::Command::new(super::DSO)
+        } else {
+            let mut c = tokio::process::Command::new("setpriv");
+            c.args(privs).arg(super::DSO);
+            c
+        };
+        c.arg("--socket")
+            .arg(&agent.socket)
+            .arg("secret")
+            .arg("--vault-file")
+            .arg(vault.join("vault.enc"))
+            .arg("--key-file")
+            .arg(vault.join("master.key"))
+            .args(args)
+            .env_remove("DSO_VAULT_PASSPHRASE")
+            .env_remove("DSO_VAULT_PASSPHRASE_FILE")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        let mut input = child.stdin.take().unwrap();
+        input.write_all(stdin).await.unwrap();
+        drop(input);
+        child.wait_with_output().await.unwrap()
+    }
+
+    fn ok(out: &std::process::Output) -> String {
+        assert!(out.status.success(), "{}", super::text(&out.stderr));
+        super::text(&out.stdout)
+    }
+
+    /// Sends `body` as a PUT without waiting for the server to read it all, then reads the
+    /// answer's status.
+    async fn put_raw(socket: &Path, path: &str, body: Vec<u8>) -> u16 {
+        let s = tokio::net::UnixStream::connect(socket).await.unwrap();
+        let (mut r, mut w) = s.into_split();
+        let head = format!(
+            "PUT {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\ncontent-type: application/octet-stream\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        let writer = tokio::spawn(async move {
+            let _ = w.write_all(head.as_bytes()).await;
+            let _ = w.write_all(&body).await;
+            // Keep the write side open: the server takes a half-close as the client leaving.
+            std::future::pending::<()>().await;
+            drop(w);
+        });
+        let mut resp = Vec::new();
+        let _ = r.read_to_end(&mut resp).await;
+        writer.abort();
+        let resp = String::from_utf8_lossy(&resp);
+        resp.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
+    }
+
+    /// set, list, delete through the socket; get refused by default with the key named;
+    /// the size limit; the value never in the agent's log at trace level.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn set_list_delete_go_through_the_socket_and_get_is_refused_by_default() {
+        let vault = tempfile::tempdir().unwrap();
+        init(vault.path());
+        let state = tempfile::tempdir().unwrap();
+        let state_arg = state.path().display().to_string();
+        let agent = Agent::start_with(
+            |_| vault_config(&[vault.path()], false, None),
+            &["--state-dir", &state_arg],
+            "trace",
+        )
+        .await;
+        let out = secret(
+            &agent,
+            vault.path(),
+            &[],
+            &["--via-agent", "set", "app/db_password"],
+            VALUE,
+        )
+        .await;
+        let said = ok(&out);
+        assert!(
+            said.contains("set app/db_password version 1") && said.contains("through the agent"),
+            "{said}"
+        );
+        // The agent really wrote the vault: read it directly.
+        let out = secret(&agent, vault.path(), &[], &["get", "app/db_password"], b"").await;
+        assert_eq!(out.stdout, VALUE, "{}", super::text(&out.stderr));
+
+        let out = secret(&agent, vault.path(), &[], &["--via-agent", "list", "--json"], b"").await;
+        let listed: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
+        assert_eq!(listed["secrets"][0]["name"], "app/db_password");
+        assert_eq!(listed["secrets"][0]["version"], 1);
+        let out = secret(&agent, vault.path(), &[], &["--via-agent", "list"], b"").await;
+        assert!(ok(&out).contains("app/db_password"));
+
+        // Reading back is off: 403 naming the key, through the CLI and raw.
+        let out = secret(
+            &agent,
+            vault.path(),
+            &[],
+            &["--via-agent", "get", "app/db_password"],
+            b"",
+        )
+        .await;
+        assert_eq!(out.status.code(), Some(2), "{}", super::text(&out.stderr));
+        assert!(
+            super::text(&out.stderr).contains("agent.api.allow_secret_read"),
+            "{}",
+            super::text(&out.stderr)
+        );
+        assert!(out.stdout.is_empty());
+        let (code, body) = http(&agent.socket, "GET", "/v1/vault/secrets/app%2Fdb_password", "")
+            .await
+            .unwrap();
+        assert_eq!(code, 403, "{body}");
+        assert!(body.contains("agent.api.allow_secret_read"), "{body}");
+        // Unencoded slashes name the same entry.
+        let (code, _) = http(&agent.socket, "GET", "/v1/vault/secrets/app/db_password", "")
+            .await
+            .unwrap();
+        assert_eq!(code, 403);
+
+        // The size limit: exactly the limit is taken, one byte more is 413 and changes nothing.
+        let max = dso_secrets::value::MAX_VALUE_LEN;
+        let code = put_raw(&agent.socket, "/v1/vault/secrets/app/big", vec![b'a'; max]).await;
+        assert_eq!(
+            code,
+            200,
+            "{}",
+            agent
+                .log()
+                .lines()
+                .filter(|l| !l.contains("TRACE"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        let code = put_raw(&agent.socket, "/v1/vault/secrets/app/big", vec![b'b'; max + 1]).await;
+        assert_eq!(code, 413);
+        let (_, body) = http(&agent.socket, "GET", "/v1/vault/secrets", "").await.unwrap();
+        let listed: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let big = listed["secrets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == "app/big")
+            .unwrap();
+        assert_eq!(big["version"], 2, "the 413 wrote nothing: {body}");
+        assert!(!body.contains("agent-path"), "{body}");
+        // A bad name is 400 naming it.
+        let (code, body) = http(&agent.socket, "PUT", "/v1/vault/secrets/..%2Fx", "v")
+            .await
+            .unwrap();
+        assert_eq!(code, 400, "{body}");
+
+        let out = secret(
+            &agent,
+            vault.path(),
+            &[],
+            &["--via-agent", "delete", "app/db_password"],
+            b"",
+        )
+        .await;
+        assert!(ok(&out).contains("deleted app/db_password (was version 1)"));
+        let out = secret(
+            &agent,
+            vault.path(),
+            &[],
+            &["--via-agent", "delete", "app/db_password"],
+            b"",
+        )
+        .await;
+        assert_eq!(out.status.code(), Some(2), "{}", super::text(&out.stderr));
+        assert!(super::text(&out.stderr).contains("no secret \"app/db_password\""));
+
+        let log = agent.log();
+        assert!(log.contains("secret set through the control socket"), "{log}");
+        let needle = &VALUE[..14];
+        assert!(
+            !log.as_bytes().windows(needle.len()).any(|w| w == needle),
+            "the value is in the agent's log"
+        );
+    }
+
+    /// `agent.api.allow_secret_read: true`: get answers the exact bytes; with two local
+    /// providers the request must name one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn get_answers_the_raw_value_when_allowed_and_several_vaults_need_a_provider() {
+        let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        init(one.path());
+        init(two.path());
+        let state = tempfile::tempdir().unwrap();
+        let state_arg = state.path().display().to_string();
+        let agent = Agent::start_with(
+            |_| vault_config(&[one.path(), two.path()], true, None),
+            &["--state-dir", &state_arg],
+            "trace",
+        )
+        .await;
+        let out = secret(&agent, one.path(), &[], &["--via-agent", "set", "app/x"], VALUE).await;
+        assert_eq!(out.status.code(), Some(2), "{}", super::text(&out.stderr));
+        let e = super::text(&out.stderr);
+        assert!(e.contains("local0, local1") && e.contains("--provider"), "{e}");
+        let out = secret(
+            &agent,
+            one.path(),
+            &[],
+            &["--via-agent", "--provider", "local1", "set", "app/x"],
+            VALUE,
+        )
+        .await;
+        assert!(ok(&out).contains(&two.path().display().to_string()));
+        let out = secret(
+            &agent,
+            one.path(),
+            &[],
+            &["--via-agent", "--provider", "local1", "get", "app/x"],
+            b"",
+        )
+        .await;
+        assert!(out.status.success(), "{}", super::text(&out.stderr));
+        assert_eq!(out.stdout, VALUE);
+        // A value the redactor knows (the watcher took it) still comes back whole; the JSON
+        // answers stay redacted.
+        const WATCHED: &[u8] = b"watched-value-Q7w9 for the redactor";
+        let out = secret(
+            &agent,
+            one.path(),
+            &[],
+            &["--via-agent", "--provider", "local0", "set", "app/w"],
+            WATCHED,
+        )
+        .await;
+        ok(&out);
+        let mut taken = false;
+        for _ in 0..150 {
+            let (_, body) = http(&agent.socket, "GET", "/v1/secrets", "").await.unwrap();
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            if v["secrets"][0]["versions"]["app/w"].is_string() {
+                taken = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert!(taken, "the watcher took app/w");
+        let (code, body) = http(
+            &agent.socket,
+            "GET",
+            "/v1/vault/secrets/app/w?provider=local0",
+            "",
+        )
+        .await
+        .unwrap();
+        assert_eq!((code, body.as_bytes()), (200, WATCHED));
+        let (code, body) = http(
+            &agent.socket,
+            "PUT",
+            "/v1/vault/secrets/..%2Fwatched-value-Q7w9%20for%20the%20redactor?provider=local0",
+            "x",
+        )
+        .await
+        .unwrap();
+        assert_eq!(code, 400);
+        assert!(
+            !body.contains("watched-value-Q7w9 for the redactor"),
+            "error answers are redacted: {body}"
+        );
+        let out = secret(
+            &agent,
+            one.path(),
+            &[],
+            &["--via-agent", "--provider", "nope", "list"],
+            b"",
+        )
+        .await;
+        assert!(super::text(&out.stderr).contains("no local provider \"nope\""));
+        let needle = &VALUE[..14];
+        assert!(!agent.log().as_bytes().windows(needle.len()).any(|w| w == needle));
+    }
+
+    /// A member of the socket's group who cannot read the root-only vault: `dso secret
+    /// set|list|delete` go through the agent by themselves; a non-member is refused.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_group_member_who_cannot_read_the_vault_goes_through_the_agent() {
+        let root = std::fs::read_to_string("/proc/self/status")
+            .unwrap()
+            .lines()
+            .any(|l| l.starts_with("Uid:\t0\t"));
+        if !root {
+            assert!(std::env::var("CI").is_err(), "this test must run as root in CI");
+            eprintln!("SKIPPED LOUDLY: needs root to run the client as another uid");
+            return;
+        }
+        let group = TempGroup::create();
+        let vault = tempfile::tempdir().unwrap();
+        init(vault.path());
+        let state = tempfile::tempdir().unwrap();
+        let state_arg = state.path().display().to_string();
+        let agent = Agent::start_with(
+            |_| vault_config(&[vault.path()], false, Some(&group.name)),
+            &["--state-dir", &state_arg],
+            "info",
+        )
+        .await;
+        use std::os::unix::fs::PermissionsExt;
+        for p in [agent.dir.path(), agent.socket.parent().unwrap()] {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        // The vault's directory stays 0700 root: the member gets EACCES on the vault file.
+        let uid = 64_000 + std::process::id() % 1000;
+        let member = vec![
+            format!("--reuid={uid}"),
+            "--regid=64999".to_owned(),
+            format!("--groups={}", group.gid),
+        ];
+        let out = secret(&agent, vault.path(), &member, &["set", "app/token"], VALUE).await;
+        assert!(ok(&out).contains("through the agent"));
+        let out = secret(&agent, vault.path(), &member, &["list"], b"").await;
+        assert!(ok(&out).contains("app/token"));
+        let out = secret(&agent, vault.path(), &member, &["get", "app/token"], b"").await;
+        assert!(
+            super::text(&out.stderr).contains("agent.api.allow_secret_read"),
+            "{}",
+            super::text(&out.stderr)
+        );
+        assert!(out.stdout.is_empty());
+        let out = secret(&agent, vault.path(), &member, &["delete", "app/token"], b"").await;
+        assert!(ok(&out).contains("deleted app/token"));
+
+        // Not a member: refused by the socket's file mode (or, were it open, its peer check).
+        let stranger = vec![
+            format!("--reuid={uid}"),
+            "--regid=64999".to_owned(),
+            "--clear-groups".to_owned(),
+        ];
+        let out = secret(&agent, vault.path(), &stranger, &["list"], b"").await;
+        assert!(!out.status.success());
+        assert!(
+            super::text(&out.stderr).contains("not readable by this user"),
+            "{}",
+            super::text(&out.stderr)
+        );
+    }
+}
