@@ -277,7 +277,7 @@ impl Delivery {
             .filter(|s| {
                 let t = &s.targets;
                 named.contains(&s.name.as_str())
-                    || t.containers.iter().any(|n| *n == c.name)
+                    || t.containers.contains(&c.name)
                     || service.is_some_and(|svc| t.services.iter().any(|n| n == svc))
                     || (!t.labels.is_empty() && t.labels.iter().all(|(k, v)| c.labels.get(k) == Some(v)))
             })
