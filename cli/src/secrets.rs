@@ -387,8 +387,40 @@ impl Secrets {
                 })
                 .collect(),
         );
+        out.push_str(&render_calls());
         out
     }
+}
+
+/// Calls made to each provider instance, by call (`version`, `fetch`) and result (`ok`,
+/// `error`; a failed connect counts as an error of the call it was for).
+static CALLS: Mutex<BTreeMap<(String, &'static str, &'static str), u64>> = Mutex::new(BTreeMap::new());
+
+fn count_call(provider: &str, call: &'static str, ok: bool) {
+    let result = if ok { "ok" } else { "error" };
+    *CALLS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry((provider.to_owned(), call, result))
+        .or_default() += 1;
+}
+
+/// `dso_secrets_provider_calls_total` in Prometheus text format.
+fn render_calls() -> String {
+    use std::fmt::Write;
+    let calls = CALLS.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let mut out = String::from(
+        "# HELP dso_secrets_provider_calls_total Calls to the provider: version (metadata only) or fetch (a value), ok or error.\n\
+         # TYPE dso_secrets_provider_calls_total counter\n",
+    );
+    for ((provider, call, result), n) in calls {
+        let _ = writeln!(
+            out,
+            "dso_secrets_provider_calls_total{{provider=\"{}\",call=\"{call}\",result=\"{result}\"}} {n}",
+            escape(&provider)
+        );
+    }
+    out
 }
 
 /// A Prometheus label value: backslash, quote and newline escaped.
@@ -445,11 +477,21 @@ impl Provider for Lazy {
     }
 
     async fn version(&self, reference: &Reference) -> Result<Version, SecretError> {
-        self.get().await?.version(reference).await
+        let r = match self.get().await {
+            Ok(p) => p.version(reference).await,
+            Err(e) => Err(e),
+        };
+        count_call(&self.spec.name, "version", r.is_ok());
+        r
     }
 
     async fn fetch(&self, reference: &Reference, version: &Version) -> Result<SecretValue, SecretError> {
-        self.get().await?.fetch(reference, version).await
+        let r = match self.get().await {
+            Ok(p) => p.fetch(reference, version).await,
+            Err(e) => Err(e),
+        };
+        count_call(&self.spec.name, "fetch", r.is_ok());
+        r
     }
 
     async fn check(&self) -> Result<CheckReport, SecretError> {

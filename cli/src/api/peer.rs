@@ -72,10 +72,12 @@ impl Access {
     }
 }
 
-/// The uid of this process, from `/proc/self/status` (no unsafe `getuid` call needed).
+/// The effective uid of this process (the one files are created and checked with, and the
+/// one `SO_PEERCRED` reports of peers), from `/proc/self/status` (no unsafe `geteuid` call
+/// needed): the second of the `Uid:` line's real, effective, saved and filesystem ids.
 pub fn own_uid() -> Option<u32> {
     status_field(&fs::read_to_string("/proc/self/status").ok()?, "Uid:")?
-        .first()
+        .get(1)
         .copied()
 }
 

@@ -837,6 +837,29 @@ mod through_the_agent {
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
         assert!(taken, "the watcher took app/w");
+        // The watcher's calls are counted per provider, call and result.
+        let (_, metrics) = http(&agent.socket, "GET", "/metrics", "").await.unwrap();
+        let count = |labels: &str| -> u64 {
+            let prefix = format!("dso_secrets_provider_calls_total{{{labels}}} ");
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(&prefix))
+                .map_or(0, |n| n.trim().parse().unwrap())
+        };
+        assert!(
+            count(r#"provider="local0",call="version",result="ok""#) >= 1,
+            "{metrics}"
+        );
+        assert!(
+            count(r#"provider="local0",call="fetch",result="ok""#) >= 1,
+            "{metrics}"
+        );
+        assert_eq!(
+            count(r#"provider="local1",call="fetch",result="ok""#),
+            0,
+            "nothing watched on local1"
+        );
+        assert!(!metrics.contains("watched-value-Q7w9"));
         let (code, body) = http(
             &agent.socket,
             "GET",
