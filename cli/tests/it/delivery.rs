@@ -38,7 +38,7 @@ fn launcher() -> String {
 
 /// A vault, an agent scoped to this run, and one managed container; all removed on drop
 /// (containers, network, the agent's tmpfs).
-struct Fixture {
+pub(crate) struct Fixture {
     run: String,
     vault: tempfile::TempDir,
     state: tempfile::TempDir,
