@@ -342,6 +342,64 @@ impl Deliverer {
             .collect()
     }
 
+    /// The delivery metric families in Prometheus text format (see docs/metrics.md).
+    pub fn render_metrics(&self) -> String {
+        render_metrics(&self.status())
+    }
+}
+
+/// [`Deliverer::render_metrics`] of a status.
+fn render_metrics(status: &[ServiceDelivery]) -> String {
+    use std::fmt::Write;
+    let label = |v: &str| v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# HELP dso_delivery_rotations_total Secret deliveries per service by result (ok: the rotation or in-place update succeeded; failed: it failed and the container kept its values).\n# TYPE dso_delivery_rotations_total counter"
+    );
+    for s in status {
+        let svc = label(&s.service);
+        let _ = writeln!(
+            out,
+            "dso_delivery_rotations_total{{service=\"{svc}\",result=\"ok\"}} {}",
+            s.delivered
+        );
+        let _ = writeln!(
+            out,
+            "dso_delivery_rotations_total{{service=\"{svc}\",result=\"failed\"}} {}",
+            s.failed
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP dso_delivery_failed_versions References whose current version failed to roll out and is not retried until it changes or `dso rotate SERVICE --force`.\n# TYPE dso_delivery_failed_versions gauge"
+    );
+    for s in status {
+        let _ = writeln!(
+            out,
+            "dso_delivery_failed_versions{{service=\"{}\"}} {}",
+            label(&s.service),
+            s.failed_versions.len()
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP dso_delivery_last_attempt_timestamp_seconds Unix time of the service's last delivery attempt.\n# TYPE dso_delivery_last_attempt_timestamp_seconds gauge"
+    );
+    for s in status {
+        if let Some(ms) = s.last_attempt_unix_ms {
+            let _ = writeln!(
+                out,
+                "dso_delivery_last_attempt_timestamp_seconds{{service=\"{}\"}} {}",
+                label(&s.service),
+                ms as f64 / 1000.0
+            );
+        }
+    }
+    out
+}
+
+impl Deliverer {
     /// The `dso.update.strategy` label of the service's first container, when set.
     fn label_strategy(&self, key: &ServiceKey) -> Option<Strategy> {
         let rx = self.docker.rotator.subscribe_scans();
@@ -401,4 +459,36 @@ fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_show_each_service_by_result_with_escaped_labels() {
+        let s = ServiceDelivery {
+            service: "shop/web\"x".into(),
+            delivered: 3,
+            failed: 1,
+            failed_versions: BTreeMap::from([("app/pw".to_owned(), "4".to_owned())]),
+            last_attempt_unix_ms: Some(1_500),
+            ..Default::default()
+        };
+        let text = render_metrics(&[s]);
+        assert!(
+            text.contains("dso_delivery_rotations_total{service=\"shop/web\\\"x\",result=\"ok\"} 3\n"),
+            "{text}"
+        );
+        assert!(text.contains("result=\"failed\"} 1\n"), "{text}");
+        assert!(
+            text.contains("dso_delivery_failed_versions{service=\"shop/web\\\"x\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("dso_delivery_last_attempt_timestamp_seconds{service=\"shop/web\\\"x\"} 1.5\n"),
+            "{text}"
+        );
+        assert_eq!(text.matches("# TYPE").count(), 3);
+    }
 }

@@ -99,6 +99,9 @@ pub async fn handle(state: State, req: ApiRequest) -> Option<Reply> {
     let mut text = render(&state.proxy.snapshot());
     if let Some(secrets) = &state.secrets {
         text.push_str(&secrets.render_metrics().await);
+        if let Some(d) = secrets.deliverer() {
+            text.push_str(&d.render_metrics());
+        }
     }
     Some(Ok(Response::builder()
         .status(StatusCode::OK)

@@ -229,8 +229,53 @@ pub fn status(args: StatusArgs, socket: PathBuf) -> anyhow::Result<()> {
                 println!("  error: {e}");
             }
         }
+        // Secret delivery, when the agent delivers any (an older agent has no endpoint).
+        if let Ok(d) = client.get::<DeliveryList>("/v1/delivery").await
+            && !d.services.is_empty()
+        {
+            println!(
+                "\n{:<28} {:<24} {:>9} {:>6}  LAST ERROR",
+                "SERVICE", "SECRETS", "DELIVERED", "FAILED"
+            );
+            for s in d.services {
+                let held = if s.failed_versions.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " (holding: {} failed version(s); `dso rotate {} --force` retries)",
+                        s.failed_versions.len(),
+                        s.service
+                    )
+                };
+                println!(
+                    "{:<28} {:<24} {:>9} {:>6}  {}{held}",
+                    super::table::printable(&s.service),
+                    super::table::printable(&s.secrets.join(",")),
+                    s.delivered,
+                    s.failed,
+                    super::table::printable(s.last_error.as_deref().unwrap_or("-")),
+                );
+            }
+        }
         Ok(())
     })
+}
+
+/// `GET /v1/delivery`.
+#[derive(Debug, Deserialize)]
+struct DeliveryList {
+    services: Vec<DeliveryRow>,
+}
+
+#[derive(Debug, Deserialize)]
+struct DeliveryRow {
+    service: String,
+    secrets: Vec<String>,
+    delivered: u64,
+    failed: u64,
+    #[serde(default)]
+    failed_versions: std::collections::BTreeMap<String, String>,
+    last_error: Option<String>,
 }
 
 fn short(id: &str) -> &str {
