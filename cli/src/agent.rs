@@ -104,7 +104,7 @@ async fn run(cfg: Config, args: &AgentArgs, socket: &Path, shutdown: Duration) -
                 proxy.clone(),
                 args.state_dir.clone(),
                 scope,
-                delivery.clone(),
+                delivery.clone().map(|d| (d, cfg.agent.delivery.remote)),
                 stop_docker.clone(),
             )
             .await?,

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use dso_proxy::Proxy;
-use dso_rotator::{Config, DockerEngine, Progress, RotateRequest, RotationReport, Rotator, Strategy};
+use dso_rotator::{Config, DockerEngine, Engine, Progress, RotateRequest, RotationReport, Rotator, Strategy};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -53,13 +53,26 @@ impl Docker {
         proxy: Proxy,
         state_dir: PathBuf,
         scope: Option<(String, String)>,
-        delivery: Option<Arc<dso_rotator::delivery::Delivery>>,
+        delivery: Option<(Arc<dso_rotator::delivery::Delivery>, Option<bool>)>,
         stop: CancellationToken,
     ) -> anyhow::Result<Arc<Docker>> {
         let engine = DockerEngine::connect()
             .await
             .context("connecting to Docker (is the daemon running?)")?;
         info!(api = engine.api_version(), state_dir = %state_dir.display(), "docker connected");
+        if let Some((d, forced)) = &delivery {
+            let remote = forced.unwrap_or(!engine.is_local());
+            d.set_remote(remote);
+            info!(
+                path = if remote {
+                    "remote: tmpfs volumes filled by archive uploads"
+                } else {
+                    "local: bind mounts of the agent's tmpfs"
+                },
+                "secret delivery path"
+            );
+        }
+        let delivery = delivery.map(|(d, _)| d);
         let mut cfg = Config::new(&state_dir);
         cfg.scope = scope;
         cfg.delivery = delivery;

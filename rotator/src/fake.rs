@@ -268,6 +268,13 @@ impl Engine for Fake {
     fn is_local(&self) -> bool {
         !self.remote
     }
+
+    fn put_launcher<'a>(&'a self, id: &'a str, archive: &'a [u8]) -> Fut<'a, ()> {
+        Box::pin(async move {
+            self.call(format!("put_launcher {id} {}", archive.len()));
+            Ok(())
+        })
+    }
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::info;
 
-use crate::delivery::Prepared;
+use crate::delivery::{Delivery, Prepared};
 use crate::engine::{CloneSpec, Container, Engine, short};
 use crate::error::Error;
 use crate::gateway::{Gateway, Member, Timing};
@@ -177,7 +177,24 @@ impl<'a, E: Engine> Run<'a, E> {
             primary_network: self.spec.network.clone(),
             overrides,
         };
+        if let Some(p) = &self.prepared {
+            for v in &p.volumes {
+                let labels = [(crate::delivery::LABEL_INSTANCE.to_owned(), p.instance.clone())];
+                self.engine
+                    .create_tmpfs_volume(&v.volume, Delivery::volume_size(v), &labels)
+                    .await?;
+            }
+        }
         let id = self.engine.create_clone(&spec).await?;
+        if let Some(l) = self.prepared.as_ref().and_then(|p| p.launcher_upload.as_ref()) {
+            let tar = crate::delivery::launcher_archive(l)
+                .map_err(|e| Error::Delivery(format!("reading the launcher {}: {e}", l.display())))?;
+            if let Err(e) = self.engine.put_launcher(&id, &tar).await {
+                // Not journaled yet: remove the copy here, or it would be left behind.
+                let _ = self.engine.remove(&id).await;
+                return Err(e.into());
+            }
+        }
         self.record(
             Step::GreenCreated,
             Some(&id),
@@ -190,6 +207,12 @@ impl<'a, E: Engine> Run<'a, E> {
     /// Starts green and journals `GreenStarted`.
     pub async fn start_green(&mut self, id: &str) -> Result<(), Error> {
         self.engine.start(id).await?;
+        // Remote engines: the volumes are mounted now; the launcher waits for the uploads.
+        if let Some(p) = &self.prepared {
+            for v in &p.volumes {
+                self.engine.put_archive(id, &v.target, v.archive()).await?;
+            }
+        }
         self.record(Step::GreenStarted, None, format!("started {}", short(id)))
             .await
     }

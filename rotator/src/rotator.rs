@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::delivery::{Bundle, Delivery, LABEL_INSTANCE, SWEEP_MIN_AGE};
+use crate::delivery::{Bundle, Delivery, LABEL_INSTANCE, SWEEP_MIN_AGE, volume_name};
 use crate::discovery::{self, Managed, Scan};
 use crate::engine::Engine;
 use crate::error::Error;
@@ -221,7 +221,7 @@ impl<E: Engine> Rotator<E> {
                 };
                 for i in gone {
                     if d.store().exists(&i) {
-                        d.wipe(&i);
+                        wipe_instance(&self.inner.engine, d, &i).await;
                         info!(instance = %i, "wiped the secret directory of a removed container");
                     }
                 }
@@ -229,7 +229,8 @@ impl<E: Engine> Rotator<E> {
                 // only those old enough not to belong to a container being created.
                 let first = !self.inner.swept.swap(true, std::sync::atomic::Ordering::Relaxed);
                 let min_age = if first { Duration::ZERO } else { SWEEP_MIN_AGE };
-                for i in d.sweep(&referenced, min_age) {
+                for i in d.orphans(&referenced, min_age) {
+                    wipe_instance(&self.inner.engine, d, &i).await;
                     info!(instance = %i, "wiped an orphaned secret directory");
                 }
             }
@@ -361,6 +362,13 @@ impl<E: Engine> Rotator<E> {
             if d.can_update_in_place(&blue) {
                 // The files change under the running container; `signal` then tells it.
                 d.update_in_place(&blue, bundle).map_err(Error::delivery)?;
+                if d.is_remote()
+                    && let Some(inst) = Delivery::instance_of(&blue)
+                {
+                    for v in d.archives(&blue, inst).map_err(Error::delivery)? {
+                        inner.engine.put_archive(&blue.id, &v.target, v.archive()).await?;
+                    }
+                }
                 info!(service = %m.key, container = %blue.name, "secret files updated in place");
             } else {
                 // First delivery: the container was not created with dso's mounts (or
@@ -412,7 +420,7 @@ impl<E: Engine> Rotator<E> {
                     // green after a rollback. A side that still exists keeps it.
                     for inst in [&blue_instance, &green_instance].into_iter().flatten() {
                         match inner.engine.list_labeled(LABEL_INSTANCE, inst).await {
-                            Ok(users) if users.is_empty() => d.wipe(inst),
+                            Ok(users) if users.is_empty() => wipe_instance(&inner.engine, d, inst).await,
                             Ok(_) => {}
                             Err(e) => {
                                 warn!(instance = %inst, error = %e, "cannot tell whether a secret directory is still used; the sweep will")
@@ -496,6 +504,19 @@ impl<E: Engine> Rotator<E> {
             }),
         }
     }
+}
+
+/// Wipes an instance's directory, and on a remote engine removes its volumes first (the
+/// container using them is gone).
+async fn wipe_instance<E: Engine>(engine: &E, d: &Delivery, instance: &str) {
+    if d.is_remote() {
+        for g in d.store().groups(instance).unwrap_or_default() {
+            if let Err(e) = engine.remove_volume(&volume_name(instance, &g)).await {
+                warn!(instance, error = %e, "cannot remove a secret volume");
+            }
+        }
+    }
+    d.wipe(instance);
 }
 
 /// Later requests win: their environment values replace earlier ones of the same name,

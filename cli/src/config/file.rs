@@ -72,6 +72,8 @@ pub struct DeliverySection {
     pub size_mib: Option<u64>,
     /// Host path of the static `dso-init` launcher (env injection).
     pub launcher: Option<PathBuf>,
+    /// `auto` (default: remote when the engine is not on this host), `local` or `remote`.
+    pub mode: Option<String>,
 }
 
 /// `agent.api:`.

@@ -70,6 +70,9 @@ pub struct DeliverySettings {
     /// Host path of `dso-init`; `None` means "look next to the `dso` binary, then
     /// `/usr/lib/dso/dso-init`" (see [`DeliverySettings::launcher_path`]).
     pub launcher: Option<PathBuf>,
+    /// Bind mounts of the agent's tmpfs (`Some(false)`), tmpfs volumes filled by archive
+    /// uploads (`Some(true)`), or decided from the engine (`None`, `auto`).
+    pub remote: Option<bool>,
 }
 
 impl Default for DeliverySettings {
@@ -79,6 +82,7 @@ impl Default for DeliverySettings {
             mount_tmpfs: true,
             size_bytes: 64 << 20,
             launcher: None,
+            remote: None,
         }
     }
 }

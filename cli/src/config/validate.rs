@@ -127,6 +127,17 @@ fn delivery(
         }
         out.launcher = Some(l);
     }
+    out.remote = match d.mode.as_deref() {
+        None | Some("auto") => None,
+        Some("local") => Some(false),
+        Some("remote") => Some(true),
+        Some(other) => {
+            return Err(bad(
+                "agent.delivery.mode",
+                format!("{other:?} is not a delivery mode; expected auto, local or remote"),
+            ));
+        }
+    };
     Ok(out)
 }
 

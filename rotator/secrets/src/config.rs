@@ -86,7 +86,9 @@ pub enum Strategy {
     Signal,
     /// Update the files in place (file injection) and do nothing else.
     None,
-    /// The container's `dso.update.strategy` label decides; `rolling` without one.
+    /// The container's `dso.update.strategy` label decides; without one, `rolling`, or
+    /// `restart` for a container that looks stateful or publishes its own ports. The
+    /// default when no key names a strategy.
     Auto,
 }
 
@@ -141,7 +143,7 @@ impl Default for AgentRotation {
     fn default() -> AgentRotation {
         AgentRotation {
             enabled: true,
-            strategy: Strategy::Rolling,
+            strategy: Strategy::Auto,
             health_check_timeout: Duration::from_secs(30),
         }
     }
@@ -163,7 +165,7 @@ impl Default for RotationSpec {
     fn default() -> RotationSpec {
         RotationSpec {
             enabled: true,
-            strategy: Strategy::Rolling,
+            strategy: Strategy::Auto,
             signal: "SIGHUP".to_string(),
         }
     }

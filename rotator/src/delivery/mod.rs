@@ -23,7 +23,8 @@ pub mod store;
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use dso_secrets::SecretValue;
@@ -32,6 +33,7 @@ use tracing::warn;
 
 use crate::engine::{Container, Overrides};
 use store::{FileSpec, Store, StoreError, StoreOptions};
+use zeroize::Zeroizing;
 
 /// Label naming a container's instance directory.
 pub const LABEL_INSTANCE: &str = "dso.delivery.instance";
@@ -165,6 +167,14 @@ pub enum DeliveryError {
         /// Mapping key.
         key: String,
     },
+    /// The archive of a group could not be built (remote engines).
+    #[error("container {container}: {message}")]
+    Archive {
+        /// Container name.
+        container: String,
+        /// The archive builder's message (names the file, never the value).
+        message: String,
+    },
     /// In-place update of a container dso did not create.
     #[error(
         "container {container} has no dso secret directory (it was not created by dso); it needs a rotation that replaces it"
@@ -186,6 +196,49 @@ pub struct Prepared {
     pub env: Vec<(String, String)>,
     /// Labels of the copy (`dso.delivery.instance`).
     pub labels: Vec<(String, String)>,
+    /// Remote engines: the tmpfs volumes to create before the copy and fill once it runs.
+    pub volumes: Vec<RemoteGroup>,
+    /// Remote engines: the launcher binary to copy into the created container.
+    pub launcher_upload: Option<PathBuf>,
+}
+
+/// One group delivered to a remote engine: a tmpfs volume mounted at `target`, filled by
+/// an archive upload once the container runs.
+#[derive(Clone)]
+pub struct RemoteGroup {
+    /// Volume name (`dso-<instance>-<group>`).
+    pub volume: String,
+    /// Directory inside the container.
+    pub target: String,
+    /// The archive: the group's files and the ready marker (zeroed on drop).
+    archive: Arc<Zeroizing<Vec<u8>>>,
+}
+
+impl RemoteGroup {
+    /// The archive bytes.
+    pub fn archive(&self) -> &[u8] {
+        &self.archive
+    }
+}
+
+impl std::fmt::Debug for RemoteGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteGroup")
+            .field("volume", &self.volume)
+            .field("target", &self.target)
+            .field("archive_len", &self.archive.len())
+            .finish()
+    }
+}
+
+/// The volume of group `group` of instance `instance` on a remote engine.
+pub fn volume_name(instance: &str, group: &str) -> String {
+    format!("dso-{instance}-{group}")
+}
+
+/// Size limit of a remote group's tmpfs volume: twice its content, at least 8 MiB.
+fn volume_size(archive_len: usize) -> u64 {
+    (archive_len as u64).saturating_mul(2).max(8 << 20)
 }
 
 /// The delivery side of the rotator. Cheap to share (`Arc`).
@@ -193,6 +246,8 @@ pub struct Delivery {
     store: Store,
     launcher: Option<PathBuf>,
     secrets: RwLock<Vec<SecretSpec>>,
+    /// The engine does not see this host's directories: volumes and uploads, not binds.
+    remote: AtomicBool,
 }
 
 impl std::fmt::Debug for Delivery {
@@ -235,7 +290,19 @@ impl Delivery {
             store,
             launcher: cfg.launcher,
             secrets: RwLock::new(cfg.secrets),
+            remote: AtomicBool::new(false),
         })
+    }
+
+    /// Chooses the remote path (tmpfs volumes filled by archive uploads) or the local one
+    /// (bind mounts of the store's directories); the agent sets it from the engine.
+    pub fn set_remote(&self, remote: bool) {
+        self.remote.store(remote, Ordering::Relaxed);
+    }
+
+    /// Whether the remote path is used.
+    pub fn is_remote(&self) -> bool {
+        self.remote.load(Ordering::Relaxed)
     }
 
     /// The store.
@@ -413,7 +480,67 @@ impl Delivery {
                 }
             }
         }
+        if self.is_remote() && !groups.iter().any(|g| g.name == ENV_GROUP) {
+            // The launcher holds every remote container's entrypoint and reads its env
+            // directory: an empty one when no value is an environment variable.
+            groups.push(Group {
+                name: ENV_GROUP.to_owned(),
+                target: ENV_DIR.to_owned(),
+                files: Vec::new(),
+            });
+        }
+        if self.is_remote() && self.launcher.as_ref().is_none_or(|p| !p.is_file()) {
+            return Err(DeliveryError::Launcher {
+                container: c.name.clone(),
+                secret: secrets.first().map(|s| s.name.clone()).unwrap_or_default(),
+                why: "a remote engine needs the launcher to hold the entrypoint until the files are uploaded, and it is missing".to_owned(),
+            });
+        }
         Ok(Layout { groups, native })
+    }
+
+    /// The archives of an instance's groups for a remote engine: each group's files from
+    /// the store, with the layout's modes and owners, and the ready marker.
+    pub fn archives(&self, c: &Container, instance: &str) -> Result<Vec<RemoteGroup>, DeliveryError> {
+        let layout = self.layout(c, &self.consumed(c))?;
+        let mut out = Vec::new();
+        for g in &layout.groups {
+            let values = self.store.read_group(instance, &g.name)?;
+            let mut entries = Vec::new();
+            for f in &g.files {
+                let v = values
+                    .iter()
+                    .find(|(n, _)| *n == f.key)
+                    .map(|(_, v)| v)
+                    .ok_or_else(|| DeliveryError::Missing {
+                        container: c.name.clone(),
+                        secret: f.secret.clone(),
+                        key: f.key.clone(),
+                    })?;
+                entries.push(archive::FileEntry {
+                    name: &f.key,
+                    value: v.expose(),
+                    mode: f.mode,
+                    uid: f.uid,
+                    gid: f.gid,
+                });
+            }
+            let bytes = archive::build(&entries, true).map_err(|e| DeliveryError::Archive {
+                container: c.name.clone(),
+                message: e.to_string(),
+            })?;
+            out.push(RemoteGroup {
+                volume: volume_name(instance, &g.name),
+                target: g.target.clone(),
+                archive: Arc::new(bytes),
+            });
+        }
+        Ok(out)
+    }
+
+    /// The size limit of a remote group's volume.
+    pub fn volume_size(group: &RemoteGroup) -> u64 {
+        volume_size(group.archive.len())
     }
 
     /// Values of one group: from `bundle` when it has them, else from `current` (the
@@ -498,10 +625,23 @@ impl Delivery {
                 };
                 let values = self.group_values(blue, g, bundle, &current)?;
                 let dir = self.write(instance, g, &values)?;
-                prepared
-                    .overrides
-                    .add_binds
-                    .push(format!("{}:{}:ro", dir.display(), g.target));
+                if !self.is_remote() {
+                    prepared
+                        .overrides
+                        .add_binds
+                        .push(format!("{}:{}:ro", dir.display(), g.target));
+                }
+            }
+            if self.is_remote() {
+                // The store keeps the values (RAM, on this host); the engine gets them in
+                // its own tmpfs volumes once the container runs.
+                prepared.volumes = self.archives(blue, instance)?;
+                for v in &prepared.volumes {
+                    prepared
+                        .overrides
+                        .add_binds
+                        .push(format!("{}:{}", v.volume, v.target));
+                }
             }
             Ok::<(), DeliveryError>(())
         })();
@@ -531,7 +671,32 @@ impl Delivery {
             .collect();
         let wants_launcher = layout.groups.iter().any(|g| g.name == ENV_GROUP);
         let wrapped = blue.process.entrypoint.first().map(String::as_str) == Some(LAUNCHER_PATH);
-        if wants_launcher {
+        if self.is_remote() {
+            // The launcher is copied into the created container and waits for every
+            // group's ready marker before it execs the original entrypoint.
+            prepared.launcher_upload = self.launcher.clone();
+            let original = if wrapped {
+                unwrap_entrypoint(&blue.process.entrypoint)
+            } else {
+                blue.process.entrypoint.clone()
+            };
+            let mut entry = vec![
+                LAUNCHER_PATH.to_owned(),
+                "--env-dir".to_owned(),
+                ENV_DIR.to_owned(),
+            ];
+            for g in &layout.groups {
+                entry.push("--wait-for".to_owned());
+                entry.push(format!(
+                    "{}/{}",
+                    g.target.trim_end_matches('/'),
+                    store::READY_MARKER
+                ));
+            }
+            entry.push("--".to_owned());
+            entry.extend(original);
+            prepared.overrides.entrypoint = Some((entry, blue.process.cmd.clone()));
+        } else if wants_launcher {
             if let Some(l) = &self.launcher {
                 prepared
                     .overrides
@@ -614,26 +779,30 @@ impl Delivery {
     /// at least `min_age` old ([`SWEEP_MIN_AGE`] while rotations may be writing one;
     /// zero at agent start). Returns what was wiped.
     pub fn sweep(&self, referenced: &HashSet<String>, min_age: Duration) -> Vec<String> {
+        let orphans = self.orphans(referenced, min_age);
+        for i in &orphans {
+            self.wipe(i);
+        }
+        orphans
+    }
+
+    /// The instance directories [`Delivery::sweep`] would wipe.
+    pub fn orphans(&self, referenced: &HashSet<String>, min_age: Duration) -> Vec<String> {
         let Ok(all) = self.store.instances() else {
             return Vec::new();
         };
         let now = SystemTime::now();
-        let mut wiped = Vec::new();
-        for i in all {
-            if referenced.contains(&i) {
-                continue;
-            }
-            let age = std::fs::symlink_metadata(self.store.root().join(&i))
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| now.duration_since(t).ok())
-                .unwrap_or_default();
-            if age >= min_age {
-                self.wipe(&i);
-                wiped.push(i);
-            }
-        }
-        wiped
+        all.into_iter()
+            .filter(|i| !referenced.contains(i))
+            .filter(|i| {
+                let age = std::fs::symlink_metadata(self.store.root().join(i))
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| now.duration_since(t).ok())
+                    .unwrap_or_default();
+                age >= min_age
+            })
+            .collect()
     }
 
     fn has_dso_binds(&self, c: &Container) -> bool {
@@ -645,7 +814,9 @@ impl Delivery {
     fn is_dso_bind(&self, bind: &str) -> bool {
         let source = bind.split(':').next().unwrap_or_default();
         let under_root = Path::new(source).starts_with(self.store.root());
+        let volume = source.starts_with("dso-") && !source.contains('/');
         under_root
+            || volume
             || bind
                 .split(':')
                 .nth(1)
@@ -692,3 +863,31 @@ pub fn parse_user(user: &str) -> Option<(u32, u32)> {
 
 #[cfg(test)]
 mod tests;
+
+/// The archive that puts the launcher at [`LAUNCHER_PATH`] in a container's root (remote
+/// engines; the binary is not secret).
+pub fn launcher_archive(launcher: &Path) -> Result<Vec<u8>, std::io::Error> {
+    let bin = std::fs::read(launcher)?;
+    let mut out = Vec::with_capacity(bin.len() + 4096);
+    {
+        let mut b = tar::Builder::new(&mut out);
+        let mtime = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        for dir in ["run/", "run/dso/"] {
+            let mut h = tar::Header::new_ustar();
+            h.set_entry_type(tar::EntryType::Directory);
+            h.set_mode(0o755);
+            h.set_size(0);
+            h.set_mtime(mtime);
+            b.append_data(&mut h, dir, std::io::empty())?;
+        }
+        let mut h = tar::Header::new_ustar();
+        h.set_mode(0o755);
+        h.set_size(bin.len() as u64);
+        h.set_mtime(mtime);
+        b.append_data(&mut h, LAUNCHER_PATH.trim_start_matches('/'), bin.as_slice())?;
+        b.finish()?;
+    }
+    Ok(out)
+}

@@ -11,7 +11,7 @@
 //! directory that holds them (`openat`, `renameat`, `unlinkat`), so a path is never re-walked
 //! between the check and the write.
 //!
-//! Layout: the root (mode 0711) holds one directory per container instance (0711, owned by
+//! Layout: the root (mode 0700) holds one directory per container instance (0700, owned by
 //! the agent), each holding group directories (0755): `env` for the launcher, `f0`, `f1`...
 //! for file injection. A group is bind-mounted read-only into its container. The empty file
 //! [`READY_MARKER`] in a group means "complete": it is removed when a write starts and
@@ -55,9 +55,12 @@ const TEMP_PREFIX: &str = ".dso-tmp-";
 /// File names starting with this are dso's own (the marker, temp files).
 const RESERVED_PREFIX: &str = ".dso";
 
-/// The root and the instance directories: others may traverse, not list.
-const ROOT_MODE: u32 = 0o711;
-const INSTANCE_MODE: u32 = 0o711;
+/// The root and the instance directories: root only. A container sees its group
+/// directory through its bind mount (the daemon resolves the source as root), so no host
+/// user needs to traverse these, and one whose uid matches a container's cannot reach
+/// that container's files by path.
+const ROOT_MODE: u32 = 0o700;
+const INSTANCE_MODE: u32 = 0o700;
 /// Group directories: the container's user must list them (a launcher waits for files).
 const GROUP_MODE: u32 = 0o755;
 /// The ready marker holds nothing; anyone may see it.
@@ -125,7 +128,7 @@ pub enum StoreError {
     #[error(
         "{path} is on {found}, not a tmpfs: dso writes secret files only to RAM and never \
          falls back to disk; run the agent as root so it can mount a tmpfs there, mount one \
-         yourself (mount -t tmpfs -o mode=0711 tmpfs {path}), or set agent.delivery.root to a \
+         yourself (mount -t tmpfs -o mode=0700 tmpfs {path}), or set agent.delivery.root to a \
          tmpfs directory",
         path = .path.display()
     )]
@@ -469,7 +472,7 @@ impl Store {
     }
 }
 
-/// Creates the root and its missing parents (0711), refusing a root or a created component
+/// Creates the root and its missing parents (0700), refusing a root or a created component
 /// that turns out to be a symlink, foreign-owned or group/world writable. Existing parents
 /// are the operator's (`/run`, `/tmp`) and are not judged.
 fn create_chain(root: &Path) -> Result<(), StoreError> {
@@ -1013,10 +1016,10 @@ mod tests {
             !is_ram(fx.dir.path()),
             "test precondition: the temp dir is on disk"
         );
-        assert_eq!(std::fs::metadata(root).unwrap().mode() & 0o7777, 0o711);
+        assert_eq!(std::fs::metadata(root).unwrap().mode() & 0o7777, 0o700);
         for created in ["run", "run/dso"] {
             let meta = std::fs::metadata(fx.dir.path().join(created)).unwrap();
-            assert_eq!(meta.mode() & 0o7777, 0o711, "{created}");
+            assert_eq!(meta.mode() & 0o7777, 0o700, "{created}");
         }
         fx.store.check().unwrap();
         // Opening again finds the tmpfs and does not mount a second one over it.
@@ -1118,7 +1121,7 @@ mod tests {
             (0o440, 1000, 2000)
         );
         let inst = std::fs::metadata(fx.store.root().join("web-1")).unwrap();
-        assert_eq!((inst.mode() & 0o7777, inst.uid()), (0o711, 0));
+        assert_eq!((inst.mode() & 0o7777, inst.uid()), (0o700, 0));
         let grp = std::fs::metadata(&group).unwrap();
         assert_eq!((grp.mode() & 0o7777, grp.uid()), (0o755, 0));
         assert_eq!(names(&group), [".dso-ready", "db_password", "tls.key"]);

@@ -137,6 +137,19 @@ impl DockerEngine {
         Ok(())
     }
 
+    /// The launcher's archive into `/` of a created container (no tmpfs check: nothing
+    /// secret is in it).
+    pub(super) async fn put_launcher_call(&self, id: &str, archive: &[u8]) -> Result<(), EngineError> {
+        let op = format!("copy the launcher into {}", short(id));
+        let opts = UploadToContainerOptionsBuilder::new().path("/").build();
+        let body = bytes::Bytes::from(archive.to_vec());
+        let stream = futures_util::stream::once(std::future::ready(body));
+        self.docker
+            .upload_to_container(id, Some(opts), bollard::body_stream(stream))
+            .await
+            .map_err(|e| err(&op, e))
+    }
+
     pub(super) async fn put_archive_call(
         &self,
         id: &str,

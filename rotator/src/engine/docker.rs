@@ -411,6 +411,14 @@ impl Engine for DockerEngine {
         ))
     }
 
+    fn put_launcher<'a>(&'a self, id: &'a str, archive: &'a [u8]) -> Fut<'a, ()> {
+        Box::pin(within(
+            format!("copy the launcher into {}", short(id)),
+            CALL_TIMEOUT,
+            self.put_launcher_call(id, archive),
+        ))
+    }
+
     fn put_archive<'a>(&'a self, id: &'a str, path: &'a str, archive: &'a [u8]) -> Fut<'a, ()> {
         Box::pin(within(
             format!("copy archive into {}:{path}", short(id)),

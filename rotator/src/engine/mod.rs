@@ -223,4 +223,8 @@ pub trait Engine: Send + Sync + 'static {
     /// socket of this host; false over TCP and for rootless or Docker Desktop engines,
     /// whose directories are not this host's.
     fn is_local(&self) -> bool;
+    /// Uploads a non-secret archive (dso's launcher, for remote engines) into `/` of a
+    /// created, not yet started container. It lands in the container's writable layer,
+    /// which is why only the launcher binary ever goes this way, never a value.
+    fn put_launcher<'a>(&'a self, id: &'a str, archive: &'a [u8]) -> Fut<'a, ()>;
 }
