@@ -88,7 +88,18 @@ pub struct Deliverer {
     specs: Vec<SecretSpec>,
     consumers: Mutex<HashMap<String, Consumer>>,
     status: Mutex<BTreeMap<String, ServiceDelivery>>,
+    /// Consumers whose first delivery was asked for and has not ended yet, with when it
+    /// was asked: a scan does not ask again meanwhile (a failed one is asked again after
+    /// [`FIRST_RETRY`]).
+    first_asked: Mutex<HashMap<String, std::time::Instant>>,
+    /// Consumers whose next snapshot may retry failed versions (`--force`).
+    forced: Mutex<std::collections::HashSet<String>>,
+    /// `agent.rotation.health_check_timeout`, for containers without `dso.health.timeout`.
+    health_timeout: std::time::Duration,
 }
+
+/// How long a first delivery that has not ended (or failed) keeps a scan from asking again.
+const FIRST_RETRY: std::time::Duration = std::time::Duration::from_secs(300);
 
 impl std::fmt::Debug for Deliverer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -113,6 +124,9 @@ impl Deliverer {
             specs: cfg.secrets,
             consumers: Mutex::default(),
             status: Mutex::default(),
+            first_asked: Mutex::default(),
+            forced: Mutex::default(),
+            health_timeout: cfg.rotation.health_check_timeout,
         });
         secrets.set_deliverer(Arc::clone(&me));
         let follow = Arc::clone(&me);
@@ -167,16 +181,29 @@ impl Deliverer {
                 .iter()
                 .any(|c| c.running && Delivery::instance_of(c).is_none());
             let changed = consumers.get(&id) != Some(&want);
-            if !changed && !undelivered {
+            let ask_first = undelivered && {
+                let mut asked = self.first_asked.lock().unwrap_or_else(|e| e.into_inner());
+                match asked.get(&id) {
+                    Some(t) if t.elapsed() < FIRST_RETRY => false,
+                    _ => {
+                        asked.insert(id.clone(), std::time::Instant::now());
+                        true
+                    }
+                }
+            };
+            if !changed && !ask_first {
                 continue;
             }
-            if undelivered && changed {
+            if ask_first {
+                // Forgetting the applied record makes the watcher hand out the current
+                // values again (also for a container recreated outside dso while the
+                // service stayed followed).
                 if let Err(e) = watcher.state().forget(&id) {
                     warn!(service = %m.key, error = %e, "cannot reset the applied versions for a first delivery");
                 }
                 info!(service = %m.key, "a container has no dso secret directory yet: its secrets are read for a first delivery");
             }
-            if changed {
+            if changed || ask_first {
                 if let Err(e) = watcher.watch(id.clone(), want.mappings.clone()) {
                     warn!(service = %m.key, error = %e, "cannot watch the service's secrets");
                     continue;
@@ -227,8 +254,13 @@ impl Deliverer {
         let service = c.key.to_string();
         {
             let status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+            let forced = self
+                .forced
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&snap.consumer);
             if let Some(s) = status.get(&service)
-                && !snap.first
+                && !forced
                 && !s.failed_versions.is_empty()
                 && s.failed_versions == versions
             {
@@ -245,9 +277,14 @@ impl Deliverer {
             values.push((secret.clone(), key.clone(), v));
         }
         let labels_strategy = self.label_strategy(&c.key);
-        let strategy = match labels_strategy {
-            Some(_) => None,
-            None => self.secret_strategy(&c.pairs),
+        let strategy = if self.rotation_disabled(&c.pairs) {
+            // `rotation.enabled: false` on every secret: files in place, whatever the label.
+            Some(Strategy::None)
+        } else {
+            match labels_strategy {
+                Some(_) => None,
+                None => self.secret_strategy(&c.pairs),
+            }
         };
         let bundle = Arc::new(Bundle::new(
             values,
@@ -261,6 +298,7 @@ impl Deliverer {
             Vec::new(),
             Some(bundle),
             self.secret_signal(&c.pairs),
+            Some(self.health_timeout),
             Some(tx),
         );
         let me = Arc::clone(self);
@@ -278,6 +316,10 @@ impl Deliverer {
             s.last_attempt_unix_ms = Some(now_ms());
             match outcome {
                 Ok(_) => {
+                    me.first_asked
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&consumer);
                     if let Err(e) = me.secrets.watcher().applied(&consumer, &applied) {
                         warn!(service = %service, error = %e, "cannot record the delivered versions; an agent restart delivers them again");
                     }
@@ -311,14 +353,11 @@ impl Deliverer {
         else {
             return false;
         };
-        if force
-            && let Some(s) = self
-                .status
+        if force {
+            self.forced
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .get_mut(&service.to_string())
-        {
-            s.failed_versions.clear();
+                .insert(id.clone());
         }
         let watcher = self.secrets.watcher();
         if let Err(e) = watcher.state().forget(&id) {
@@ -407,6 +446,16 @@ impl Deliverer {
         let m = scan.services.get(key)?;
         let v = m.containers.first()?.labels.get(labels::STRATEGY)?;
         v.trim().parse().ok().filter(|s| *s != Strategy::Auto)
+    }
+
+    /// Whether every secret of the service has `rotation.enabled: false`.
+    fn rotation_disabled(&self, pairs: &[(String, String)]) -> bool {
+        let mut used = self
+            .specs
+            .iter()
+            .filter(|s| pairs.iter().any(|(n, _)| *n == s.name))
+            .peekable();
+        used.peek().is_some() && used.all(|s| !s.rotation.enabled)
     }
 
     /// The `rotation.signal` of the first of the service's secrets whose strategy is

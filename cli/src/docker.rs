@@ -101,7 +101,7 @@ impl Docker {
         strategy: Option<Strategy>,
         env: Vec<(String, String)>,
     ) -> String {
-        self.submit_with(target, strategy, env, None, None, None)
+        self.submit_with(target, strategy, env, None, None, None, None)
     }
 
     /// [`Docker::submit`] with secret values to deliver, and a channel that receives the
@@ -113,6 +113,7 @@ impl Docker {
         env: Vec<(String, String)>,
         secrets: Option<Arc<dso_rotator::delivery::Bundle>>,
         signal: Option<String>,
+        health_timeout: Option<std::time::Duration>,
         done: Option<tokio::sync::oneshot::Sender<Result<RotationReport, String>>>,
     ) -> String {
         let n = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
@@ -151,6 +152,7 @@ impl Docker {
                     progress: Some(tx),
                     secrets,
                     signal,
+                    health_timeout,
                     ..Default::default()
                 })
                 .await;

@@ -78,6 +78,9 @@ pub struct RotateRequest {
     /// Signal of the `signal` strategy when the container has no `dso.signal` label (a
     /// secret's `rotation.signal`).
     pub signal: Option<String>,
+    /// How long a new container may take to become healthy when it has no
+    /// `dso.health.timeout` label (`agent.rotation.health_check_timeout`).
+    pub health_timeout: Option<Duration>,
 }
 
 /// The result of a rotation request.
@@ -355,6 +358,17 @@ impl<E: Engine> Rotator<E> {
     ) -> Result<ContainerReport, Error> {
         let inner = &self.inner;
         let delivery = inner.cfg.delivery.clone();
+        // The request's health wait applies where the container's label does not set one.
+        let spec_owned;
+        let mut m = m;
+        if let Some(t) = req.health_timeout
+            && !blue.labels.contains_key(crate::labels::HEALTH_TIMEOUT)
+        {
+            let mut copy = m.clone();
+            copy.spec.health_timeout = t;
+            spec_owned = copy;
+            m = &spec_owned;
+        }
         let mut strategy = strategy::resolve(&m.key, &blue, &m.spec, req.strategy)?;
         if let (Some(d), Some(bundle), Strategy::Signal | Strategy::None) =
             (&delivery, &req.secrets, strategy)
@@ -533,6 +547,9 @@ fn merge(a: &mut RotateRequest, b: RotateRequest) {
     }
     if b.signal.is_some() {
         a.signal = b.signal;
+    }
+    if b.health_timeout.is_some() {
+        a.health_timeout = b.health_timeout;
     }
     let brings_env = !b.env.is_empty();
     for (k, v) in b.env {
