@@ -313,3 +313,50 @@ fn sweep_keeps_referenced_and_young_directories() {
     assert_eq!(f.d.sweep(&referenced, Duration::ZERO), ["young"]);
     assert_eq!(f.d.store().instances().unwrap(), ["keep"]);
 }
+
+#[test]
+fn a_remote_plan_uses_volumes_and_the_launcher_waits_for_every_group() {
+    let f = fx(vec![secret("db", &["password"], file(0o400))]);
+    f.d.set_remote(true);
+    let blue = container(&[("dso.secrets", "db")], "");
+    let p =
+        f.d.plan(&blue, Some(&bundle(&[("db", "password", b"v")])), "r1")
+            .unwrap()
+            .unwrap();
+    assert_eq!(
+        p.overrides.add_binds,
+        ["dso-r1-f0:/run/secrets", "dso-r1-env:/run/dso/env"]
+    );
+    let vols: Vec<(&str, &str)> = p
+        .volumes
+        .iter()
+        .map(|v| (v.volume.as_str(), v.target.as_str()))
+        .collect();
+    assert_eq!(
+        vols,
+        [("dso-r1-f0", "/run/secrets"), ("dso-r1-env", "/run/dso/env")]
+    );
+    assert_eq!(p.launcher_upload.as_deref(), Some(f.launcher.as_path()));
+    let (entry, _) = p.overrides.entrypoint.unwrap();
+    assert_eq!(
+        entry,
+        [
+            "/run/dso/init",
+            "--env-dir",
+            "/run/dso/env",
+            "--wait-for",
+            "/run/secrets/.dso-ready",
+            "--wait-for",
+            "/run/dso/env/.dso-ready",
+            "--",
+            "/app"
+        ]
+    );
+    let mut a = tar::Archive::new(p.volumes[0].archive());
+    let names: Vec<String> = a
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap().path().unwrap().display().to_string())
+        .collect();
+    assert_eq!(names, ["password", ".dso-ready"]);
+}

@@ -53,8 +53,10 @@ pub(super) fn clone_body(blue: &ContainerInspectResponse, spec: &CloneSpec, imag
     // with `-v /path`) are carried over by name, so the replacement sees the same data.
     let mut binds = hc.binds.clone().unwrap_or_default();
     binds.retain(|b| !ov.drop_binds.contains(b));
+    // What delivery drops is not carried over either: its volumes show in blue's mounts.
     let declared: Vec<String> = binds
         .iter()
+        .chain(&ov.drop_binds)
         .filter_map(|b| b.split(':').nth(1).map(str::to_owned))
         .chain(hc.mounts.iter().flatten().filter_map(|m| m.target.clone()))
         .collect();

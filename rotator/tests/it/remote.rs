@@ -477,3 +477,150 @@ async fn an_upload_before_start_is_refused_a_raw_one_is_lost_and_a_plain_volume_
     w.docker(&["rm", "-f", &id]).unwrap();
     engine.remove_volume(&volume).await.unwrap();
 }
+
+/// A rolling rotation through the rotator against the engine over TCP, with delivery on the
+/// remote path: the tmpfs volumes are created before green, the launcher is copied into the
+/// created green and holds its entrypoint, the archive is uploaded once green runs; green
+/// serves the value from the volume's tmpfs, nothing of it reaches the disk, and blue's
+/// volumes go with blue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_on_a_remote_engine_delivers_through_volumes_and_the_launcher() {
+    use dso_rotator::delivery::store::StoreOptions;
+    use dso_rotator::delivery::{Bundle, Delivery, DeliveryConfig, LABEL_INSTANCE, volume_name};
+    use dso_secrets::config::{InjectSpec, RotationSpec, SecretSpec, Targets};
+    use dso_secrets::{ProviderKind, Reference, SecretValue};
+
+    let launcher = std::env::var("DSO_INIT_BIN")
+        .expect("DSO_INIT_BIN: the static launcher (bash .ci/build-test-image.sh --init-path)");
+    let w = World::new();
+    let (addr, _) = forwarder().await;
+    let engine = DockerEngine::connect_to(&format!("tcp://{addr}")).await.unwrap();
+    assert!(!engine.is_local());
+    let root = w.state.path().join("secrets-tmpfs");
+    let delivery = Arc::new(
+        Delivery::new(DeliveryConfig {
+            root: root.clone(),
+            store: StoreOptions {
+                mount: true,
+                size_bytes: 8 << 20,
+            },
+            launcher: Some(launcher.into()),
+            secrets: vec![SecretSpec {
+                name: "db".into(),
+                provider: "local".into(),
+                mappings: vec![(
+                    "db_password".into(),
+                    Reference::parse(ProviderKind::Local, "local", "app/db").unwrap(),
+                )],
+                targets: Targets::default(),
+                inject: InjectSpec::default_file(),
+                rotation: RotationSpec::default(),
+            }],
+        })
+        .unwrap(),
+    );
+    delivery.set_remote(true);
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .output();
+        }
+    }
+    let _unmount = Unmount(root.clone());
+
+    let mut svc = Svc::new("web");
+    svc.extra_labels.push(("dso.secrets", "db".to_owned()));
+    w.start(&svc);
+    let proxy = dso_proxy::Proxy::new(dso_proxy::ProxyConfig::default());
+    let mut cfg = dso_rotator::Config::new(w.state_dir());
+    cfg.scope = Some((RUN_LABEL.to_owned(), w.run.clone()));
+    cfg.delivery = Some(Arc::clone(&delivery));
+    let (rotator, _) = dso_rotator::Rotator::start(engine, proxy, cfg).await.unwrap();
+
+    let mut instances = Vec::new();
+    for value in [unique_value("rot1"), unique_value("rot2")] {
+        let bundle = Bundle::new(
+            vec![(
+                "db".into(),
+                "db_password".into(),
+                SecretValue::from_slice(value.as_bytes()),
+            )],
+            Vec::new(),
+        );
+        let report = rotator
+            .rotate(dso_rotator::RotateRequest {
+                target: format!("{}/web", w.run),
+                secrets: Some(Arc::new(bundle)),
+                ..Default::default()
+            })
+            .await
+            .expect("rotation on the remote path");
+        let green = report.containers[0].new_id.clone();
+        let inst = w
+            .docker(&[
+                "inspect",
+                "-f",
+                &format!("{{{{index .Config.Labels \"{LABEL_INSTANCE}\"}}}}"),
+                &green,
+            ])
+            .unwrap();
+        let entry = w
+            .docker(&["inspect", "-f", "{{json .Config.Entrypoint}}", &green])
+            .unwrap();
+        assert!(
+            entry.contains("/run/dso/init") && entry.contains("--wait-for"),
+            "{entry}"
+        );
+        let ip: IpAddr = w
+            .docker(&[
+                "inspect",
+                "-f",
+                "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+                &green,
+            ])
+            .unwrap()
+            .parse()
+            .unwrap();
+        wait_http(ip).await;
+        let (code, _, body) = get(ip, "/file?path=/run/secrets/db_password").await.unwrap();
+        assert_eq!((code, body), (200, value.clone().into_bytes()));
+        assert_eq!(
+            mounted_at(&format!(
+                "/var/lib/docker/volumes/{}/_data",
+                volume_name(&inst, "f0")
+            ))
+            .as_deref(),
+            Some("tmpfs"),
+            "green's group volume is a mounted tmpfs"
+        );
+        let (n, files) = occurrences(&disk_roots(&green), value.as_bytes());
+        assert_eq!(n, 0, "the value reached the disk: {files:?}");
+        instances.push(inst);
+    }
+    // The first green (blue of the second rotation) is gone, and so are its volumes.
+    let vols = w.docker(&["volume", "ls", "-q"]).unwrap();
+    for g in ["f0", "env"] {
+        assert!(
+            !vols.lines().any(|v| v == volume_name(&instances[0], g)),
+            "blue's volume {g} left: {vols}"
+        );
+        assert!(
+            vols.lines().any(|v| v == volume_name(&instances[1], g)),
+            "green's volume {g} missing: {vols}"
+        );
+    }
+    // Clean up green and its volumes (World removes the containers of the run).
+    for id in w
+        .docker(&["ps", "-aq", "--filter", &format!("label={RUN_LABEL}={}", w.run)])
+        .unwrap()
+        .lines()
+    {
+        let _ = w.docker(&["rm", "-f", id]);
+    }
+    for g in ["f0", "env"] {
+        let _ = w.docker(&["volume", "rm", &volume_name(&instances[1], g)]);
+    }
+}
