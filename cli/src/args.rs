@@ -67,9 +67,10 @@ RUST_LOG=debug dso agent --config dso.yaml --shutdown-timeout 2m"
         long_about = "Rotate a service managed by an agent started with --docker: rolling \
 (blue-green behind the proxy), restart (hold new connections while the container is \
 replaced), signal, or none, as the container's dso.update.strategy label says or --strategy \
-overrides. Prints each step as it happens and the total time; exits 1 when the rotation \
+overrides. --refresh delivers the current values of the service's secrets (--force also \
+retries versions whose rotation failed). Prints each step as it happens and the total time; exits 1 when the rotation \
 failed (a failure before the swap leaves the old container serving). See docs/rotation.md.",
-        after_long_help = "Examples:\n  dso rotate shop/web\n  dso rotate web --env API_KEY=new --strategy rolling\n  dso rotate shop-db-1 --strategy restart --json"
+        after_long_help = "Examples:\n  dso rotate shop/web\n  dso rotate web --env-file ./new.env --strategy rolling\n  printf 'API_KEY=%s\\n' \"$KEY\" | dso rotate web --env-file -\n  dso rotate shop/web --refresh      # read the service's secrets from their providers now\n  dso rotate shop-db-1 --strategy restart --json"
     )]
     Rotate(crate::cmd::rotate::RotateArgs),
     /// Managed services: strategy, ports, container, last rotation.

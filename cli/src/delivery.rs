@@ -46,6 +46,19 @@ pub fn open(settings: &DeliverySettings, cfg: &SecretsConfig) -> anyhow::Result<
         )
     })?;
     info!(root = %settings.root.display(), launcher = ?settings.launcher_path(), "secret delivery ready (tmpfs checked)");
+    for s in &cfg.secrets {
+        if matches!(
+            s.inject,
+            dso_secrets::config::InjectSpec::Env {
+                env_mode: dso_secrets::config::EnvMode::Native
+            }
+        ) {
+            warn!(
+                secret = %s.name,
+                "inject.env_mode: native puts this secret's values in the containers' Config.Env: `docker inspect` shows them, and Docker writes them to /var/lib/docker/containers/ID/config.v2.json and containerd's metadata under /var/lib/docker/containerd/, where they stay after `docker rm`; use file injection or env_mode: launcher to keep them off the disk"
+            );
+        }
+    }
     Ok(Arc::new(d))
 }
 

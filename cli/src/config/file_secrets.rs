@@ -233,6 +233,9 @@ pub struct InjectEntry {
     pub gid: Option<u32>,
     /// Env injection: launcher or native.
     pub env_mode: Option<EnvModeWord>,
+    /// File injection: also set `KEY_FILE=PATH` for each mapping (images that read
+    /// `POSTGRES_PASSWORD_FILE` and the like).
+    pub env_pointers: Option<bool>,
 }
 
 /// `defaults:`.

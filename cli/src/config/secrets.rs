@@ -849,6 +849,7 @@ fn inject(
                 uid: o.uid.or(d.uid),
                 gid: o.gid.or(d.gid),
                 env_mode: o.env_mode.or(d.env_mode),
+                env_pointers: o.env_pointers.or(d.env_pointers),
             },
             own.is_some(),
         ),
@@ -867,6 +868,11 @@ fn inject(
                 ("mode", o.mode.is_some(), merged.mode.is_some()),
                 ("uid", o.uid.is_some(), merged.uid.is_some()),
                 ("gid", o.gid.is_some(), merged.gid.is_some()),
+                (
+                    "env_pointers",
+                    o.env_pointers.is_some(),
+                    merged.env_pointers.is_some(),
+                ),
             ] {
                 if set {
                     return Err(ctx.bad(
@@ -901,6 +907,7 @@ fn inject(
                 mode: merged.mode.map(|m| m.0).unwrap_or(InjectSpec::DEFAULT_MODE),
                 uid: merged.uid,
                 gid: merged.gid,
+                env_pointers: merged.env_pointers.unwrap_or(false),
             })
         }
     }

@@ -259,7 +259,8 @@ fn several_instances_of_one_type() {
             path: "/etc/app".into(),
             mode: 0o440,
             uid: Some(1000),
-            gid: None
+            gid: None,
+            env_pointers: false,
         }
     );
     assert_eq!(
@@ -297,7 +298,8 @@ secrets:
             path: "/run/app".into(),
             mode: 0o400,
             uid: None,
-            gid: None
+            gid: None,
+            env_pointers: false,
         }
     );
     assert_eq!(a.rotation.strategy, Strategy::Restart);
@@ -692,4 +694,25 @@ fn mutated_files_never_panic() {
             assert!(!e.to_string().is_empty(), "empty error for {text:?}");
         }
     }
+}
+
+#[test]
+fn env_pointers_are_for_file_injection_only() {
+    let cfg = ok(
+        "providers: {l: {type: local}}\nsecrets:\n  - name: a\n    provider: l\n    inject: {type: file, env_pointers: true}\n    mappings: {POSTGRES_PASSWORD: app/pw}\n",
+    );
+    assert!(matches!(
+        cfg.secrets.secrets[0].inject,
+        InjectSpec::File {
+            env_pointers: true,
+            ..
+        }
+    ));
+    let e = err(
+        "providers: {l: {type: local}}\nsecrets:\n  - name: a\n    provider: l\n    inject: {type: env, env_pointers: true}\n    mappings: {PW: app/pw}\n",
+    );
+    assert!(
+        e.contains("secrets[0].inject.env_pointers") && e.contains("type: file"),
+        "{e}"
+    );
 }

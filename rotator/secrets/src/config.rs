@@ -199,6 +199,9 @@ pub enum InjectSpec {
         uid: Option<u32>,
         /// Group; `None` means the container's `USER`'s group.
         gid: Option<u32>,
+        /// Also set `KEY_FILE=<path>/KEY` in the container's environment for each mapping
+        /// (a path, not a value), for images that read `POSTGRES_PASSWORD_FILE` and the like.
+        env_pointers: bool,
     },
     /// One environment variable per mapping, named by the mapping key.
     Env {
@@ -220,6 +223,7 @@ impl InjectSpec {
             mode: Self::DEFAULT_MODE,
             uid: None,
             gid: None,
+            env_pointers: false,
         }
     }
 }

@@ -280,6 +280,8 @@ struct Layout {
     groups: Vec<Group>,
     /// `(secret, key)` of native env mappings.
     native: Vec<(String, String)>,
+    /// `KEY_FILE=PATH` pointers of file mappings with `env_pointers` (paths, not values).
+    pointers: Vec<(String, String)>,
 }
 
 impl Delivery {
@@ -368,6 +370,7 @@ impl Delivery {
     fn layout(&self, c: &Container, secrets: &[SecretSpec]) -> Result<Layout, DeliveryError> {
         let mut groups: Vec<Group> = Vec::new();
         let mut native: Vec<(String, String)> = Vec::new();
+        let mut pointers: Vec<(String, String)> = Vec::new();
         let mut env_names: BTreeMap<String, String> = BTreeMap::new();
         let owner =
             |s: &SecretSpec, uid: Option<u32>, gid: Option<u32>| -> Result<(u32, u32), DeliveryError> {
@@ -383,7 +386,13 @@ impl Delivery {
             };
         for s in secrets {
             match &s.inject {
-                InjectSpec::File { path, mode, uid, gid } => {
+                InjectSpec::File {
+                    path,
+                    mode,
+                    uid,
+                    gid,
+                    env_pointers,
+                } => {
                     let (uid, gid) = owner(s, *uid, *gid)?;
                     let target = path.to_string_lossy().into_owned();
                     let idx = match groups
@@ -401,6 +410,15 @@ impl Delivery {
                             groups.len() - 1
                         }
                     };
+                    if *env_pointers {
+                        for (key, _) in &s.mappings {
+                            let dir = path.to_string_lossy();
+                            pointers.push((
+                                format!("{key}_FILE"),
+                                format!("{}/{key}", dir.trim_end_matches('/')),
+                            ));
+                        }
+                    }
                     for (key, _) in &s.mappings {
                         if let Some(other) = groups[idx].files.iter().find(|f| f.key == *key) {
                             return Err(DeliveryError::Clash {
@@ -496,7 +514,11 @@ impl Delivery {
                 why: "a remote engine needs the launcher to hold the entrypoint until the files are uploaded, and it is missing".to_owned(),
             });
         }
-        Ok(Layout { groups, native })
+        Ok(Layout {
+            groups,
+            native,
+            pointers,
+        })
     }
 
     /// The archives of an instance's groups for a remote engine: each group's files from
@@ -662,6 +684,7 @@ impl Delivery {
                 prepared.env.push((key.clone(), text.to_owned()));
             }
         }
+        prepared.env.extend(layout.pointers.iter().cloned());
         prepared.overrides.drop_binds = blue
             .process
             .binds

@@ -121,6 +121,7 @@ fn file(mode: u32) -> InjectSpec {
         mode,
         uid: None,
         gid: None,
+        env_pointers: false,
     }
 }
 
@@ -359,4 +360,29 @@ fn a_remote_plan_uses_volumes_and_the_launcher_waits_for_every_group() {
         .map(|e| e.unwrap().path().unwrap().display().to_string())
         .collect();
     assert_eq!(names, ["password", ".dso-ready"]);
+}
+
+#[test]
+fn env_pointers_name_the_file_paths_not_the_values() {
+    let mut s = secret("pg", &["POSTGRES_PASSWORD"], file(0o400));
+    if let InjectSpec::File { env_pointers, .. } = &mut s.inject {
+        *env_pointers = true;
+    }
+    let f = fx(vec![s]);
+    let blue = container(&[("dso.secrets", "pg")], "999");
+    let p =
+        f.d.plan(
+            &blue,
+            Some(&bundle(&[("pg", "POSTGRES_PASSWORD", b"hunter2")])),
+            "r1",
+        )
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        p.env,
+        [(
+            "POSTGRES_PASSWORD_FILE".to_owned(),
+            "/run/secrets/POSTGRES_PASSWORD".to_owned()
+        )]
+    );
 }
