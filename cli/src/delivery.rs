@@ -305,13 +305,15 @@ impl Deliverer {
         ));
         info!(service = %service, first = snap.first, versions = ?versions, strategy = ?strategy.or(labels_strategy), "delivering changed secrets");
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let id = self.docker.submit_with(
-            service.clone(),
-            strategy,
-            Vec::new(),
-            Some(bundle),
-            self.secret_signal(&c.pairs),
-            Some(self.health_timeout),
+        let id = self.docker.submit_request(
+            dso_rotator::RotateRequest {
+                target: service.clone(),
+                strategy,
+                secrets: Some(bundle),
+                signal: self.secret_signal(&c.pairs),
+                health_timeout: Some(self.health_timeout),
+                ..Default::default()
+            },
             Some(tx),
         );
         let me = Arc::clone(self);

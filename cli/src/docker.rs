@@ -101,21 +101,25 @@ impl Docker {
         strategy: Option<Strategy>,
         env: Vec<(String, String)>,
     ) -> String {
-        self.submit_with(target, strategy, env, None, None, None, None)
+        self.submit_request(
+            RotateRequest {
+                target,
+                strategy,
+                env,
+                ..Default::default()
+            },
+            None,
+        )
     }
 
     /// [`Docker::submit`] with secret values to deliver, and a channel that receives the
     /// outcome (the secret side records applied or failed versions from it).
-    pub fn submit_with(
+    pub fn submit_request(
         self: &Arc<Self>,
-        target: String,
-        strategy: Option<Strategy>,
-        env: Vec<(String, String)>,
-        secrets: Option<Arc<dso_rotator::delivery::Bundle>>,
-        signal: Option<String>,
-        health_timeout: Option<std::time::Duration>,
+        mut req: RotateRequest,
         done: Option<tokio::sync::oneshot::Sender<Result<RotationReport, String>>>,
     ) -> String {
+        let target = req.target.clone();
         let n = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         let id = n.to_string();
         {
@@ -145,15 +149,9 @@ impl Docker {
         self.running.spawn(async move {
             let result = me
                 .rotator
-                .rotate(RotateRequest {
-                    target,
-                    strategy,
-                    env,
-                    progress: Some(tx),
-                    secrets,
-                    signal,
-                    health_timeout,
-                    ..Default::default()
+                .rotate({
+                    req.progress = Some(tx);
+                    req
                 })
                 .await;
             if let Some(done) = done {
