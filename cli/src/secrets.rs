@@ -476,6 +476,11 @@ impl Provider for Lazy {
         self.spec.kind()
     }
 
+    fn retries_internally(&self) -> bool {
+        // Known before connecting: the AWS provider retries inside the SDK.
+        self.spec.kind() == ProviderKind::Aws
+    }
+
     async fn version(&self, reference: &Reference) -> Result<Version, SecretError> {
         let r = match self.get().await {
             Ok(p) => p.version(reference).await,

@@ -441,6 +441,10 @@ impl Provider for AwsProvider {
         ProviderKind::Aws
     }
 
+    fn retries_internally(&self) -> bool {
+        true
+    }
+
     /// One `DescribeSecret`: the version id staged `AWSCURRENT`. Never reads the value.
     async fn version(&self, reference: &Reference) -> Result<Version> {
         let out = self

@@ -68,6 +68,13 @@ pub trait Provider: Send + Sync {
     /// Which kind of provider this is.
     fn kind(&self) -> ProviderKind;
 
+    /// Whether the provider retries transient failures itself, within one call, by the
+    /// same `Limits` (the AWS SDK's standard retry). The watcher's gate then makes one
+    /// attempt per call instead of retrying on top, which would multiply the attempts.
+    fn retries_internally(&self) -> bool {
+        false
+    }
+
     /// Parses a mapping's reference text in this provider's syntax.
     fn parse(&self, reference: &str) -> Result<Reference> {
         Reference::parse(self.kind(), self.name(), reference)

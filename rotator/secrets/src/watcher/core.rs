@@ -190,7 +190,11 @@ impl Core {
         let providers = providers
             .iter()
             .map(|(name, p)| {
-                let limits = settings.limits.get(name).cloned().unwrap_or_default();
+                let mut limits = settings.limits.get(name).cloned().unwrap_or_default();
+                if p.retries_internally() {
+                    // The provider's own retry already makes `retry_attempts` attempts.
+                    limits.retry_attempts = 1;
+                }
                 let st = ProviderState {
                     provider: Arc::clone(p),
                     gate: Arc::new(Gate::new(name, limits)),

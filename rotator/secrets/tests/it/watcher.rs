@@ -23,6 +23,8 @@ struct Fake {
     down: AtomicBool,
     /// Throttle the next N version calls with this Retry-After.
     throttle: Mutex<(usize, Option<Duration>)>,
+    /// Claims to retry inside each call (as the AWS SDK does).
+    internal_retry: AtomicBool,
 }
 
 impl Fake {
@@ -33,6 +35,7 @@ impl Fake {
             fetch_calls: AtomicUsize::new(0),
             down: AtomicBool::new(false),
             throttle: Mutex::new((0, None)),
+            internal_retry: AtomicBool::new(false),
         })
     }
 
@@ -75,6 +78,10 @@ impl Provider for Fake {
 
     fn kind(&self) -> ProviderKind {
         ProviderKind::Aws
+    }
+
+    fn retries_internally(&self) -> bool {
+        self.internal_retry.load(Ordering::SeqCst)
     }
 
     async fn version(&self, r: &Reference) -> Result<Version> {
@@ -561,6 +568,23 @@ async fn throttling_waits_for_retry_after() {
         "{:?}",
         times[1] - times[0]
     );
+    run.cancel.cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_provider_that_retries_itself_is_not_retried_again_by_the_gate() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Fake::new();
+    fake.internal_retry.store(true, Ordering::SeqCst);
+    fake.set("th", "throttle-value-2");
+    *fake.throttle.lock().unwrap() = (1, Some(Duration::from_secs(5)));
+    let mut s = settings(1);
+    s.limits.get_mut("fake").unwrap().retry_attempts = 3;
+    let mut run = start(&fake, vec![item("c", &[("TH", "th")])], s, dir.path());
+    let _ = events_within(&mut run.rx, Duration::from_secs(20)).await;
+    // One attempt per poll: the provider's own retry already made its attempts. (With a
+    // gate retry on top, the throttled poll would have been retried after 5 s.)
+    assert_eq!(fake.times("th").len(), 1, "{:?}", fake.times("th"));
     run.cancel.cancel();
 }
 
