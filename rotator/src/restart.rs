@@ -168,6 +168,11 @@ async fn rollback<E: Engine>(r: &Run<'_, E>, g: &Green, failed_from: Step) -> Re
     }
     let result = async {
         r.engine.start(&r.blue.id).await?;
+        // Remote engines: blue's volumes emptied when it stopped; its launcher waits for
+        // the files again.
+        for v in &r.blue_uploads {
+            r.engine.put_archive(&r.blue.id, &v.target, v.archive()).await?;
+        }
         // Blue served before the rotation: its address is waited for, not the exec probe
         // (a probe that hangs would keep the service down for a second timeout).
         let check = health::HealthCheck {

@@ -79,6 +79,9 @@ pub(crate) struct Run<'a, E: Engine> {
     pub serving_after_ms: Option<u64>,
     /// What delivery gives the new container (files written, binds, entrypoint).
     pub prepared: Option<Prepared>,
+    /// Remote engines: blue's archives, uploaded again if blue is started again (a restart
+    /// rollback), since its volumes' tmpfs emptied when it stopped.
+    pub blue_uploads: Vec<crate::delivery::RemoteGroup>,
 }
 
 impl<'a, E: Engine> Run<'a, E> {
@@ -144,6 +147,7 @@ impl<'a, E: Engine> Run<'a, E> {
             hooks,
             serving_after_ms: None,
             prepared: None,
+            blue_uploads: Vec::new(),
         };
         run.report(Step::Begin, format!("{strategy} rotation of {}", run.blue.name));
         Ok(run)

@@ -409,6 +409,12 @@ impl<E: Engine> Rotator<E> {
                 };
                 let blue_instance = Delivery::instance_of(&blue).map(str::to_owned);
                 let green_instance = prepared.as_ref().map(|p| p.instance.clone());
+                let blue_uploads = match (&delivery, &blue_instance) {
+                    (Some(d), Some(inst)) if strategy == Strategy::Restart && d.is_remote() => {
+                        d.archives(&blue, inst).map_err(Error::delivery)?
+                    }
+                    _ => Vec::new(),
+                };
                 let mut run = Run::begin(
                     &inner.engine,
                     &inner.gateway,
@@ -424,6 +430,7 @@ impl<E: Engine> Rotator<E> {
                     req.hooks,
                 )?;
                 run.prepared = prepared;
+                run.blue_uploads = blue_uploads;
                 let result = if strategy == Strategy::Rolling {
                     rolling::run(&mut run).await
                 } else {

@@ -624,3 +624,130 @@ async fn a_rotation_on_a_remote_engine_delivers_through_volumes_and_the_launcher
         let _ = w.docker(&["volume", "rm", &volume_name(&instances[1], g)]);
     }
 }
+
+/// On a remote engine a restart rotation whose green never gets healthy rolls back: blue
+/// is started again, its volumes (emptied when it stopped) get its files again, and it
+/// serves the old value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_rollback_on_a_remote_engine_gives_blue_its_files_again() {
+    use dso_rotator::delivery::store::StoreOptions;
+    use dso_rotator::delivery::{Bundle, Delivery, DeliveryConfig, volume_name};
+    use dso_secrets::config::{InjectSpec, RotationSpec, SecretSpec, Targets};
+    use dso_secrets::{ProviderKind, Reference, SecretValue};
+
+    let launcher = std::env::var("DSO_INIT_BIN")
+        .expect("DSO_INIT_BIN: the static launcher (bash .ci/build-test-image.sh --init-path)");
+    let w = World::new();
+    let (addr, _) = forwarder().await;
+    let engine = DockerEngine::connect_to(&format!("tcp://{addr}")).await.unwrap();
+    let root = w.state.path().join("secrets-tmpfs");
+    let delivery = Arc::new(
+        Delivery::new(DeliveryConfig {
+            root: root.clone(),
+            store: StoreOptions {
+                mount: true,
+                size_bytes: 8 << 20,
+            },
+            launcher: Some(launcher.into()),
+            secrets: vec![SecretSpec {
+                name: "pw".into(),
+                provider: "local".into(),
+                mappings: vec![(
+                    "pw".into(),
+                    Reference::parse(ProviderKind::Local, "local", "app/pw").unwrap(),
+                )],
+                targets: Targets::default(),
+                inject: InjectSpec::default_file(),
+                rotation: RotationSpec::default(),
+            }],
+        })
+        .unwrap(),
+    );
+    delivery.set_remote(true);
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .output();
+        }
+    }
+    let _unmount = Unmount(root.clone());
+    let mut svc = Svc::new("db");
+    svc.strategy = "restart";
+    svc.extra_labels = vec![
+        ("dso.secrets", "pw".to_owned()),
+        ("dso.health.timeout", "4s".to_owned()),
+        ("dso.drain.timeout", "1s".to_owned()),
+    ];
+    svc.run_args = ["-e", "HEALTH_FILE=/run/secrets/pw", "-e", "UNHEALTHY_IF=bad"]
+        .map(str::to_owned)
+        .to_vec();
+    w.start(&svc);
+    let proxy = dso_proxy::Proxy::new(dso_proxy::ProxyConfig::default());
+    let mut cfg = dso_rotator::Config::new(w.state_dir());
+    cfg.scope = Some((RUN_LABEL.to_owned(), w.run.clone()));
+    cfg.delivery = Some(Arc::clone(&delivery));
+    cfg.stop_grace = Duration::from_secs(2);
+    let (rotator, _) = dso_rotator::Rotator::start(engine, proxy, cfg).await.unwrap();
+    let rotate = |value: &str| {
+        let bundle = Bundle::new(
+            vec![(
+                "pw".into(),
+                "pw".into(),
+                SecretValue::from_slice(value.as_bytes()),
+            )],
+            Vec::new(),
+        );
+        rotator.rotate(dso_rotator::RotateRequest {
+            target: format!("{}/db", w.run),
+            secrets: Some(Arc::new(bundle)),
+            ..Default::default()
+        })
+    };
+    // First delivery (a restart), then a value that makes the replacement unhealthy.
+    let good = unique_value("good");
+    let blue = rotate(&good).await.expect("first delivery").containers[0]
+        .new_id
+        .clone();
+    let e = rotate("bad").await.expect_err("green never healthy");
+    assert!(e.to_string().contains("not healthy"), "{e}");
+    let running = w.docker(&["inspect", "-f", "{{.State.Running}}", &blue]).unwrap();
+    assert_eq!(running, "true", "blue started again after the rollback");
+    let ip: IpAddr = w
+        .docker(&[
+            "inspect",
+            "-f",
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+            &blue,
+        ])
+        .unwrap()
+        .parse()
+        .unwrap();
+    wait_http(ip).await;
+    let (code, _, body) = get(ip, "/file?path=/run/secrets/pw").await.unwrap();
+    assert_eq!(
+        (code, body),
+        (200, good.into_bytes()),
+        "blue serves its old value again"
+    );
+    let inst = w
+        .docker(&[
+            "inspect",
+            "-f",
+            "{{index .Config.Labels \"dso.delivery.instance\"}}",
+            &blue,
+        ])
+        .unwrap();
+    for id in w
+        .docker(&["ps", "-aq", "--filter", &format!("label={RUN_LABEL}={}", w.run)])
+        .unwrap()
+        .lines()
+    {
+        let _ = w.docker(&["rm", "-f", id]);
+    }
+    for g in ["f0", "env"] {
+        let _ = w.docker(&["volume", "rm", &volume_name(&inst, g)]);
+    }
+}
