@@ -162,10 +162,12 @@ impl Deliverer {
             };
             // A running container without dso's secret directory needs its first delivery:
             // forgetting the applied record makes the watcher hand out the current values.
+            // So does one whose directory was lost (a tmpfs gone at a reboot while the
+            // applied record on disk stayed).
             let undelivered = m
                 .containers
                 .iter()
-                .any(|c| c.running && Delivery::instance_of(c).is_none());
+                .any(|c| c.running && !self.delivery.has_files(c));
             let changed = consumers.get(&id) != Some(&want);
             if !changed && !undelivered {
                 continue;

@@ -248,8 +248,21 @@ secrets:\n{secrets}",
         self.agent.as_ref().unwrap()
     }
 
-    /// Every agent's log so far (stopped ones first).
+    /// Every agent's log so far (stopped ones first), without its DEBUG and TRACE lines
+    /// (the agent logs at trace level so that value searches cover everything).
     fn logs(&self) -> String {
+        format!(
+            "{}{}",
+            self.past_logs,
+            self.agent.as_ref().map(Agent::log).unwrap_or_default()
+        )
+        .lines()
+        .filter(|l| !l.contains(" TRACE ") && !l.contains(" DEBUG "))
+        .fold(String::new(), |acc, l| acc + l + "\n")
+    }
+
+    /// Every agent's full log so far, for value searches.
+    fn full_logs(&self) -> String {
         format!(
             "{}{}",
             self.past_logs,
@@ -556,7 +569,7 @@ async fn file_secret_first_delivery_then_changes_roll_under_load_and_leave_no_tr
     // First delivery: the container was created without dso's mounts, so one rotation.
     let first = f.delivered("").await;
     let (code, body) = get(&first, "/file?path=/run/secrets/db_password").await;
-    assert_eq!((code, body.as_slice()), (200, FILE_V1), "{}", f.agent().log());
+    assert_eq!((code, body.as_slice()), (200, FILE_V1), "{}", f.logs());
     let (_, stat) = get(&first, "/stat?path=/run/secrets/db_password").await;
     let stat = String::from_utf8_lossy(&stat).to_string();
     assert!(
@@ -648,7 +661,7 @@ async fn file_secret_first_delivery_then_changes_roll_under_load_and_leave_no_tr
         assert!(
             Instant::now() < deadline,
             "secret directory not wiped after removal: {}",
-            f.agent().log()
+            f.logs()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -671,7 +684,7 @@ async fn env_secret_through_the_launcher_reaches_pid_1_and_not_inspect() {
     .await;
     let id = f.delivered("").await;
     let (code, body) = get(&id, "/env/API_KEY").await;
-    assert_eq!((code, body.as_slice()), (200, ENV_V1), "{}", f.agent().log());
+    assert_eq!((code, body.as_slice()), (200, ENV_V1), "{}", f.logs());
     let (_, pid) = get(&id, "/pid").await;
     assert_eq!(String::from_utf8_lossy(&pid).trim(), "1");
     let inspect = docker(&["inspect", &id]);
@@ -717,11 +730,7 @@ async fn signal_strategy_replaces_the_file_before_the_signal() {
             assert_eq!(body, SIG_V2, "the file had its new content when SIGHUP arrived");
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "no SIGHUP within 30 s: {}",
-            f.agent().log()
-        );
+        assert!(Instant::now() < deadline, "no SIGHUP within 30 s: {}", f.logs());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(f.running(), vec![id.clone()], "signal keeps the container");
@@ -763,7 +772,7 @@ async fn a_value_that_makes_green_unhealthy_rolls_back_and_blue_keeps_the_old_on
         assert!(
             Instant::now() < deadline,
             "no failed delivery within 60 s: {body}\n{}",
-            f.agent().log()
+            f.logs()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -956,7 +965,7 @@ async fn aws_put_secret_value_rotates_within_one_poll_interval() {
         "the change was picked up {detection:?} after PutSecretValue (rotation took {took:?}); the bound is 1 s interval + 1 s jitter + 1 s:\n{}",
         f.logs()
     );
-    let log = f.logs();
+    let log = f.full_logs();
     let inspect = docker(&["inspect", &second]);
     for v in [AWS_V1, AWS_V2] {
         let v = std::str::from_utf8(v).unwrap();
@@ -1123,4 +1132,39 @@ async fn two_secrets_changed_in_one_debounce_window_rotate_once_with_both() {
     assert_eq!(f.running(), vec![second.clone()], "{}", f.logs());
     let s = delivery_of(&f, "web").await;
     assert_eq!(s["delivered"], 2, "one rotation for both changes: {s}");
+}
+
+const LOST_V1: &[u8] = b"lost-v1-Ue6v-secret";
+
+/// The agent's tmpfs is lost while it is down (as at a host reboot: RAM is gone, the state
+/// directory on disk still records the delivered versions) and Docker restarts the
+/// container, recreating its bind source empty. At the next start the container, which
+/// still carries `dso.delivery.instance`, has no secret files: it gets a first delivery.
+#[tokio::test]
+async fn agent_start_after_its_tmpfs_was_lost_delivers_again() {
+    let mut f = Fixture::start(
+        "lost",
+        &[("app/pw", LOST_V1)],
+        "  - name: pw\n    provider: local\n    mappings:\n      pw: app/pw\n    rotation:\n      strategy: rolling\n",
+        &["dso.secrets=pw"],
+        &[],
+    )
+    .await;
+    let first = serving(&f, None, "", "/run/secrets/pw", LOST_V1).await;
+    until_delivered(&f, "web", 1).await;
+    f.stop_agent().await;
+    let umount = StdCommand::new("umount").arg("-l").arg(&f.root).output().unwrap();
+    assert!(
+        umount.status.success(),
+        "umount {}: {}",
+        f.root.display(),
+        String::from_utf8_lossy(&umount.stderr)
+    );
+    docker(&["restart", "-t", "2", &first]);
+    let (code, _) = get(&first, "/file?path=/run/secrets/pw").await;
+    assert_ne!(code, 200, "the restarted container has no secret file any more");
+    f.start_agent().await;
+    let second = serving(&f, None, &first, "/run/secrets/pw", LOST_V1).await;
+    until_delivered(&f, "web", 1).await;
+    assert_eq!(f.running(), vec![second], "{}", f.logs());
 }
