@@ -257,7 +257,7 @@ secrets:\n{secrets}",
             self.agent.as_ref().map(Agent::log).unwrap_or_default()
         )
         .lines()
-        .filter(|l| !l.contains(" TRACE ") && !l.contains(" DEBUG "))
+        .filter(|l| !l.trim().is_empty() && !l.contains(" TRACE ") && !l.contains(" DEBUG "))
         .fold(String::new(), |acc, l| acc + l + "\n")
     }
 
@@ -1176,4 +1176,79 @@ async fn agent_start_after_its_tmpfs_was_lost_delivers_again() {
     let second = serving(&f, None, &first, "/run/secrets/pw", LOST_V1).await;
     until_delivered(&f, "web", 1).await;
     assert_eq!(f.running(), vec![second], "{}", f.logs());
+}
+
+const KEEP_V1: &[u8] = b"keep-good-Aa4z";
+const KEEP_V2: &[u8] = b"keep-good-Bb5y";
+
+/// A version whose rotation rolled back is not tried again after an agent restart (only a
+/// new version or `dso rotate SERVICE --force` retries it); `/v1/delivery` of the new
+/// process still shows it as failed.
+#[tokio::test]
+async fn a_failed_version_is_not_retried_after_an_agent_restart() {
+    let mut f = Fixture::start(
+        "failkeep",
+        &[("app/pw", KEEP_V1)],
+        "  - name: pw\n    provider: local\n    mappings:\n      pw: app/pw\n",
+        &[
+            "dso.secrets=pw",
+            "dso.update.strategy=rolling",
+            "dso.health.timeout=3s",
+        ],
+        &["-e", "HEALTH_FILE=/run/secrets/pw", "-e", "UNHEALTHY_IF=bad"],
+    )
+    .await;
+    let blue = serving(&f, None, "", "/run/secrets/pw", KEEP_V1).await;
+    until_delivered(&f, "web", 1).await;
+    f.set("app/pw", b"bad").await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while delivery_of(&f, "web").await["failed"] != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "no failed delivery within 30 s:\n{}",
+            f.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let failed = delivery_of(&f, "web").await["failed_versions"].clone();
+    let history = last_rotation(&f, "web").await;
+    assert!(
+        history["result"] == "rolled_back" || history["result"] == "failed",
+        "{history}"
+    );
+
+    f.stop_agent().await;
+    f.start_agent().await;
+    // Settle: a retry would start within a poll (1 s) and roll back within the 3 s health
+    // timeout.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert_eq!(
+        last_rotation(&f, "web").await,
+        history,
+        "no rotation was tried again:\n{}",
+        f.logs()
+    );
+    assert_eq!(f.running(), vec![blue.clone()], "blue keeps serving");
+    let status = delivery_of(&f, "web").await;
+    assert_eq!(
+        status["failed_versions"], failed,
+        "the failed version is still shown: {status}"
+    );
+    assert_eq!(
+        (status["delivered"].as_u64(), status["failed"].as_u64()),
+        (Some(0), Some(0)),
+        "{status}"
+    );
+    let (code, body) = get(&blue, "/file?path=/run/secrets/pw").await;
+    assert_eq!(
+        (code, body.as_slice()),
+        (200, KEEP_V1),
+        "blue keeps the old value"
+    );
+
+    // A new version is delivered as usual, and the failed record goes.
+    f.set("app/pw", KEEP_V2).await;
+    serving(&f, None, &blue, "/run/secrets/pw", KEEP_V2).await;
+    let status = until_delivered(&f, "web", 1).await;
+    assert_eq!(status["failed_versions"], serde_json::json!({}), "{status}");
 }
