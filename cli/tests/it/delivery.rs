@@ -1,9 +1,13 @@
 //! Secret delivery end to end (issue 10), against the real Docker engine, the
 //! `dso-testsrv:test` image and the static `dso-init` launcher (`DSO_INIT_BIN`): a local
-//! vault, an agent with `--docker`, a container labelled `dso.secrets`. First delivery,
-//! a change rotated under client load, signal, env through the launcher, rollback, and no
-//! value left in `docker inspect`, the agent's log or on disk. These fail (never skip) when
-//! Docker, the image or the launcher is missing.
+//! vault (and a real moto_server for the `aws` provider, `DSO_MOTO_SERVER`), an agent with
+//! `--docker`, containers labelled `dso.secrets`. First delivery, a change rotated under
+//! client load, signal, env through the launcher, rollback, AWS `PutSecretValue` within one
+//! poll interval, agent restarts on the same state directory and tmpfs (nothing rotates; a
+//! change made while down applied once; a lost tmpfs delivered again; failed versions stay
+//! failed; orphans swept), one change for two services, two changes in one debounce window,
+//! and no value left in `docker inspect`, the agent's log or on disk. These fail (never
+//! skip) when Docker, the image, the launcher or moto is missing.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -1251,4 +1255,46 @@ async fn a_failed_version_is_not_retried_after_an_agent_restart() {
     serving(&f, None, &blue, "/run/secrets/pw", KEEP_V2).await;
     let status = until_delivered(&f, "web", 1).await;
     assert_eq!(status["failed_versions"], serde_json::json!({}), "{status}");
+}
+
+const GONE_V1: &[u8] = b"gone-v1-Nn2b-secret";
+
+/// A container removed while the agent is down leaves its directory behind; the orphan
+/// sweep at the next start wipes it, and nothing is rotated or recreated.
+#[tokio::test]
+async fn agent_start_sweeps_the_directory_of_a_container_removed_while_it_was_down() {
+    let mut f = Fixture::start(
+        "gone",
+        &[("app/pw", GONE_V1)],
+        "  - name: pw\n    provider: local\n    mappings:\n      pw: app/pw\n    rotation:\n      strategy: rolling\n",
+        &["dso.secrets=pw"],
+        &[],
+    )
+    .await;
+    let id = serving(&f, None, "", "/run/secrets/pw", GONE_V1).await;
+    until_delivered(&f, "web", 1).await;
+    let instance = docker(&[
+        "inspect",
+        "-f",
+        "{{index .Config.Labels \"dso.delivery.instance\"}}",
+        &id,
+    ]);
+    f.stop_agent().await;
+    docker(&["rm", "-f", &id]);
+    assert!(
+        f.root.join(&instance).is_dir(),
+        "no agent: the directory is still there"
+    );
+    f.start_agent().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while f.root.join(&instance).exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the orphan {instance} was not swept within 10 s of the start:\n{}",
+            f.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(f.running().is_empty(), "nothing was recreated");
+    assert_on_no_disk(&f, GONE_V1);
 }
