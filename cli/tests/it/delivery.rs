@@ -1179,7 +1179,27 @@ async fn agent_start_after_its_tmpfs_was_lost_delivers_again() {
     f.start_agent().await;
     let second = serving(&f, None, &first, "/run/secrets/pw", LOST_V1).await;
     until_delivered(&f, "web", 1).await;
-    assert_eq!(f.running(), vec![second], "{}", f.logs());
+    assert_eq!(f.running(), vec![second.clone()], "{}", f.logs());
+
+    // The same when the root is a tmpfs again but fresh (a host whose /run is a tmpfs):
+    // Docker recreates the container's directory there, empty.
+    f.stop_agent().await;
+    let instance = docker(&[
+        "inspect",
+        "-f",
+        "{{index .Config.Labels \"dso.delivery.instance\"}}",
+        &second,
+    ]);
+    std::fs::remove_dir_all(f.root.join(&instance)).unwrap();
+    docker(&["restart", "-t", "2", &second]);
+    let group = std::fs::read_dir(f.root.join(&instance)).unwrap().count();
+    assert_eq!(group, 1, "Docker recreated the bind source");
+    let (code, _) = get(&second, "/file?path=/run/secrets/pw").await;
+    assert_ne!(code, 200, "the restarted container has no secret file");
+    f.start_agent().await;
+    let third = serving(&f, None, &second, "/run/secrets/pw", LOST_V1).await;
+    until_delivered(&f, "web", 1).await;
+    assert_eq!(f.running(), vec![third], "{}", f.logs());
 }
 
 const KEEP_V1: &[u8] = b"keep-good-Aa4z";

@@ -604,11 +604,12 @@ impl Delivery {
     }
 
     /// Whether `c` has its secret files: it carries [`LABEL_INSTANCE`] and every group its
-    /// secrets need is complete in the store (written with its ready marker). False for a
-    /// container dso did not create, and for one whose directory is gone or was recreated
-    /// empty (the tmpfs lost at a host reboot while the state directory, on disk, still
-    /// records the delivered versions; Docker recreates a missing bind source empty). A
-    /// layout error counts as having them: the next rotation reports it.
+    /// secrets need is a directory of the store holding files. False for a container dso
+    /// did not create, and for one whose directory is gone or was recreated empty (the
+    /// tmpfs lost at a host reboot while the state directory, on disk, still records the
+    /// delivered versions; Docker recreates a missing bind source as an empty directory).
+    /// A group being rewritten counts (its old files stay until each is replaced by
+    /// rename). A layout error counts as having them: the next rotation reports it.
     pub fn has_files(&self, c: &Container) -> bool {
         let Some(instance) = Self::instance_of(c) else {
             return false;
@@ -620,8 +621,8 @@ impl Delivery {
             self.store
                 .group_dir(instance, &g.name)
                 .ok()
-                .and_then(|d| std::fs::symlink_metadata(d.join(store::READY_MARKER)).ok())
-                .is_some_and(|m| m.is_file())
+                .and_then(|d| std::fs::read_dir(d).ok())
+                .is_some_and(|mut entries| entries.next().is_some())
         })
     }
 
