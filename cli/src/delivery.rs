@@ -28,6 +28,13 @@ use crate::secrets::Secrets;
 /// The consumer prefix of a service.
 pub const SERVICE_CONSUMER: &str = "svc:";
 
+/// The record, in the watcher's state directory, of the versions whose delivery to a
+/// service failed (`failed:svc:PROJECT/SERVICE`), so that an agent restart does not try
+/// them again. No consumer is ever watched under this name.
+fn failed_record(service: &str) -> String {
+    format!("failed:{SERVICE_CONSUMER}{service}")
+}
+
 /// Opens the delivery store (mounting its tmpfs when needed) for the configured secrets.
 pub fn open(settings: &DeliverySettings, cfg: &SecretsConfig) -> anyhow::Result<Arc<Delivery>> {
     let d = Delivery::new(DeliveryConfig {
@@ -189,10 +196,12 @@ impl Deliverer {
             };
             // A running container without dso's secret directory needs its first delivery:
             // forgetting the applied record makes the watcher hand out the current values.
+            // So does one whose directory was lost (a tmpfs gone at a reboot while the
+            // applied record on disk stayed).
             let undelivered = m
                 .containers
                 .iter()
-                .any(|c| c.running && Delivery::instance_of(c).is_none());
+                .any(|c| c.running && !self.delivery.has_files(c));
             let changed = consumers.get(&id) != Some(&want);
             let ask_first = undelivered && {
                 let mut asked = self.first_asked.lock().unwrap_or_else(|e| e.into_inner());
@@ -227,6 +236,8 @@ impl Deliverer {
                     .entry(m.key.to_string())
                     .or_insert_with(|| ServiceDelivery {
                         service: m.key.to_string(),
+                        // Versions that failed before a restart stay failed.
+                        failed_versions: self.failed_before(&m.key.to_string()),
                         ..Default::default()
                     })
                     .secrets = consumed.iter().map(|s| s.name.clone()).collect();
@@ -342,12 +353,14 @@ impl Deliverer {
                     s.versions = versions;
                     s.failed_versions.clear();
                     s.last_error = None;
+                    me.record_failed(&service, None);
                     info!(service = %service, rotation = %id, "secrets delivered");
                 }
                 Err(e) => {
                     s.failed += 1;
                     s.failed_versions = versions;
                     s.last_error = Some(e.clone());
+                    me.record_failed(&service, Some(&applied));
                     warn!(service = %service, rotation = %id, error = %e, "delivery failed; the running container keeps its current values");
                 }
             }
@@ -374,6 +387,9 @@ impl Deliverer {
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(id.clone());
         }
+        if force {
+            self.record_failed(&service.to_string(), None);
+        }
         let watcher = self.secrets.watcher();
         if let Err(e) = watcher.state().forget(&id) {
             warn!(service = %service, error = %e, "cannot reset the applied versions");
@@ -384,6 +400,35 @@ impl Deliverer {
         }
         watcher.trigger(dso_secrets::watcher::Trigger::All);
         true
+    }
+
+    /// The versions recorded as failed for `service` (`reference -> version`), empty when
+    /// none (or the record cannot be read: logged).
+    fn failed_before(&self, service: &str) -> BTreeMap<String, String> {
+        match self.secrets.watcher().state().load(&failed_record(service)) {
+            Ok(Some(rec)) => rec
+                .into_iter()
+                .map(|((_, reference), v)| (reference, v.to_string()))
+                .collect(),
+            Ok(None) => BTreeMap::new(),
+            Err(e) => {
+                warn!(service, error = %e, "cannot read the versions that failed before; they may be tried once more");
+                BTreeMap::new()
+            }
+        }
+    }
+
+    /// Records `versions` as failed for `service` (replacing an earlier record), or removes
+    /// the record (`None`: a delivery succeeded, or `--force`).
+    fn record_failed(&self, service: &str, versions: Option<&[(Reference, Version)]>) {
+        let state = self.secrets.watcher().state();
+        let id = failed_record(service);
+        let r = state
+            .forget(&id)
+            .and_then(|()| versions.map_or(Ok(()), |v| state.mark_applied(&id, v)));
+        if let Err(e) = r {
+            warn!(service, error = %e, "cannot record the versions that failed; an agent restart may try them once more");
+        }
     }
 
     /// Per-service delivery status.

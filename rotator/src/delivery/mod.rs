@@ -791,6 +791,29 @@ impl Delivery {
         layout.groups.iter().all(|g| groups.contains(&g.name))
     }
 
+    /// Whether `c` has its secret files: it carries [`LABEL_INSTANCE`] and every group its
+    /// secrets need is a directory of the store holding files. False for a container dso
+    /// did not create, and for one whose directory is gone or was recreated empty (the
+    /// tmpfs lost at a host reboot while the state directory, on disk, still records the
+    /// delivered versions; Docker recreates a missing bind source as an empty directory).
+    /// A group being rewritten counts (its old files stay until each is replaced by
+    /// rename). A layout error counts as having them: the next rotation reports it.
+    pub fn has_files(&self, c: &Container) -> bool {
+        let Some(instance) = Self::instance_of(c) else {
+            return false;
+        };
+        let Ok(layout) = self.layout(c, &self.consumed(c)) else {
+            return true;
+        };
+        layout.groups.iter().all(|g| {
+            self.store
+                .group_dir(instance, &g.name)
+                .ok()
+                .and_then(|d| std::fs::read_dir(d).ok())
+                .is_some_and(|mut entries| entries.next().is_some())
+        })
+    }
+
     /// Wipes an instance directory (overwritten, then unlinked); logs a failure.
     pub fn wipe(&self, instance: &str) {
         if let Err(e) = self.store.wipe(instance) {
