@@ -386,8 +386,6 @@ impl Deliverer {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(id.clone());
-        }
-        if force {
             self.record_failed(&service.to_string(), None);
         }
         let watcher = self.secrets.watcher();

@@ -153,6 +153,7 @@ impl Secrets {
             interval: cfg.watch.polling_interval,
             max_backoff_factor: factor,
             debounce: cfg.watch.debounce,
+            jitter: cfg.watch.jitter,
             limits,
             ..WatchSettings::default()
         };

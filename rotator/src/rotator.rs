@@ -302,6 +302,7 @@ impl<E: Engine> Rotator<E> {
             known: scan.names(),
         })?;
         let mut reports = Vec::new();
+        let mut attempted = String::new();
         let mut result = Ok(());
         if !m.containers.iter().any(|c| c.running) {
             // Doing nothing is not reported as a rotation done.
@@ -310,7 +311,7 @@ impl<E: Engine> Rotator<E> {
             });
         }
         for c in m.containers.iter().filter(|c| c.running) {
-            match self.rotate_one(&m, c.clone(), &req).await {
+            match self.rotate_one(&m, c.clone(), &req, &mut attempted).await {
                 Ok(r) => reports.push(r),
                 Err(e) => {
                     result = Err(e);
@@ -327,7 +328,8 @@ impl<E: Engine> Rotator<E> {
             Err(e) => ("failed".to_owned(), Some(e.to_string())),
         };
         let history = History {
-            rotation: reports.last().map(|r| r.rotation.clone()).unwrap_or_default(),
+            // A failed rotation has no report: its ID is the one it was attempted under.
+            rotation: reports.last().map_or(attempted, |r| r.rotation.clone()),
             strategy: reports
                 .last()
                 .map_or(req.strategy.unwrap_or(m.spec.strategy), |r| r.strategy),
@@ -355,6 +357,7 @@ impl<E: Engine> Rotator<E> {
         m: &Managed,
         blue: crate::engine::Container,
         req: &RotateRequest,
+        attempted: &mut String,
     ) -> Result<ContainerReport, Error> {
         let inner = &self.inner;
         let delivery = inner.cfg.delivery.clone();
@@ -399,6 +402,7 @@ impl<E: Engine> Rotator<E> {
         }
         let n = inner.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let rotation = format!("{:x}{n}", now_ms());
+        attempted.clone_from(&rotation);
         match strategy {
             Strategy::Rolling | Strategy::Restart => {
                 let prepared = match &delivery {

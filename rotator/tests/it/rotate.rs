@@ -179,6 +179,10 @@ fn rollback_when_green_never_becomes_healthy() {
     let last = status[0].last.as_ref().unwrap();
     assert_eq!(last.result, "failed");
     assert!(last.error.as_ref().unwrap().contains("not healthy"), "{last:?}");
+    assert!(
+        !last.rotation.is_empty(),
+        "a failed rotation keeps its ID: {last:?}"
+    );
 }
 
 #[test]

@@ -477,7 +477,13 @@ impl Core {
                 let period = interval * obj.factor;
                 let start = obj.period_end.max(now);
                 obj.period_end = start + period;
-                obj.next_poll = start + jitter(period);
+                // Full jitter: a uniformly random instant in the period; without it, the
+                // period's end (references then poll in lockstep).
+                obj.next_poll = if self.settings.jitter {
+                    start + jitter(period)
+                } else {
+                    start + period
+                };
                 let (pending, at) = (obj.pending, obj.next_poll);
                 self.schedule.push(Reverse((at, id)));
                 if pending {

@@ -54,6 +54,8 @@ pub struct WatchSettings {
     pub limits: HashMap<String, Limits>,
     /// Capacity of the event channel (default 1024); a full channel pauses the watcher.
     pub channel_capacity: usize,
+    /// Full jitter on every period (`agent.watch.jitter`, default true).
+    pub jitter: bool,
 }
 
 impl Default for WatchSettings {
@@ -65,6 +67,7 @@ impl Default for WatchSettings {
             max_error_backoff: Duration::from_secs(300),
             limits: HashMap::new(),
             channel_capacity: 1024,
+            jitter: true,
         }
     }
 }

@@ -614,3 +614,21 @@ async fn unwatched_values_are_dropped_and_forgotten_by_the_redactor() {
     assert!(e.contains("unknown provider") && e.contains("fake"), "{e}");
     run.cancel.cancel();
 }
+
+#[tokio::test(start_paused = true)]
+async fn without_jitter_polls_come_at_the_end_of_each_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Fake::new();
+    fake.set("nj", "no-jitter-value-1");
+    let mut s = settings(1);
+    s.jitter = false;
+    s.interval = Duration::from_secs(10);
+    let mut run = start(&fake, vec![item("c", &[("NJ", "nj")])], s, dir.path());
+    let _ = events_within(&mut run.rx, Duration::from_secs(45)).await;
+    let t = fake.times("nj");
+    assert!(t.len() >= 4, "{t:?}");
+    for w in t.windows(2).skip(1) {
+        assert_eq!(w[1] - w[0], Duration::from_secs(10), "{t:?}");
+    }
+    run.cancel.cancel();
+}
