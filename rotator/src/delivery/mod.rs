@@ -185,8 +185,9 @@ pub enum DeliveryError {
     },
 }
 
-/// What one container instance gets: the create-request changes and the labels.
-#[derive(Debug, Clone, Default)]
+/// What one container instance gets: the create-request changes and the labels. Its
+/// `Debug` names environment variables without their values.
+#[derive(Clone, Default)]
 pub struct Prepared {
     /// The instance directory's name.
     pub instance: String,
@@ -200,6 +201,22 @@ pub struct Prepared {
     pub volumes: Vec<RemoteGroup>,
     /// Remote engines: the launcher binary to copy into the created container.
     pub launcher_upload: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared")
+            .field("instance", &self.instance)
+            .field("overrides", &self.overrides)
+            .field(
+                "env_names",
+                &self.env.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
+            )
+            .field("labels", &self.labels)
+            .field("volumes", &self.volumes)
+            .field("launcher_upload", &self.launcher_upload)
+            .finish()
+    }
 }
 
 /// One group delivered to a remote engine: a tmpfs volume mounted at `target`, filled by

@@ -386,3 +386,25 @@ fn env_pointers_name_the_file_paths_not_the_values() {
         )]
     );
 }
+
+#[test]
+fn debug_output_of_a_plan_holds_no_value() {
+    let f = fx(vec![secret(
+        "n",
+        &["TOKEN"],
+        InjectSpec::Env {
+            env_mode: EnvMode::Native,
+        },
+    )]);
+    let blue = container(&[("dso.secrets", "n")], "");
+    let p =
+        f.d.plan(&blue, Some(&bundle(&[("n", "TOKEN", b"native-secret-42")])), "r1")
+            .unwrap()
+            .unwrap();
+    assert_eq!(p.env, [("TOKEN".to_owned(), "native-secret-42".to_owned())]);
+    let text = format!("{p:?}");
+    assert!(
+        text.contains("TOKEN") && !text.contains("native-secret-42"),
+        "{text}"
+    );
+}

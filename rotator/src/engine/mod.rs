@@ -128,8 +128,9 @@ pub fn short(id: &str) -> &str {
     &id[..id.len().min(12)]
 }
 
-/// How to create a replacement from an existing container.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// How to create a replacement from an existing container. Its `Debug` names the
+/// environment variables without their values (they may be secrets).
+#[derive(Clone, PartialEq, Eq)]
 pub struct CloneSpec {
     /// ID of the container whose configuration is copied (blue).
     pub from: String,
@@ -143,6 +144,22 @@ pub struct CloneSpec {
     pub primary_network: Option<String>,
     /// Changes delivery makes to the copy (mounts, entrypoint); empty for a plain copy.
     pub overrides: Overrides,
+}
+
+impl std::fmt::Debug for CloneSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CloneSpec")
+            .field("from", &self.from)
+            .field("name", &self.name)
+            .field(
+                "env_names",
+                &self.env.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
+            )
+            .field("labels", &self.labels)
+            .field("primary_network", &self.primary_network)
+            .field("overrides", &self.overrides)
+            .finish()
+    }
 }
 
 /// What delivery changes in a copy: binds removed and added, the entrypoint and command
