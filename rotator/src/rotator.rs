@@ -58,8 +58,9 @@ impl Config {
     }
 }
 
-/// A rotation request (`dso rotate TARGET [--strategy S] [--env K=V]...`).
-#[derive(Debug, Clone, Default)]
+/// A rotation request (`dso rotate TARGET [--strategy S] [--env-file F]`). Its `Debug`
+/// names environment variables without their values.
+#[derive(Clone, Default)]
 pub struct RotateRequest {
     /// Service (`project/service` or `service`) or container name or ID.
     pub target: String,
@@ -81,6 +82,23 @@ pub struct RotateRequest {
     /// How long a new container may take to become healthy when it has no
     /// `dso.health.timeout` label (`agent.rotation.health_check_timeout`).
     pub health_timeout: Option<Duration>,
+}
+
+impl std::fmt::Debug for RotateRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RotateRequest")
+            .field("target", &self.target)
+            .field("strategy", &self.strategy)
+            .field(
+                "env_names",
+                &self.env.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
+            )
+            .field("merged", &self.merged)
+            .field("secrets", &self.secrets)
+            .field("signal", &self.signal)
+            .field("health_timeout", &self.health_timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The result of a rotation request.
