@@ -102,14 +102,14 @@ print(s.makefile().readline().split()[1])
 PY
 }
 
-# One set → serving measurement: dl_set_and_wait PORT OLD_ID VALUE_FILE.
+# One set → serving measurement: dl_set_and_wait PORT OLD_ID.
 # t0 just before `dso secret set` is spawned; polls the proxy port every ~10 ms (bounded:
 # 60 s) until the greeting names another instance. Prints "t0_ns t1_ns new_id set_ms".
 dl_set_and_wait() {
-    vault_env python3 - "$1" "$2" "$3" "$DSO_BIN" "$DL_SOCK" "$DL_SECRET" <<'PY'
-import os, socket, subprocess, sys, time
-port, old, value_file, dso, sock, name = sys.argv[1:]
-value = open(value_file, "rb").read()
+    vault_env python3 - "$1" "$2" "$DSO_BIN" "$DL_SOCK" "$DL_SECRET" <<'PY'
+import base64, os, socket, subprocess, sys, time
+port, old, dso, sock, name = sys.argv[1:]
+value = base64.b64encode(os.urandom(24))  # a fresh random value, only in memory and the pipe
 t0 = time.time_ns()
 p = subprocess.Popen([dso, "--socket", sock, "secret", "set", name], stdin=subprocess.PIPE,
                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -197,8 +197,8 @@ mkdir -p "$DL_VAULT" "$DL_STATE"
 chmod 700 "$DL_VAULT" "$DL_STATE"
 DL_MOUNTS+=("$DL_ROOT")
 vault_env "$DSO_BIN" --socket "$DL_SOCK" init >/dev/null
-head -c 24 /dev/urandom | base64 | tr -d "\n" >"$LT_SCRATCH/value"
-vault_env "$DSO_BIN" --socket "$DL_SOCK" secret set "$DL_SECRET" <"$LT_SCRATCH/value" >/dev/null
+# Random values, piped: never in argv, never in a file.
+head -c 24 /dev/urandom | base64 | tr -d "\n" | vault_env "$DSO_BIN" --socket "$DL_SOCK" secret set "$DL_SECRET" >/dev/null
 
 cat >"$LT_SCRATCH/dso.yaml" <<YAML
 version: v1.0.0
@@ -270,10 +270,8 @@ dl_fmt='%-4s %10s %8s %9s %7s %10s %13s %6s %9s %12s\n'
 # shellcheck disable=SC2059
 printf "$dl_fmt" iter set→serving cli_set →begin create start_call start→healthy swap seen_lag minus_start >&2
 for ((n = 1; n <= DL_N; n++)); do
-    head -c 24 /dev/urandom | base64 | tr -d "\n" >"$LT_SCRATCH/value"
-    out=$(dl_set_and_wait "$port" "$cur" "$LT_SCRATCH/value")
+    out=$(dl_set_and_wait "$port" "$cur")
     read -r t0 t1 new set_ms <<<"$out"
-    rm -f "$LT_SCRATCH/value"
     out=$(dl_report "$last")
     read -r id created started healthy swapped took queue begin <<<"$out"
     [[ "$id" != FAILED ]] || { lt_log "rotation failed: $created $started"; tail -n 40 "$LT_SCRATCH/agent.log" >&2; exit 1; }
