@@ -641,7 +641,7 @@ impl Delivery {
     ) -> Result<Option<Prepared>, DeliveryError> {
         let secrets = self.consumed(blue);
         let blue_instance = Self::instance_of(blue);
-        if secrets.is_empty() && blue_instance.is_none() && !self.has_dso_binds(blue) {
+        if secrets.is_empty() && blue_instance.is_none() && !self.has_dso_binds(blue, None) {
             return Ok(None);
         }
         if !secrets.is_empty() && bundle.is_none() && blue_instance.is_none() {
@@ -706,7 +706,7 @@ impl Delivery {
             .process
             .binds
             .iter()
-            .filter(|b| self.is_dso_bind(b))
+            .filter(|b| self.is_dso_bind(b, blue_instance))
             .cloned()
             .collect();
         let wants_launcher = layout.groups.iter().any(|g| g.name == ENV_GROUP);
@@ -868,16 +868,22 @@ impl Delivery {
             .collect()
     }
 
-    fn has_dso_binds(&self, c: &Container) -> bool {
-        c.process.binds.iter().any(|b| self.is_dso_bind(b))
+    fn has_dso_binds(&self, c: &Container, instance: Option<&str>) -> bool {
+        c.process.binds.iter().any(|b| self.is_dso_bind(b, instance))
     }
 
-    /// Whether a bind item is one dso added (a directory under the store root, or the
-    /// launcher).
-    fn is_dso_bind(&self, bind: &str) -> bool {
+    /// Whether a bind item is one dso added: a directory under the store root, the
+    /// launcher, or (remote engines) a group volume of the container's own instance,
+    /// `dso-<instance>-<group>`. A user's volume whose name happens to start with `dso-`
+    /// is not one.
+    fn is_dso_bind(&self, bind: &str, instance: Option<&str>) -> bool {
         let source = bind.split(':').next().unwrap_or_default();
         let under_root = Path::new(source).starts_with(self.store.root());
-        let volume = source.starts_with("dso-") && !source.contains('/');
+        let volume = instance.is_some_and(|i| {
+            source
+                .strip_prefix(&format!("dso-{i}-"))
+                .is_some_and(|g| g == ENV_GROUP || (g.starts_with('f') && g[1..].parse::<u32>().is_ok()))
+        });
         under_root
             || volume
             || bind

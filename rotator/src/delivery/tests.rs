@@ -408,3 +408,27 @@ fn debug_output_of_a_plan_holds_no_value() {
         "{text}"
     );
 }
+
+#[test]
+fn a_users_volume_named_like_dsos_is_kept_in_a_copy() {
+    let f = fx(vec![secret("db", &["password"], file(0o400))]);
+    f.d.set_remote(true);
+    let mut blue = container(&[("dso.secrets", "db"), (LABEL_INSTANCE, "r1")], "");
+    f.d.plan(
+        &container(&[("dso.secrets", "db")], ""),
+        Some(&bundle(&[("db", "password", b"v")])),
+        "r1",
+    )
+    .unwrap()
+    .unwrap();
+    blue.process.binds = vec![
+        "dso-data:/data".into(),
+        "dso-r1-f0:/run/secrets".into(),
+        "dso-r1-env:/run/dso/env".into(),
+    ];
+    let p = f.d.plan(&blue, None, "r2").unwrap().unwrap();
+    assert_eq!(
+        p.overrides.drop_binds,
+        ["dso-r1-f0:/run/secrets", "dso-r1-env:/run/dso/env"]
+    );
+}
