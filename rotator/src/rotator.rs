@@ -140,6 +140,8 @@ pub(crate) struct Inner<E: Engine> {
     swept: std::sync::atomic::AtomicBool,
     /// Instance directories the last scan's containers use.
     known_instances: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Remote engines: container ID → the `StartedAt` its files were uploaded for.
+    uploaded: std::sync::Mutex<std::collections::HashMap<String, String>>,
 }
 
 /// The rotator. Cheap to clone.
@@ -182,6 +184,7 @@ impl<E: Engine> Rotator<E> {
                 scans: tokio::sync::watch::Sender::new(None),
                 swept: Default::default(),
                 known_instances: Default::default(),
+                uploaded: Default::default(),
             }),
         };
         r.reconcile().await?;
@@ -256,9 +259,72 @@ impl<E: Engine> Rotator<E> {
                 }
             }
         }
+        if let Some(d) = &self.inner.cfg.delivery
+            && d.is_remote()
+        {
+            self.reupload(d, &scan).await;
+        }
         let scan = Arc::new(scan);
         self.inner.scans.send_replace(Some(Arc::clone(&scan)));
         Ok(Arc::unwrap_or_clone(scan))
+    }
+
+    /// Remote engines: a delivered container started again since its files were uploaded
+    /// (`docker restart`, a host reboot) has empty tmpfs volumes and a launcher waiting for
+    /// them: its files are uploaded again from the store. Uploading twice is harmless (the
+    /// same files), so a container seen for the first time (agent start) gets one upload.
+    async fn reupload(&self, d: &Delivery, scan: &Scan) {
+        let running: Vec<&crate::engine::Container> = scan
+            .services
+            .values()
+            .flat_map(|m| m.containers.iter())
+            .filter(|c| c.running)
+            .collect();
+        for c in &running {
+            let Some(inst) = Delivery::instance_of(c).filter(|i| d.store().exists(i)) else {
+                continue;
+            };
+            let seen = self
+                .inner
+                .uploaded
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&c.id)
+                .cloned();
+            if seen.as_deref() == Some(c.process.started_at.as_str()) {
+                continue;
+            }
+            let result = async {
+                for v in d.archives(c, inst).map_err(Error::delivery)? {
+                    self.inner
+                        .engine
+                        .put_archive(&c.id, &v.target, v.archive())
+                        .await?;
+                }
+                Ok::<(), Error>(())
+            }
+            .await;
+            match result {
+                Ok(()) => {
+                    if seen.is_some() {
+                        info!(container = %c.name, "container started again: its secret files were uploaded again");
+                    }
+                    self.inner
+                        .uploaded
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(c.id.clone(), c.process.started_at.clone());
+                }
+                Err(e) => {
+                    warn!(container = %c.name, error = %e, "cannot upload the secret files of a started container; retried at the next scan")
+                }
+            }
+        }
+        self.inner
+            .uploaded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|id, _| running.iter().any(|c| c.id == *id));
     }
 
     /// Follows the rotator's scans (each reconcile publishes one): which services and

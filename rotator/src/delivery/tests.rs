@@ -101,6 +101,7 @@ fn container(labels: &[(&str, &str)], user: &str) -> Container {
             entrypoint: vec!["/app".into()],
             cmd: vec!["--serve".into()],
             binds: vec!["/data:/data".into()],
+            started_at: String::new(),
         },
     }
 }

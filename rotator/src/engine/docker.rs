@@ -472,6 +472,7 @@ fn convert(c: ContainerInspectResponse) -> Container {
         entrypoint: cfg.entrypoint.clone().unwrap_or_default(),
         cmd: cfg.cmd.clone().unwrap_or_default(),
         binds: hc.binds.clone().unwrap_or_default(),
+        started_at: state.started_at.clone().unwrap_or_default(),
     };
     let auto_remove = hc.auto_remove == Some(true);
     let publishes_ports = hc.publish_all_ports == Some(true)

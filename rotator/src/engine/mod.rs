@@ -114,6 +114,9 @@ pub struct Process {
     pub cmd: Vec<String>,
     /// Bind mounts as `SOURCE:TARGET[:OPTIONS]` (also `VOLUME:TARGET`).
     pub binds: Vec<String>,
+    /// When its main process last started (`State.StartedAt`), empty when never: a change
+    /// means the container was started again (its tmpfs volumes are empty again).
+    pub started_at: String,
 }
 
 impl Container {

@@ -541,7 +541,9 @@ async fn a_rotation_on_a_remote_engine_delivers_through_volumes_and_the_launcher
     let (rotator, _) = dso_rotator::Rotator::start(engine, proxy, cfg).await.unwrap();
 
     let mut instances = Vec::new();
+    let mut last_value = String::new();
     for value in [unique_value("rot1"), unique_value("rot2")] {
+        last_value.clone_from(&value);
         let bundle = Bundle::new(
             vec![(
                 "db".into(),
@@ -600,6 +602,58 @@ async fn a_rotation_on_a_remote_engine_delivers_through_volumes_and_the_launcher
         assert_eq!(n, 0, "the value reached the disk: {files:?}");
         instances.push(inst);
     }
+    // A restart outside any rotation empties green's volumes; following Docker's events,
+    // the rotator uploads the files again and the launcher lets the application start.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let follow = rotator.clone();
+    let token = stop.clone();
+    tokio::spawn(async move { follow.watch(token).await });
+    let green = w
+        .docker(&[
+            "ps",
+            "-q",
+            "--no-trunc",
+            "--filter",
+            &format!("label={RUN_LABEL}={}", w.run),
+        ])
+        .unwrap();
+    w.docker(&["restart", "-t", "1", &green]).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let ip: Option<IpAddr> = w
+            .docker(&[
+                "inspect",
+                "-f",
+                "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+                &green,
+            ])
+            .ok()
+            .and_then(|s| s.parse().ok());
+        let served = match ip {
+            Some(ip)
+                if w.docker(&["inspect", "-f", "{{.State.Running}}", &green])
+                    .unwrap()
+                    == "true" =>
+            {
+                get(ip, "/file?path=/run/secrets/db_password").await.ok()
+            }
+            _ => None,
+        };
+        if let Some((200, _, body)) = served {
+            assert_eq!(
+                body,
+                last_value.as_bytes(),
+                "the restarted container has its file again"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the restarted container did not get its files back within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.cancel();
     // The first green (blue of the second rotation) is gone, and so are its volumes.
     let vols = w.docker(&["volume", "ls", "-q"]).unwrap();
     for g in ["f0", "env"] {
