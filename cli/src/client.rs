@@ -93,6 +93,23 @@ impl Client {
         path: &str,
         body: Option<&serde_json::Value>,
     ) -> anyhow::Result<Bytes> {
+        let payload = match body {
+            Some(v) => Bytes::from(serde_json::to_vec(v)?),
+            None => Bytes::new(),
+        };
+        self.send_raw(method, path, "application/json", payload).await
+    }
+
+    /// One request with a raw body of `content_type`; the raw answer on success,
+    /// [`ApiFailure`] (the agent's `error` message) otherwise, [`Unreachable`] when no agent
+    /// answers.
+    pub async fn send_raw(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: &str,
+        payload: Bytes,
+    ) -> anyhow::Result<Bytes> {
         let stream = UnixStream::connect(&self.socket)
             .await
             .map_err(|source| Unreachable {
@@ -105,15 +122,11 @@ impl Client {
         tokio::spawn(async move {
             let _ = conn.await;
         });
-        let payload = match body {
-            Some(v) => Bytes::from(serde_json::to_vec(v)?),
-            None => Bytes::new(),
-        };
         let req = Request::builder()
             .method(method.clone())
             .uri(path)
             .header("host", "localhost")
-            .header("content-type", "application/json")
+            .header("content-type", content_type)
             .body(Full::new(payload))
             .context("building request")?;
         let resp = sender

@@ -228,12 +228,9 @@ mod via_agent {
 
     use anyhow::{Context, bail};
     use dso_secrets::local::EntryInfo;
-    use http_body_util::{BodyExt, Full};
     use hyper::body::Bytes;
-    use hyper::{Method, Request, StatusCode};
-    use hyper_util::rt::TokioIo;
+    use hyper::{Method, StatusCode};
     use serde::Deserialize;
-    use tokio::net::UnixStream;
 
     use super::SecretCommand;
     use crate::client::{ApiFailure, Unreachable, path_segment};
@@ -355,50 +352,26 @@ mod via_agent {
         }
     }
 
-    /// One request with a raw body; the raw answer on success, [`ApiFailure`] otherwise.
+    /// One request with a raw body through the shared client; an agent without the
+    /// endpoint (an older dso) is named as such.
     async fn request(socket: &Path, method: Method, path: &str, body: Bytes) -> anyhow::Result<Bytes> {
-        let stream = UnixStream::connect(socket).await.map_err(|source| Unreachable {
-            path: socket.to_owned(),
-            source,
-        })?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        let client = crate::client::Client::new(socket);
+        match client
+            .send_raw(method, path, "application/octet-stream", body)
             .await
-            .context("starting HTTP on the control socket")?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        let req = Request::builder()
-            .method(method.clone())
-            .uri(path)
-            .header("host", "localhost")
-            .header("content-type", "application/octet-stream")
-            .body(Full::new(body))
-            .context("building request")?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .with_context(|| format!("{method} {path} on {}", socket.display()))?;
-        let status = resp.status();
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .context("reading the agent's answer")?
-            .to_bytes();
-        if !status.is_success() {
-            let message = serde_json::from_slice::<serde_json::Value>(&bytes)
-                .ok()
-                .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
-                .unwrap_or_else(|| String::from_utf8_lossy(&bytes).trim().to_owned());
-            if status == StatusCode::NOT_FOUND && message.starts_with("no endpoint") {
+        {
+            Err(e)
+                if e.downcast_ref::<ApiFailure>().is_some_and(|f| {
+                    f.status == StatusCode::NOT_FOUND && f.message.starts_with("no endpoint")
+                }) =>
+            {
                 bail!(
-                    "the agent at {} does not serve /v1/vault/secrets (an older dso?): {message}",
+                    "the agent at {} does not serve /v1/vault/secrets (an older dso?): {e}",
                     socket.display()
-                );
+                )
             }
-            return Err(ApiFailure { status, message }.into());
+            other => other,
         }
-        Ok(bytes)
     }
 }
 
