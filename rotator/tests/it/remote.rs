@@ -478,6 +478,53 @@ async fn an_upload_before_start_is_refused_a_raw_one_is_lost_and_a_plain_volume_
     engine.remove_volume(&volume).await.unwrap();
 }
 
+/// The agent's tmpfs store unmounted on drop.
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .output();
+    }
+}
+
+/// Delivery on the remote path with one secret `name` (one file mapping `key`), its store on
+/// a tmpfs under the world's state dir; the launcher from `DSO_INIT_BIN`.
+fn remote_delivery(w: &World, name: &str, key: &str) -> (Arc<dso_rotator::delivery::Delivery>, Unmount) {
+    use dso_rotator::delivery::store::StoreOptions;
+    use dso_rotator::delivery::{Delivery, DeliveryConfig};
+    use dso_secrets::config::{InjectSpec, RotationSpec, SecretSpec, Targets};
+    use dso_secrets::{ProviderKind, Reference};
+
+    let launcher = std::env::var("DSO_INIT_BIN")
+        .expect("DSO_INIT_BIN: the static launcher (bash .ci/build-test-image.sh --init-path)");
+    let root = w.state.path().join("secrets-tmpfs");
+    let delivery = Delivery::new(DeliveryConfig {
+        root: root.clone(),
+        store: StoreOptions {
+            mount: true,
+            size_bytes: 8 << 20,
+        },
+        launcher: Some(launcher.into()),
+        secrets: vec![SecretSpec {
+            name: name.into(),
+            provider: "local".into(),
+            mappings: vec![(
+                key.into(),
+                Reference::parse(ProviderKind::Local, "local", &format!("app/{key}")).unwrap(),
+            )],
+            targets: Targets::default(),
+            inject: InjectSpec::default_file(),
+            rotation: RotationSpec::default(),
+        }],
+    })
+    .unwrap();
+    delivery.set_remote(true);
+    (Arc::new(delivery), Unmount(root))
+}
+
 /// A rolling rotation through the rotator against the engine over TCP, with delivery on the
 /// remote path: the tmpfs volumes are created before green, the launcher is copied into the
 /// created green and holds its entrypoint, the archive is uploaded once green runs; green
@@ -485,51 +532,14 @@ async fn an_upload_before_start_is_refused_a_raw_one_is_lost_and_a_plain_volume_
 /// volumes go with blue.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotation_on_a_remote_engine_delivers_through_volumes_and_the_launcher() {
-    use dso_rotator::delivery::store::StoreOptions;
-    use dso_rotator::delivery::{Bundle, Delivery, DeliveryConfig, LABEL_INSTANCE, volume_name};
-    use dso_secrets::config::{InjectSpec, RotationSpec, SecretSpec, Targets};
-    use dso_secrets::{ProviderKind, Reference, SecretValue};
+    use dso_rotator::delivery::{Bundle, LABEL_INSTANCE, volume_name};
+    use dso_secrets::SecretValue;
 
-    let launcher = std::env::var("DSO_INIT_BIN")
-        .expect("DSO_INIT_BIN: the static launcher (bash .ci/build-test-image.sh --init-path)");
     let w = World::new();
     let (addr, _) = forwarder().await;
     let engine = DockerEngine::connect_to(&format!("tcp://{addr}")).await.unwrap();
     assert!(!engine.is_local());
-    let root = w.state.path().join("secrets-tmpfs");
-    let delivery = Arc::new(
-        Delivery::new(DeliveryConfig {
-            root: root.clone(),
-            store: StoreOptions {
-                mount: true,
-                size_bytes: 8 << 20,
-            },
-            launcher: Some(launcher.into()),
-            secrets: vec![SecretSpec {
-                name: "db".into(),
-                provider: "local".into(),
-                mappings: vec![(
-                    "db_password".into(),
-                    Reference::parse(ProviderKind::Local, "local", "app/db").unwrap(),
-                )],
-                targets: Targets::default(),
-                inject: InjectSpec::default_file(),
-                rotation: RotationSpec::default(),
-            }],
-        })
-        .unwrap(),
-    );
-    delivery.set_remote(true);
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&self.0)
-                .output();
-        }
-    }
-    let _unmount = Unmount(root.clone());
+    let (delivery, _unmount) = remote_delivery(&w, "db", "db_password");
 
     let mut svc = Svc::new("web");
     svc.extra_labels.push(("dso.secrets", "db".to_owned()));
@@ -684,50 +694,13 @@ async fn a_rotation_on_a_remote_engine_delivers_through_volumes_and_the_launcher
 /// serves the old value.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_rollback_on_a_remote_engine_gives_blue_its_files_again() {
-    use dso_rotator::delivery::store::StoreOptions;
-    use dso_rotator::delivery::{Bundle, Delivery, DeliveryConfig, volume_name};
-    use dso_secrets::config::{InjectSpec, RotationSpec, SecretSpec, Targets};
-    use dso_secrets::{ProviderKind, Reference, SecretValue};
+    use dso_rotator::delivery::{Bundle, volume_name};
+    use dso_secrets::SecretValue;
 
-    let launcher = std::env::var("DSO_INIT_BIN")
-        .expect("DSO_INIT_BIN: the static launcher (bash .ci/build-test-image.sh --init-path)");
     let w = World::new();
     let (addr, _) = forwarder().await;
     let engine = DockerEngine::connect_to(&format!("tcp://{addr}")).await.unwrap();
-    let root = w.state.path().join("secrets-tmpfs");
-    let delivery = Arc::new(
-        Delivery::new(DeliveryConfig {
-            root: root.clone(),
-            store: StoreOptions {
-                mount: true,
-                size_bytes: 8 << 20,
-            },
-            launcher: Some(launcher.into()),
-            secrets: vec![SecretSpec {
-                name: "pw".into(),
-                provider: "local".into(),
-                mappings: vec![(
-                    "pw".into(),
-                    Reference::parse(ProviderKind::Local, "local", "app/pw").unwrap(),
-                )],
-                targets: Targets::default(),
-                inject: InjectSpec::default_file(),
-                rotation: RotationSpec::default(),
-            }],
-        })
-        .unwrap(),
-    );
-    delivery.set_remote(true);
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&self.0)
-                .output();
-        }
-    }
-    let _unmount = Unmount(root.clone());
+    let (delivery, _unmount) = remote_delivery(&w, "pw", "pw");
     let mut svc = Svc::new("db");
     svc.strategy = "restart";
     svc.extra_labels = vec![
