@@ -72,6 +72,7 @@ async fn run(cfg: Config, args: &AgentArgs, socket: &Path, shutdown: Duration) -
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
 
     api::vault::configure(&cfg);
+    let events = crate::events::Bus::new();
     let proxy = Proxy::new(cfg.proxy.clone());
     for l in cfg.listeners {
         let name = l.name.clone();
@@ -129,6 +130,7 @@ async fn run(cfg: Config, args: &AgentArgs, socket: &Path, shutdown: Duration) -
         started: Instant::now(),
         docker,
         secrets,
+        events: events.clone(),
     };
     let api_task = tokio::spawn(server.serve(state, Router::new(), stop_api.clone()));
     info!(

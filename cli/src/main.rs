@@ -17,6 +17,7 @@ mod config;
 mod delivery;
 mod docker;
 mod duration;
+mod events;
 mod logwriter;
 mod plugin;
 mod secrets;

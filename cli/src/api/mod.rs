@@ -38,6 +38,9 @@ pub struct State {
     pub docker: Option<std::sync::Arc<crate::docker::Docker>>,
     /// The secret side, when the config has providers or secrets, for `/v1/secrets`.
     pub secrets: Option<std::sync::Arc<crate::secrets::Secrets>>,
+    /// The agent's event bus, for `GET /v1/events`.
+    #[allow(dead_code)] // Read once `GET /v1/events` lands (issue 11 work in progress).
+    pub events: crate::events::Bus,
 }
 
 /// One request, body read, path split after the module's prefix.
@@ -269,6 +272,7 @@ mod tests {
             started: Instant::now(),
             docker: None,
             secrets: None,
+            events: crate::events::Bus::new(),
         }
     }
 
