@@ -45,6 +45,7 @@ pub fn open(settings: &DeliverySettings, cfg: &SecretsConfig) -> anyhow::Result<
         },
         launcher: settings.launcher_path(),
         secrets: cfg.secrets.clone(),
+        providers: cfg.providers.iter().map(|p| (p.name.clone(), p.kind())).collect(),
     })
     .with_context(|| {
         format!(

@@ -19,6 +19,7 @@
 //! replaced by rename is not.
 
 pub mod archive;
+pub mod declared;
 pub mod store;
 
 use std::collections::{BTreeMap, HashSet};
@@ -95,6 +96,9 @@ pub struct DeliveryConfig {
     pub launcher: Option<PathBuf>,
     /// The configured secrets.
     pub secrets: Vec<SecretSpec>,
+    /// Every configured provider instance and its kind, for the references a container
+    /// declares in its `dso.refs` label.
+    pub providers: BTreeMap<String, dso_secrets::ProviderKind>,
 }
 
 /// A delivery error: names the container, the secret and the fix; never a value.
@@ -263,6 +267,8 @@ pub struct Delivery {
     store: Store,
     launcher: Option<PathBuf>,
     secrets: RwLock<Vec<SecretSpec>>,
+    /// Provider kinds by instance name, for declared references (`dso.refs`).
+    providers: BTreeMap<String, dso_secrets::ProviderKind>,
     /// The engine does not see this host's directories: volumes and uploads, not binds.
     remote: AtomicBool,
 }
@@ -309,6 +315,7 @@ impl Delivery {
             store,
             launcher: cfg.launcher,
             secrets: RwLock::new(cfg.secrets),
+            providers: cfg.providers,
             remote: AtomicBool::new(false),
         })
     }
@@ -343,9 +350,17 @@ impl Delivery {
     }
 
     /// The secrets container `c` consumes, in config order: those its `dso.secrets` label
-    /// names and those whose `targets` match it. Names in the label that no secret has are
-    /// logged and skipped.
+    /// names and those whose `targets` match it, then those its `dso.refs` label declares
+    /// ([`declared`]). Names in the label that no secret has, and a `dso.refs` label that
+    /// cannot be used, are logged and skipped.
     pub fn consumed(&self, c: &Container) -> Vec<SecretSpec> {
+        let mut out = self.configured(c);
+        out.extend(self.declared(c));
+        out
+    }
+
+    /// The configured secrets `c` consumes.
+    fn configured(&self, c: &Container) -> Vec<SecretSpec> {
         let secrets = self.secrets.read().unwrap_or_else(|p| p.into_inner());
         let named: Vec<&str> = c
             .labels
@@ -369,6 +384,21 @@ impl Delivery {
             })
             .cloned()
             .collect()
+    }
+
+    /// The secrets `c` declares in its `dso.refs` label; none (logged) when the label
+    /// cannot be used.
+    pub fn declared(&self, c: &Container) -> Vec<SecretSpec> {
+        let Some(label) = c.labels.get(declared::LABEL_REFS) else {
+            return Vec::new();
+        };
+        match declared::Declared::parse(label).and_then(|d| d.specs(&self.providers)) {
+            Ok(specs) => specs,
+            Err(e) => {
+                warn!(container = %c.name, error = %e, "its declared references are skipped");
+                Vec::new()
+            }
+        }
     }
 
     /// Whether any consumed secret of `c` is injected as native env (its values live in

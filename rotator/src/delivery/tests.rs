@@ -71,6 +71,7 @@ fn fx(secrets: Vec<SecretSpec>) -> Fx {
         },
         launcher: Some(launcher.clone()),
         secrets,
+        providers: BTreeMap::from([("local".to_string(), dso_secrets::ProviderKind::Local)]),
     })
     .expect("tests run as root: the store mounts its tmpfs");
     Fx {
@@ -432,4 +433,50 @@ fn a_users_volume_named_like_dsos_is_kept_in_a_copy() {
         p.overrides.drop_binds,
         ["dso-r1-f0:/run/secrets", "dso-r1-env:/run/dso/env"]
     );
+}
+
+#[test]
+fn declared_references_are_consumed_and_planned_like_configured_secrets() {
+    let f = fx(vec![secret("db", &["password"], file(0o400))]);
+    let refs = declared::Declared {
+        env: vec![declared::DeclaredRef {
+            var: "API_KEY".into(),
+            provider: "local".into(),
+            reference: "shop/api_key".into(),
+        }],
+        files: vec![declared::DeclaredRef {
+            var: "DB_PASSWORD_FILE".into(),
+            provider: "local".into(),
+            reference: "shop/db#password".into(),
+        }],
+    };
+    let blue = container(
+        &[("dso.secrets", "db"), (declared::LABEL_REFS, &refs.to_label())],
+        "1000",
+    );
+    let names: Vec<String> = f.d.consumed(&blue).into_iter().map(|s| s.name).collect();
+    assert_eq!(names, ["db", "compose:API_KEY", "compose:DB_PASSWORD_FILE"]);
+    let b = bundle(&[
+        ("db", "password", b"pw"),
+        ("compose:API_KEY", "API_KEY", b"k1"),
+        ("compose:DB_PASSWORD_FILE", "DB_PASSWORD_FILE", b"dbpw"),
+    ]);
+    let p = f.d.plan(&blue, Some(&b), "c1").unwrap().expect("a plan");
+    let f0 = f.d.store().group_dir("c1", "f0").unwrap();
+    assert_eq!(std::fs::read(f0.join("DB_PASSWORD_FILE")).unwrap(), b"dbpw");
+    assert_eq!(std::fs::read(f0.join("password")).unwrap(), b"pw");
+    let env = f.d.store().group_dir("c1", "env").unwrap();
+    assert_eq!(std::fs::read(env.join("API_KEY")).unwrap(), b"k1");
+    let entry = p.overrides.entrypoint.expect("the launcher wraps the entrypoint");
+    assert_eq!(entry.0[0], LAUNCHER_PATH);
+
+    // A label naming an unknown provider is skipped whole (logged), never half-used.
+    let bad = container(
+        &[(
+            declared::LABEL_REFS,
+            r#"{"env":[{"var":"X","provider":"nope","ref":"a"}]}"#,
+        )],
+        "",
+    );
+    assert!(f.d.consumed(&bad).is_empty());
 }

@@ -519,6 +519,7 @@ fn remote_delivery(w: &World, name: &str, key: &str) -> (Arc<dso_rotator::delive
             inject: InjectSpec::default_file(),
             rotation: RotationSpec::default(),
         }],
+        providers: [("local".to_string(), ProviderKind::Local)].into(),
     })
     .unwrap();
     delivery.set_remote(true);
