@@ -13,6 +13,7 @@ mod api;
 mod args;
 mod client;
 mod cmd;
+mod compose;
 mod config;
 mod delivery;
 mod docker;
