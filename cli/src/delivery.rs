@@ -124,7 +124,9 @@ pub struct Deliverer {
 
 /// Upper bounds (seconds) of [`Deliverer::latency`]'s buckets: a debounce (2 s by default)
 /// plus a rotation, from an in-place update to a rolling one waiting for health checks.
-pub const LATENCY_BUCKETS: [f64; 12] = [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0];
+pub const LATENCY_BUCKETS: [f64; 12] = [
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
 
 /// How long a first delivery that has not ended (or failed) keeps a scan from asking again.
 const FIRST_RETRY: std::time::Duration = std::time::Duration::from_secs(300);

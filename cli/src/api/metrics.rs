@@ -14,7 +14,7 @@ use std::fmt::{self, Write};
 use std::sync::Arc;
 
 use dso_proxy::{CounterSnapshot, LatencySnapshot, ProxySnapshot};
-use dso_rotator::counts::{RotationResult, STRATEGIES};
+use dso_rotator::counts::{RotationCounts, RotationResult, STRATEGIES};
 use dso_secrets::watcher::{Call, ErrorKind};
 use http_body_util::Full;
 use hyper::body::Bytes;
@@ -227,8 +227,14 @@ impl Collector for ProxyCollector {
             "Bytes forwarded: in is client to backend, out is backend to client.",
             snap.listeners.iter().flat_map(|l| {
                 [
-                    ([("listener", l.name.as_str()), ("direction", "in")], l.counters.bytes_in),
-                    ([("listener", l.name.as_str()), ("direction", "out")], l.counters.bytes_out),
+                    (
+                        [("listener", l.name.as_str()), ("direction", "in")],
+                        l.counters.bytes_in,
+                    ),
+                    (
+                        [("listener", l.name.as_str()), ("direction", "out")],
+                        l.counters.bytes_out,
+                    ),
                 ]
             }),
         )?;
@@ -264,19 +270,26 @@ struct RotationsCollector(Arc<crate::docker::Docker>);
 
 impl Collector for RotationsCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
-        let n = self.0.rotator.rotation_counts();
-        let names: Vec<String> = STRATEGIES.iter().map(ToString::to_string).collect();
-        counters(
-            &mut enc,
-            "dso_rotations_total",
-            "Rotations run by the agent's rotator (dso rotate, secret deliveries), by the strategy used and how they ended (done, refused, failed).",
-            STRATEGIES.iter().zip(&names).flat_map(|(s, name)| {
-                RotationResult::ALL
-                    .iter()
-                    .map(move |r| ([("strategy", name.as_str()), ("result", r.as_str())], n.get(*s, *r)))
-            }),
-        )
+        rotations(&mut enc, self.0.rotator.rotation_counts())
     }
+}
+
+/// `dso_rotations_total`: every strategy and result, zeros included.
+fn rotations(enc: &mut DescriptorEncoder, n: &RotationCounts) -> fmt::Result {
+    let names: Vec<String> = STRATEGIES.iter().map(ToString::to_string).collect();
+    counters(
+        enc,
+        "dso_rotations_total",
+        "Rotations run by the agent's rotator (dso rotate, secret deliveries), by the strategy used and how they ended (done, refused, failed).",
+        STRATEGIES.iter().zip(&names).flat_map(|(s, name)| {
+            RotationResult::ALL.iter().map(move |r| {
+                (
+                    [("strategy", name.as_str()), ("result", r.as_str())],
+                    n.get(*s, *r),
+                )
+            })
+        }),
+    )
 }
 
 /// The secret side: the counters kept from the watcher's events, and the watcher's own
@@ -288,7 +301,11 @@ impl Collector for SecretsCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
         let events = self.0.event_counters();
         let stats = self.0.watcher().provider_stats();
-        let per = |f: fn(&ProviderCounters) -> u64| events.iter().map(move |(p, c)| ([("provider", p.as_str())], f(c)));
+        let per = |f: fn(&ProviderCounters) -> u64| {
+            events
+                .iter()
+                .map(move |(p, c)| ([("provider", p.as_str())], f(c)))
+        };
         let each = || stats.iter().map(|(p, s)| (p.as_str(), s.as_ref()));
         counters(
             &mut enc,
@@ -333,8 +350,14 @@ impl Collector for SecretsCollector {
             each().flat_map(|(p, s)| {
                 Call::ALL.into_iter().flat_map(move |c| {
                     [
-                        ([("provider", p), ("call", c.as_str()), ("result", "ok")], s.calls_ok(c)),
-                        ([("provider", p), ("call", c.as_str()), ("result", "error")], s.calls_failed(c)),
+                        (
+                            [("provider", p), ("call", c.as_str()), ("result", "ok")],
+                            s.calls_ok(c),
+                        ),
+                        (
+                            [("provider", p), ("call", c.as_str()), ("result", "error")],
+                            s.calls_failed(c),
+                        ),
                     ]
                 })
             }),
@@ -347,7 +370,12 @@ impl Collector for SecretsCollector {
                 Call::ALL.into_iter().flat_map(move |c| {
                     ErrorKind::ALL
                         .into_iter()
-                        .map(move |k| ([("provider", p), ("call", c.as_str()), ("kind", k.as_str())], s.errors(c, k)))
+                        .map(move |k| {
+                            (
+                                [("provider", p), ("call", c.as_str()), ("kind", k.as_str())],
+                                s.errors(c, k),
+                            )
+                        })
                         .filter(|(_, n)| *n > 0)
                 })
             }),
@@ -389,15 +417,20 @@ fn delivery(enc: &mut DescriptorEncoder, status: &[ServiceDelivery], latency: &H
         enc,
         "dso_delivery_failed_versions",
         "References whose current version failed to roll out and is not retried until it changes or `dso rotate SERVICE --force`.",
-        status.iter().map(|s| ([("service", s.service.as_str())], s.failed_versions.len() as u64)),
+        status
+            .iter()
+            .map(|s| ([("service", s.service.as_str())], s.failed_versions.len() as u64)),
     )?;
     gauges(
         enc,
         "dso_delivery_last_attempt_timestamp_seconds",
         "Unix time of the service's last delivery attempt.",
-        status
-            .iter()
-            .filter_map(|s| Some(([("service", s.service.as_str())], s.last_attempt_unix_ms? as f64 / 1000.0))),
+        status.iter().filter_map(|s| {
+            Some((
+                [("service", s.service.as_str())],
+                s.last_attempt_unix_ms? as f64 / 1000.0,
+            ))
+        }),
     )?;
     let m = enc.encode_descriptor(
         "dso_delivery_latency_seconds",
