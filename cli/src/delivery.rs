@@ -17,6 +17,7 @@ use dso_rotator::{Scan, Strategy};
 use dso_secrets::config::{SecretSpec, SecretsConfig, Strategy as SecretStrategy};
 use dso_secrets::watcher::Snapshot;
 use dso_secrets::{Reference, Version};
+use prometheus_client::metrics::histogram::Histogram;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -117,7 +118,16 @@ pub struct Deliverer {
     forced: Mutex<std::collections::HashSet<String>>,
     /// `agent.rotation.health_check_timeout`, for containers without `dso.health.timeout`.
     health_timeout: std::time::Duration,
+    /// Seconds from the watcher having a snapshot's versions (`Snapshot::noticed`) to the
+    /// end of the rotation that delivered them, for deliveries that succeeded.
+    latency: Histogram,
 }
+
+/// Upper bounds (seconds) of [`Deliverer::latency`]'s buckets: a debounce (2 s by default)
+/// plus a rotation, from an in-place update to a rolling one waiting for health checks.
+pub const LATENCY_BUCKETS: [f64; 12] = [
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
 
 /// How long a first delivery that has not ended (or failed) keeps a scan from asking again.
 const FIRST_RETRY: std::time::Duration = std::time::Duration::from_secs(300);
@@ -148,6 +158,7 @@ impl Deliverer {
             first_asked: Mutex::default(),
             forced: Mutex::default(),
             health_timeout: cfg.rotation.health_check_timeout,
+            latency: Histogram::new(LATENCY_BUCKETS),
         });
         secrets.set_deliverer(Arc::clone(&me));
         let follow = Arc::clone(&me);
@@ -330,6 +341,7 @@ impl Deliverer {
         );
         let me = Arc::clone(self);
         let consumer = snap.consumer.clone();
+        let noticed = snap.noticed;
         let applied: Vec<(Reference, Version)> = snap.versions;
         tokio::spawn(async move {
             let outcome = rx
@@ -343,6 +355,7 @@ impl Deliverer {
             s.last_attempt_unix_ms = Some(now_ms());
             match outcome {
                 Ok(_) => {
+                    me.latency.observe(noticed.elapsed().as_secs_f64());
                     me.first_asked
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
@@ -440,61 +453,10 @@ impl Deliverer {
             .collect()
     }
 
-    /// The delivery metric families in Prometheus text format (see docs/metrics.md).
-    pub fn render_metrics(&self) -> String {
-        render_metrics(&self.status())
+    /// Delivery latency of the deliveries that succeeded (see [`LATENCY_BUCKETS`]).
+    pub fn latency(&self) -> &Histogram {
+        &self.latency
     }
-}
-
-/// [`Deliverer::render_metrics`] of a status.
-fn render_metrics(status: &[ServiceDelivery]) -> String {
-    use std::fmt::Write;
-    let label = |v: &str| v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "# HELP dso_delivery_rotations_total Secret deliveries per service by result (ok: the rotation or in-place update succeeded; failed: it failed and the container kept its values).\n# TYPE dso_delivery_rotations_total counter"
-    );
-    for s in status {
-        let svc = label(&s.service);
-        let _ = writeln!(
-            out,
-            "dso_delivery_rotations_total{{service=\"{svc}\",result=\"ok\"}} {}",
-            s.delivered
-        );
-        let _ = writeln!(
-            out,
-            "dso_delivery_rotations_total{{service=\"{svc}\",result=\"failed\"}} {}",
-            s.failed
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP dso_delivery_failed_versions References whose current version failed to roll out and is not retried until it changes or `dso rotate SERVICE --force`.\n# TYPE dso_delivery_failed_versions gauge"
-    );
-    for s in status {
-        let _ = writeln!(
-            out,
-            "dso_delivery_failed_versions{{service=\"{}\"}} {}",
-            label(&s.service),
-            s.failed_versions.len()
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP dso_delivery_last_attempt_timestamp_seconds Unix time of the service's last delivery attempt.\n# TYPE dso_delivery_last_attempt_timestamp_seconds gauge"
-    );
-    for s in status {
-        if let Some(ms) = s.last_attempt_unix_ms {
-            let _ = writeln!(
-                out,
-                "dso_delivery_last_attempt_timestamp_seconds{{service=\"{}\"}} {}",
-                label(&s.service),
-                ms as f64 / 1000.0
-            );
-        }
-    }
-    out
 }
 
 impl Deliverer {
@@ -567,36 +529,4 @@ fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn metrics_show_each_service_by_result_with_escaped_labels() {
-        let s = ServiceDelivery {
-            service: "shop/web\"x".into(),
-            delivered: 3,
-            failed: 1,
-            failed_versions: BTreeMap::from([("app/pw".to_owned(), "4".to_owned())]),
-            last_attempt_unix_ms: Some(1_500),
-            ..Default::default()
-        };
-        let text = render_metrics(&[s]);
-        assert!(
-            text.contains("dso_delivery_rotations_total{service=\"shop/web\\\"x\",result=\"ok\"} 3\n"),
-            "{text}"
-        );
-        assert!(text.contains("result=\"failed\"} 1\n"), "{text}");
-        assert!(
-            text.contains("dso_delivery_failed_versions{service=\"shop/web\\\"x\"} 1\n"),
-            "{text}"
-        );
-        assert!(
-            text.contains("dso_delivery_last_attempt_timestamp_seconds{service=\"shop/web\\\"x\"} 1.5\n"),
-            "{text}"
-        );
-        assert_eq!(text.matches("# TYPE").count(), 3);
-    }
 }

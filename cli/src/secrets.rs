@@ -70,13 +70,12 @@ pub struct SecretSeen {
     pub unusable: Option<String>,
 }
 
-/// Counters of one provider instance since the agent started.
+/// Counters of one provider instance since the agent started, kept from the watcher's
+/// events (the watcher's own per-provider counters are in [`Watcher::provider_stats`]).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ProviderCounters {
     /// Snapshots (changes, first deliveries included) whose references use this provider.
     pub changes: u64,
-    /// Times the provider went down (calls failing).
-    pub outages: u64,
     /// Unusable-value events.
     pub unusable: u64,
 }
@@ -260,13 +259,8 @@ impl Secrets {
                 // `snap.values` drops here: every value is zeroed.
             }
             Event::ProviderDown { provider, error } => {
+                // Counted by the watcher (`ProviderStats::outages`).
                 warn!(provider = %provider, error = %error, "provider down; the last good values stay, nothing is triggered");
-                self.counters
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .entry(provider)
-                    .or_default()
-                    .outages += 1;
             }
             Event::ProviderUp { provider } => info!(provider = %provider, "provider answers again"),
             Event::Unusable {
@@ -324,109 +318,11 @@ impl Secrets {
         }
     }
 
-    /// The secret side's metric families in Prometheus text format (see docs/metrics.md).
-    pub async fn render_metrics(&self) -> String {
-        use std::fmt::Write;
-        let counters = self.counters.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let status = self.watcher.status().await;
-        let mut out = String::new();
-        let mut family = |name: &str, help: &str, kind: &str, rows: Vec<(String, f64)>| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (provider, v) in rows {
-                let _ = writeln!(out, "{name}{{provider=\"{}\"}} {v}", escape(&provider));
-            }
-        };
-        let per = |f: fn(&ProviderCounters) -> u64| -> Vec<(String, f64)> {
-            counters.iter().map(|(p, c)| (p.clone(), f(c) as f64)).collect()
-        };
-        family(
-            "dso_secrets_changes_total",
-            "Snapshots taken (a change, a first delivery, or a change made while the agent was down) whose references use this provider.",
-            "counter",
-            per(|c| c.changes),
-        );
-        family(
-            "dso_secrets_provider_outages_total",
-            "Times calls to this provider started failing (the last good values stayed).",
-            "counter",
-            per(|c| c.outages),
-        );
-        family(
-            "dso_secrets_unusable_total",
-            "Values read from this provider that could not be used (empty, JSON key missing, not found, forbidden).",
-            "counter",
-            per(|c| c.unusable),
-        );
-        let providers = status.map(|s| s.providers).unwrap_or_default();
-        family(
-            "dso_secrets_provider_up",
-            "1 when the provider's last call succeeded, 0 when its calls fail.",
-            "gauge",
-            providers
-                .iter()
-                .map(|p| (p.provider.clone(), if p.up { 1.0 } else { 0.0 }))
-                .collect(),
-        );
-        family(
-            "dso_secrets_provider_consecutive_failures",
-            "Failed calls to the provider since its last success.",
-            "gauge",
-            providers
-                .iter()
-                .map(|p| (p.provider.clone(), f64::from(p.consecutive_failures)))
-                .collect(),
-        );
-        family(
-            "dso_secrets_last_success_timestamp_seconds",
-            "Unix time of the provider's last successful call (absent before the first).",
-            "gauge",
-            providers
-                .iter()
-                .filter_map(|p| {
-                    p.last_success_unix_ms
-                        .map(|ms| (p.provider.clone(), ms as f64 / 1000.0))
-                })
-                .collect(),
-        );
-        out.push_str(&render_calls());
-        out
+    /// The counters kept from the watcher's events, per provider instance (for
+    /// `/metrics`; the watcher's own are [`Watcher::provider_stats`]).
+    pub fn event_counters(&self) -> BTreeMap<String, ProviderCounters> {
+        self.counters.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
-}
-
-/// Calls made to each provider instance, by call (`version`, `fetch`) and result (`ok`,
-/// `error`; a failed connect counts as an error of the call it was for).
-static CALLS: Mutex<BTreeMap<(String, &'static str, &'static str), u64>> = Mutex::new(BTreeMap::new());
-
-fn count_call(provider: &str, call: &'static str, ok: bool) {
-    let result = if ok { "ok" } else { "error" };
-    *CALLS
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .entry((provider.to_owned(), call, result))
-        .or_default() += 1;
-}
-
-/// `dso_secrets_provider_calls_total` in Prometheus text format.
-fn render_calls() -> String {
-    use std::fmt::Write;
-    let calls = CALLS.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let mut out = String::from(
-        "# HELP dso_secrets_provider_calls_total Calls to the provider: version (metadata only) or fetch (a value), ok or error.\n\
-         # TYPE dso_secrets_provider_calls_total counter\n",
-    );
-    for ((provider, call, result), n) in calls {
-        let _ = writeln!(
-            out,
-            "dso_secrets_provider_calls_total{{provider=\"{}\",call=\"{call}\",result=\"{result}\"}} {n}",
-            escape(&provider)
-        );
-    }
-    out
-}
-
-/// A Prometheus label value: backslash, quote and newline escaped.
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 impl std::fmt::Debug for Secrets {
@@ -482,22 +378,13 @@ impl Provider for Lazy {
         self.spec.kind() == ProviderKind::Aws
     }
 
+    // The watcher counts every attempt (a failed connect as a failed call) in its gate.
     async fn version(&self, reference: &Reference) -> Result<Version, SecretError> {
-        let r = match self.get().await {
-            Ok(p) => p.version(reference).await,
-            Err(e) => Err(e),
-        };
-        count_call(&self.spec.name, "version", r.is_ok());
-        r
+        self.get().await?.version(reference).await
     }
 
     async fn fetch(&self, reference: &Reference, version: &Version) -> Result<SecretValue, SecretError> {
-        let r = match self.get().await {
-            Ok(p) => p.fetch(reference, version).await,
-            Err(e) => Err(e),
-        };
-        count_call(&self.spec.name, "fetch", r.is_ok());
-        r
+        self.get().await?.fetch(reference, version).await
     }
 
     async fn check(&self) -> Result<CheckReport, SecretError> {

@@ -13,6 +13,7 @@
 //! and `labels.rs` turn containers into services; `lock.rs` keeps one rotation per service.
 //! Every Docker call is in [`engine`], behind the [`Engine`] trait.
 
+pub mod counts;
 pub mod delivery;
 mod discovery;
 pub mod engine;

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+use crate::counts::RotationResult;
 use crate::delivery::{Bundle, Delivery, LABEL_INSTANCE, SWEEP_MIN_AGE, volume_name};
 use crate::discovery::{self, Managed, Scan};
 use crate::engine::Engine;
@@ -142,6 +143,8 @@ pub(crate) struct Inner<E: Engine> {
     known_instances: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Remote engines: container ID → the `StartedAt` its files were uploaded for.
     uploaded: std::sync::Mutex<std::collections::HashMap<String, String>>,
+    /// Rotations run, by strategy and result (`/metrics`).
+    rotations: crate::counts::RotationCounts,
 }
 
 /// The rotator. Cheap to clone.
@@ -185,6 +188,7 @@ impl<E: Engine> Rotator<E> {
                 swept: Default::default(),
                 known_instances: Default::default(),
                 uploaded: Default::default(),
+                rotations: Default::default(),
             }),
         };
         r.reconcile().await?;
@@ -327,6 +331,11 @@ impl<E: Engine> Rotator<E> {
             .retain(|id, _| running.iter().any(|c| c.id == *id));
     }
 
+    /// Rotations run since the rotator started, by strategy and result.
+    pub fn rotation_counts(&self) -> &crate::counts::RotationCounts {
+        &self.inner.rotations
+    }
+
     /// Follows the rotator's scans (each reconcile publishes one): which services and
     /// containers exist, for the secret side's consumers.
     pub fn subscribe_scans(&self) -> tokio::sync::watch::Receiver<Option<Arc<Scan>>> {
@@ -404,12 +413,12 @@ impl<E: Engine> Rotator<E> {
             }
         }
         let (res, err) = match &result {
-            Ok(()) => ("done".to_owned(), None),
+            Ok(()) => (RotationResult::Done, None),
             Err(Error::Refused { .. }) => (
-                "refused".to_owned(),
+                RotationResult::Refused,
                 result.as_ref().err().map(ToString::to_string),
             ),
-            Err(e) => ("failed".to_owned(), Some(e.to_string())),
+            Err(e) => (RotationResult::Failed, Some(e.to_string())),
         };
         let history = History {
             // A failed rotation has no report: its ID is the one it was attempted under.
@@ -417,12 +426,13 @@ impl<E: Engine> Rotator<E> {
             strategy: reports
                 .last()
                 .map_or(req.strategy.unwrap_or(m.spec.strategy), |r| r.strategy),
-            result: res,
+            result: res.as_str().to_owned(),
             error: err,
             started_at_ms,
             took_ms: ms(started.elapsed()),
             container: reports.last().map(|r| r.new_id.clone()),
         };
+        self.inner.rotations.add(history.strategy, res);
         if let Err(e) = self.inner.journal.set_history(&key, &history) {
             warn!(service = %key, error = %e, "cannot write rotation history");
         }
@@ -863,9 +873,13 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, Error::NothingRunning { .. }), "{err}");
+        let last = r.status().await.unwrap()[0].last.clone().unwrap();
+        assert_eq!(last.result, "failed");
+        use crate::counts::RotationResult::Failed;
         assert_eq!(
-            r.status().await.unwrap()[0].last.as_ref().unwrap().result,
-            "failed"
+            r.rotation_counts().get(last.strategy, Failed),
+            1,
+            "counted as its history says"
         );
     }
 
@@ -884,6 +898,14 @@ mod tests {
         assert_eq!(calls(&r), ["signal blue SIGHUP"]);
         r.rotate(req(Strategy::None)).await.unwrap();
         assert_eq!(calls(&r).len(), 1);
+        let n = r.rotation_counts();
+        use crate::counts::RotationResult::{Done, Failed};
+        assert_eq!(n.get(Strategy::Signal, Done), 1);
+        assert_eq!(n.get(Strategy::None, Done), 1);
+        assert_eq!(
+            n.get(Strategy::Rolling, Done) + n.get(Strategy::Signal, Failed),
+            0
+        );
     }
 
     #[test]

@@ -738,6 +738,50 @@ async fn signal_strategy_replaces_the_file_before_the_signal() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(f.running(), vec![id.clone()], "signal keeps the container");
+    // Both deliveries show in /metrics once their rotations reported back: one rotation
+    // each (the signal one under `signal`), and one latency observation each.
+    let sample = |text: &str, series: &str| -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .map(|v| v.trim().parse().unwrap())
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let text = loop {
+        let (code, text) = http(&f.agent().socket, "GET", "/metrics", "").await.unwrap();
+        assert_eq!(code, 200);
+        if sample(&text, "dso_delivery_latency_seconds_count") == Some(2.0) {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "two deliveries not in /metrics: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let done: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("dso_rotations_total{") && l.contains("result=\"done\""))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum();
+    assert_eq!(done, 2.0, "{text}");
+    assert_eq!(
+        sample(&text, "dso_rotations_total{strategy=\"signal\",result=\"done\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    let sum = sample(&text, "dso_delivery_latency_seconds_sum").unwrap();
+    assert!(sum > 0.0, "{text}");
+    let service = format!("{}/web", f.run);
+    assert_eq!(
+        sample(
+            &text,
+            &format!("dso_delivery_rotations_total{{service=\"{service}\",result=\"ok\"}}")
+        ),
+        Some(2.0),
+        "{text}"
+    );
+    // Recorded, not asserted: first delivery (a replacement) plus one signal delivery.
+    eprintln!("delivery latency: {sum:.3} s for 2 deliveries");
 }
 
 const OK_V1: &[u8] = b"good-one";

@@ -195,3 +195,95 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// The value of the sample `series` (name and labels as written) in a `/metrics` text.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map(|v| v.trim().parse().unwrap())
+}
+
+/// `GET /metrics` through the socket: the text, after checking the status and the type.
+async fn scrape(socket: &Path) -> String {
+    let mut s = tokio::net::UnixStream::connect(socket).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut resp = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut s, &mut resp)
+        .await
+        .unwrap();
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.lines()
+            .any(|l| l.eq_ignore_ascii_case("content-type: text/plain; version=0.0.4; charset=utf-8")),
+        "the Prometheus text format's type: {head}"
+    );
+    body.to_owned()
+}
+
+#[tokio::test]
+async fn a_change_moves_the_watchers_poll_fetch_and_change_counters_in_metrics() {
+    let vault = tempfile::tempdir().unwrap();
+    let nowhere = vault.path().join("no-agent.sock");
+    let out = dso_vault(vault.path(), &nowhere, &["init"], b"").await;
+    assert!(out.status.success(), "init: {}", stderr(&out));
+    let set = |socket: std::path::PathBuf, value: &'static [u8]| {
+        let dir = vault.path().to_path_buf();
+        async move {
+            let out = dso_vault(&dir, &socket, &["secret", "set", "app/db_password"], value).await;
+            assert!(out.status.success(), "set: {}", stderr(&out));
+        }
+    };
+    set(nowhere.clone(), FIRST).await;
+    let agent = Agent::start_with(|_| config(vault.path()), &[], "info").await;
+    until(&agent.socket, |_| true).await;
+    let before = scrape(&agent.socket).await;
+    let polls = "dso_secrets_provider_calls_total{provider=\"local\",call=\"version\",result=\"ok\"}";
+    let fetches = "dso_secrets_provider_calls_total{provider=\"local\",call=\"fetch\",result=\"ok\"}";
+    let changes = "dso_secrets_version_changes_total{provider=\"local\"}";
+    let last = "dso_secrets_last_success_timestamp_seconds{provider=\"local\"}";
+    assert_eq!(sample(&before, fetches), Some(1.0), "{before}");
+    assert_eq!(
+        sample(&before, changes),
+        Some(0.0),
+        "the first version is no change: {before}"
+    );
+    let polls_before = sample(&before, polls).unwrap();
+    assert!(polls_before >= 1.0, "{before}");
+    let last_before = sample(&before, last).unwrap();
+
+    // The interval is 10 minutes: the set's notify makes the watcher poll now.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    set(agent.socket.clone(), SECOND).await;
+    until(&agent.socket, |(_, n)| *n == 2).await;
+    let after = scrape(&agent.socket).await;
+    assert_eq!(
+        sample(&after, polls),
+        Some(polls_before + 1.0),
+        "one poll saw it: {after}"
+    );
+    assert_eq!(
+        sample(&after, fetches),
+        Some(2.0),
+        "one fetch per change: {after}"
+    );
+    assert_eq!(sample(&after, changes), Some(1.0), "{after}");
+    assert_eq!(
+        sample(&after, "dso_secrets_changes_total{provider=\"local\"}"),
+        Some(2.0),
+        "{after}"
+    );
+    assert!(sample(&after, last).unwrap() > last_before, "{after}");
+    assert_eq!(
+        sample(
+            &after,
+            "dso_secrets_provider_calls_total{provider=\"local\",call=\"version\",result=\"error\"}"
+        ),
+        Some(0.0),
+        "{after}"
+    );
+    assert!(!after.contains("dso_secrets_provider_errors_total{"), "{after}");
+    assert_clean("GET /metrics", &after);
+}

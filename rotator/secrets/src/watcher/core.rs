@@ -3,7 +3,7 @@
 //! provider's [`Gate`]) and report back on a channel, so nothing here waits on a provider.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::gate::Gate;
+use super::stats::{Call, ProviderStats};
 use super::{Event, ObjectStatus, ProviderStatus, Snapshot, Status, Trigger, WatchSettings};
 use crate::error::{Error, Result};
 use crate::provider::{Provider, Version};
@@ -131,6 +132,8 @@ struct Object {
     last_error: Option<String>,
     /// The permanent error already reported as `Unusable` (reported once per change).
     reported: Option<String>,
+    /// When a poll first returned `current` (the start of a snapshot's delivery latency).
+    seen_at: Option<Instant>,
 }
 
 impl Object {
@@ -145,14 +148,15 @@ struct Consumer {
     emitted: HashMap<Reference, Version>,
     /// Whether a snapshot counts as the first delivery.
     first: bool,
+    /// When these mappings started being watched.
+    since: Instant,
 }
 
 struct ProviderState {
     provider: Arc<dyn Provider>,
     gate: Arc<Gate>,
-    down: bool,
-    failures: u32,
-    last_success: Option<SystemTime>,
+    /// Counters and health (up, failures, last success), shared with the handle.
+    stats: Arc<ProviderStats>,
     last_error: Option<String>,
 }
 
@@ -184,6 +188,7 @@ pub(super) struct Core {
 impl Core {
     pub(super) fn new(
         providers: &HashMap<String, Arc<dyn Provider>>,
+        stats: &BTreeMap<String, Arc<ProviderStats>>,
         settings: WatchSettings,
         events: mpsc::Sender<Event>,
     ) -> Core {
@@ -195,12 +200,11 @@ impl Core {
                     // The provider's own retry already makes `retry_attempts` attempts.
                     limits.retry_attempts = 1;
                 }
+                let stats = Arc::clone(&stats[name]);
                 let st = ProviderState {
                     provider: Arc::clone(p),
-                    gate: Arc::new(Gate::new(name, limits)),
-                    down: false,
-                    failures: 0,
-                    last_success: None,
+                    gate: Arc::new(Gate::new(name, limits, Arc::clone(&stats))),
+                    stats,
                     last_error: None,
                 };
                 (name.clone(), st)
@@ -339,6 +343,7 @@ impl Core {
                             last_success: None,
                             last_error: None,
                             reported: None,
+                            seen_at: None,
                         },
                     );
                     self.schedule.push(Reverse((now, id)));
@@ -363,6 +368,7 @@ impl Core {
                 mappings,
                 emitted,
                 first,
+                since: now,
             },
         );
         if let Some(old) = old {
@@ -438,7 +444,7 @@ impl Core {
             let (provider, gate, probe) = (Arc::clone(&p.provider), Arc::clone(&p.gate), obj.probe.clone());
             let tx = self.outcomes_tx.clone();
             tokio::spawn(async move {
-                let result = gate.run(|| provider.version(&probe)).await;
+                let result = gate.run(Call::Version, || provider.version(&probe)).await;
                 let _ = tx.send(Outcome::Polled { id, result });
             });
         }
@@ -468,6 +474,10 @@ impl Core {
                 let changed = obj.current.as_ref() != Some(&v);
                 if changed {
                     debug!(provider = %provider, reference = %obj.probe.raw, version = %v, "version changed");
+                    if obj.current.is_some() {
+                        self.providers[&provider].stats.changed();
+                    }
+                    obj.seen_at = Some(now);
                     obj.current = Some(v);
                     obj.factor = 1;
                     obj.pending = true;
@@ -508,11 +518,8 @@ impl Core {
 
     /// A call to `provider` answered (a success, or a definite error such as not found).
     async fn provider_ok(&mut self, provider: &str) {
-        let p = self.providers.get_mut(provider).expect("known provider");
-        p.failures = 0;
-        p.last_success = Some(SystemTime::now());
-        if p.down {
-            p.down = false;
+        let p = &self.providers[provider];
+        if p.stats.answered() {
             info!(provider, "provider answers again");
             self.emit(Event::ProviderUp {
                 provider: provider.to_string(),
@@ -525,10 +532,8 @@ impl Core {
     async fn call_failed(&mut self, id: ObjId, provider: &str, e: &Error, msg: String) {
         if e.is_transient() || matches!(e, Error::Auth { .. }) {
             let p = self.providers.get_mut(provider).expect("known provider");
-            p.failures += 1;
             p.last_error = Some(msg.clone());
-            if !p.down {
-                p.down = true;
+            if p.stats.failed() {
                 warn!(provider, error = %msg, "provider down; keeping the last good values");
                 self.emit(Event::ProviderDown {
                     provider: provider.to_string(),
@@ -622,7 +627,7 @@ impl Core {
             let (provider, gate, probe) = (Arc::clone(&p.provider), Arc::clone(&p.gate), obj.probe.clone());
             let tx = self.outcomes_tx.clone();
             tokio::spawn(async move {
-                let result = gate.run(|| provider.fetch(&probe, &version)).await;
+                let result = gate.run(Call::Fetch, || provider.fetch(&probe, &version)).await;
                 let _ = tx.send(Outcome::Fetched { id, version, result });
             });
         }
@@ -679,9 +684,11 @@ impl Core {
             let mut versions = Vec::with_capacity(cons.mappings.len());
             let mut unusable = Vec::new();
             let mut complete = true;
+            let mut noticed = cons.since;
             for (key, r) in &cons.mappings {
                 let id = self.index[&r.object_key()];
                 let obj = &self.objects[&id];
+                noticed = noticed.max(obj.seen_at.unwrap_or(noticed));
                 let Some(held) = obj.held.as_ref().filter(|_| !batch.failed.contains(&id)) else {
                     complete = false;
                     break;
@@ -723,6 +730,7 @@ impl Core {
                 values,
                 versions,
                 first,
+                noticed,
             }));
         }
         for ev in events {
@@ -746,10 +754,10 @@ impl Core {
             .iter()
             .map(|(name, p)| ProviderStatus {
                 provider: name.clone(),
-                up: !p.down,
-                last_success_unix_ms: ms(p.last_success),
+                up: p.stats.up(),
+                last_success_unix_ms: p.stats.last_success_unix_ms(),
                 last_error: p.last_error.clone(),
-                consecutive_failures: p.failures,
+                consecutive_failures: p.stats.consecutive_failures(),
             })
             .collect();
         providers.sort_by(|a, b| a.provider.cmp(&b.provider));

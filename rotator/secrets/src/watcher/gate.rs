@@ -3,15 +3,17 @@
 //! each call its deadline (`Limits::timeout`), and retries transient errors
 //! (`Limits::retry_attempts`, doubling `Limits::retry_backoff`, never sooner than the
 //! provider's `Retry-After`). A throttling answer pushes back every later call to that
-//! provider, not only the one that was throttled.
+//! provider, not only the one that was throttled. Each attempt's outcome is counted in the
+//! provider's [`ProviderStats`] here, where a timeout is still told apart.
 
 use std::future::Future;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
+use super::stats::{Call, ErrorKind, ProviderStats};
 use crate::error::{Error, Result};
 use crate::spec::Limits;
 
@@ -28,11 +30,13 @@ pub(crate) struct Gate {
     next: Mutex<Option<Instant>>,
     /// Time between two call starts.
     spacing: Duration,
+    /// Where each attempt is counted.
+    stats: Arc<ProviderStats>,
 }
 
 impl Gate {
-    /// A gate for `provider` with `limits`.
-    pub(crate) fn new(provider: &str, limits: Limits) -> Gate {
+    /// A gate for `provider` with `limits`, counting attempts in `stats`.
+    pub(crate) fn new(provider: &str, limits: Limits, stats: Arc<ProviderStats>) -> Gate {
         let rate = if limits.rate_per_sec.is_finite() && limits.rate_per_sec > 0.0 {
             limits.rate_per_sec
         } else {
@@ -44,11 +48,12 @@ impl Gate {
             next: Mutex::new(None),
             spacing: Duration::from_secs_f64(1.0 / rate),
             limits,
+            stats,
         }
     }
 
-    /// Runs `call` within the limits, retrying transient errors.
-    pub(crate) async fn run<T, F, Fut>(&self, mut call: F) -> Result<T>
+    /// Runs `call` (a call of kind `which`) within the limits, retrying transient errors.
+    pub(crate) async fn run<T, F, Fut>(&self, which: Call, mut call: F) -> Result<T>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T>>,
@@ -65,11 +70,18 @@ impl Gate {
                     .expect("gate semaphore is never closed");
                 self.wait_slot().await;
                 match tokio::time::timeout(self.limits.timeout, call()).await {
-                    Ok(r) => r,
-                    Err(_) => Err(Error::Unavailable {
-                        provider: self.provider.clone(),
-                        detail: format!("no answer within {:?}", self.limits.timeout),
-                    }),
+                    Ok(r) => {
+                        self.stats
+                            .count(which, r.as_ref().map(|_| ()).map_err(ErrorKind::of));
+                        r
+                    }
+                    Err(_) => {
+                        self.stats.count(which, Err(ErrorKind::Timeout));
+                        Err(Error::Unavailable {
+                            provider: self.provider.clone(),
+                            detail: format!("no answer within {:?}", self.limits.timeout),
+                        })
+                    }
                 }
             };
             match result {

@@ -21,8 +21,11 @@
 
 mod core;
 mod gate;
+mod stats;
 
-use std::collections::HashMap;
+pub use stats::{Call, ErrorKind, ProviderStats};
+
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -91,6 +94,10 @@ pub struct Snapshot {
     pub versions: Vec<(Reference, Version)>,
     /// Whether the consumer had no applied record (its first delivery).
     pub first: bool,
+    /// When the watcher had what this snapshot delivers: the later of the poll that first
+    /// saw the newest of its versions and the consumer's [`Watcher::watch`]. Delivery
+    /// latency is measured from here.
+    pub noticed: tokio::time::Instant,
 }
 
 impl fmt::Debug for Snapshot {
@@ -197,6 +204,8 @@ pub struct Watcher {
     providers: Arc<HashMap<String, Arc<dyn Provider>>>,
     /// The applied-version store.
     state: Arc<StateStore>,
+    /// Counters and health per provider instance, written by the watcher task.
+    stats: Arc<BTreeMap<String, Arc<ProviderStats>>>,
 }
 
 impl Watcher {
@@ -210,6 +219,12 @@ impl Watcher {
         cancel: CancellationToken,
     ) -> Result<(Watcher, mpsc::Receiver<Event>), StartError> {
         let state = Arc::new(StateStore::open(state_dir)?);
+        let stats: Arc<BTreeMap<String, Arc<ProviderStats>>> = Arc::new(
+            providers
+                .keys()
+                .map(|name| (name.clone(), Arc::default()))
+                .collect(),
+        );
         let providers = Arc::new(providers);
         let (events_tx, events_rx) = mpsc::channel(settings.channel_capacity.max(1));
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
@@ -217,11 +232,12 @@ impl Watcher {
             commands: cmd_tx,
             providers: Arc::clone(&providers),
             state: Arc::clone(&state),
+            stats: Arc::clone(&stats),
         };
         for item in items {
             watcher.watch(item.consumer, item.mappings)?;
         }
-        let core = core::Core::new(&providers, settings, events_tx);
+        let core = core::Core::new(&providers, &stats, settings, events_tx);
         tokio::spawn(core.run(cmd_rx, cancel));
         Ok((watcher, events_rx))
     }
@@ -274,6 +290,12 @@ impl Watcher {
     /// The applied-version store.
     pub fn state(&self) -> &StateStore {
         &self.state
+    }
+
+    /// Counters and health of each provider instance, by name (read without asking the
+    /// watcher task, so a scrape never waits on it).
+    pub fn provider_stats(&self) -> &BTreeMap<String, Arc<ProviderStats>> {
+        &self.stats
     }
 
     /// Current status. `None` when the watcher has stopped.

@@ -25,6 +25,8 @@ struct Fake {
     throttle: Mutex<(usize, Option<Duration>)>,
     /// Claims to retry inside each call (as the AWS SDK does).
     internal_retry: AtomicBool,
+    /// Version calls never answer (the gate's timeout ends them).
+    hang: AtomicBool,
 }
 
 impl Fake {
@@ -36,6 +38,7 @@ impl Fake {
             down: AtomicBool::new(false),
             throttle: Mutex::new((0, None)),
             internal_retry: AtomicBool::new(false),
+            hang: AtomicBool::new(false),
         })
     }
 
@@ -91,6 +94,9 @@ impl Provider for Fake {
             .entry(r.object.clone())
             .or_default()
             .push(Instant::now());
+        if self.hang.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
         {
             let mut t = self.throttle.lock().unwrap();
             if t.0 > 0 {
@@ -631,4 +637,116 @@ async fn without_jitter_polls_come_at_the_end_of_each_period() {
         assert_eq!(w[1] - w[0], Duration::from_secs(10), "{t:?}");
     }
     run.cancel.cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn calls_changes_errors_and_health_are_counted_per_provider_instance() {
+    use dso_secrets::watcher::{Call, ErrorKind};
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (Fake::new(), Fake::new());
+    a.set("x", "stats-value-a-1");
+    // `b` has no object yet and is down: its polls fail.
+    b.down.store(true, Ordering::SeqCst);
+    let mut providers: HashMap<String, Arc<dyn Provider>> = HashMap::new();
+    providers.insert("a".into(), Arc::clone(&a) as Arc<dyn Provider>);
+    providers.insert("b".into(), Arc::clone(&b) as Arc<dyn Provider>);
+    let mut s = settings(1);
+    s.limits.insert("a".into(), s.limits["fake"].clone());
+    s.limits.insert("b".into(), s.limits["fake"].clone());
+    let on = |p: &str, raw: &str| Reference::parse(ProviderKind::Aws, p, raw).unwrap();
+    let items = vec![
+        Watched {
+            consumer: "ca".into(),
+            mappings: vec![("X".into(), on("a", "x"))],
+        },
+        Watched {
+            consumer: "cb".into(),
+            mappings: vec![("Y".into(), on("b", "y"))],
+        },
+    ];
+    let cancel = CancellationToken::new();
+    let (watcher, mut rx) = Watcher::start(items, providers, s, dir.path(), cancel.clone()).unwrap();
+    let wall = std::time::SystemTime::now();
+    let snaps = snapshots(events_within(&mut rx, Duration::from_secs(5)).await);
+    assert_eq!(snaps.len(), 1, "only `a` answers: {snaps:?}");
+    watcher.applied(&snaps[0].consumer, &snaps[0].versions).unwrap();
+    let stats = watcher.provider_stats();
+    assert_eq!(stats.keys().collect::<Vec<_>>(), ["a", "b"]);
+    let (sa, sb) = (&stats["a"], &stats["b"]);
+    // `a`: one poll and one fetch, both fine; the first version seen is not a change.
+    assert_eq!(sa.calls_ok(Call::Version), 1);
+    assert_eq!(sa.calls_ok(Call::Fetch), 1);
+    assert_eq!(sa.calls_failed(Call::Version) + sa.calls_failed(Call::Fetch), 0);
+    assert_eq!(sa.version_changes(), 0);
+    assert!(sa.up());
+    let last = sa.last_success_unix_ms().expect("a answered");
+    let wall_ms = wall.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    assert!(last.abs_diff(wall_ms) < 5_000, "{last} vs {wall_ms}");
+    // `b`: its failed poll is counted on `b`, by kind, and nothing on `a`.
+    assert_eq!(sb.calls_ok(Call::Version), 0);
+    assert_eq!(sb.errors(Call::Version, ErrorKind::Unavailable), 1);
+    assert_eq!(sb.calls_failed(Call::Version), 1);
+    assert_eq!(sb.calls_ok(Call::Fetch) + sb.calls_failed(Call::Fetch), 0);
+    assert_eq!((sb.up(), sb.consecutive_failures(), sb.outages()), (false, 1, 1));
+    assert_eq!(sb.last_success_unix_ms(), None);
+    // The status reads the same figures.
+    let st = watcher.status().await.unwrap();
+    let pb = st.providers.iter().find(|p| p.provider == "b").unwrap();
+    assert_eq!(
+        (pb.up, pb.consecutive_failures, pb.last_success_unix_ms),
+        (false, 1, None)
+    );
+
+    // A change on `a`: one more poll that sees it, one more fetch, one change; the
+    // snapshot's `noticed` is the poll that saw it, a debounce before the snapshot.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    a.set("x", "stats-value-a-2");
+    let set_at = Instant::now();
+    let ev = tokio::time::timeout(Duration::from_secs(120), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let Event::Snapshot(snap) = ev else {
+        panic!("{ev:?}")
+    };
+    let arrived = Instant::now();
+    assert!(snap.noticed >= set_at, "noticed after the set");
+    assert_eq!(
+        arrived - snap.noticed,
+        Duration::from_secs(2),
+        "the debounce, on the paused clock"
+    );
+    assert_eq!(sa.version_changes(), 1);
+    assert_eq!(sa.calls_ok(Call::Fetch), 2);
+    assert!(sa.calls_ok(Call::Version) >= 2);
+
+    // `b` times out now: counted as `timeout`, not as the provider's `unavailable`.
+    b.down.store(false, Ordering::SeqCst);
+    b.hang.store(true, Ordering::SeqCst);
+    watcher.trigger(Trigger::Provider("b".into()));
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(sb.errors(Call::Version, ErrorKind::Timeout), 1);
+    assert_eq!(sb.errors(Call::Version, ErrorKind::Unavailable), 1);
+    assert_eq!(
+        (sb.consecutive_failures(), sb.outages()),
+        (2, 1),
+        "still the same outage"
+    );
+    // `b` answers "not found": a definite answer, so the provider is up again (one
+    // outage in all), and the error is counted by kind.
+    b.hang.store(false, Ordering::SeqCst);
+    watcher.trigger(Trigger::Provider("b".into()));
+    let ev = tokio::time::timeout(Duration::from_secs(60), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(&ev, Event::ProviderUp { provider } if provider == "b"),
+        "{ev:?}"
+    );
+    assert_eq!(sb.errors(Call::Version, ErrorKind::NotFound), 1);
+    assert_eq!((sb.up(), sb.consecutive_failures(), sb.outages()), (true, 0, 1));
+    assert!(sb.last_success_unix_ms().is_some());
+    assert_eq!(sa.calls_failed(Call::Version), 0, "nothing of b's counted on a");
+    cancel.cancel();
 }
