@@ -196,6 +196,9 @@ pub fn run(args: SetupArgs) -> anyhow::Result<()> {
             let out = serde_json::json!({ "mode": args.mode, "items": s.items, "error": format!("{e:#}") });
             println!("{}", serde_json::to_string_pretty(&out)?);
         }
+        if s.items.is_empty() {
+            return Err(e);
+        }
         return Err(e.context("dso setup stopped; the items above were done"));
     }
     let conflicts = s.items.iter().filter(|i| i.action == Action::Conflict).count();
