@@ -711,8 +711,23 @@ impl Setup {
 pub fn render_unit(exe: &Path, shutdown: Duration) -> String {
     let stop = (shutdown + STOP_MARGIN).as_secs_f64().ceil() as u64;
     UNIT_TEMPLATE
-        .replace("@DSO@", &exe.display().to_string())
+        .replace("@DSO@", &unit_path_arg(exe))
         .replace("@TIMEOUT_STOP@", &format!("{stop}s"))
+}
+
+/// A path as one `ExecStart=` word: `%` starts a systemd specifier and `\\` an escape, so
+/// both are doubled; a path with blanks or quotes is double-quoted.
+fn unit_path_arg(path: &Path) -> String {
+    let text = path
+        .display()
+        .to_string()
+        .replace('\\', "\\\\")
+        .replace('%', "%%");
+    if text.contains(|c: char| c.is_whitespace() || c == '"' || c == '\'') {
+        format!("\"{}\"", text.replace('"', "\\\""))
+    } else {
+        text
+    }
 }
 
 /// Sets mode and owner (symlinks are refused before this is called).
@@ -793,6 +808,16 @@ mod tests {
         assert!(unit.contains("\nType=notify\n"));
         assert!(!unit.contains('@'), "every placeholder filled");
         assert!(!unit.contains("\nExecReload="), "reload is issue 12");
+    }
+
+    #[test]
+    fn odd_binary_paths_are_escaped_for_systemd() {
+        assert_eq!(unit_path_arg(Path::new("/opt/dso/bin/dso")), "/opt/dso/bin/dso");
+        assert_eq!(unit_path_arg(Path::new("/opt/100%/dso")), "/opt/100%%/dso");
+        assert_eq!(
+            unit_path_arg(Path::new("/opt/my tools/dso")),
+            "\"/opt/my tools/dso\""
+        );
     }
 
     #[test]

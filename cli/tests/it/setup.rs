@@ -550,3 +550,63 @@ async fn docker_runs_the_plugin_with_its_global_options() {
         stdout(&out)
     );
 }
+
+/// On a terminal each privileged change is asked for; "n" declines that item only. The
+/// terminal is a real pty (python3's `pty.fork`).
+#[tokio::test]
+async fn setup_on_a_terminal_asks_before_each_change() {
+    if !need_root("setup --mode agent on a terminal") {
+        return;
+    }
+    if std::process::Command::new("python3")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        assert!(std::env::var("CI").is_err(), "CI has python3");
+        eprintln!("SKIPPED LOUDLY: python3 (for a pty) is not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("etc")).unwrap();
+    std::fs::write(dir.path().join("etc/group"), "").unwrap();
+    // Answers: yes to everything but the third question (the starter config).
+    let driver = r#"
+import os, pty, sys
+pid, fd = pty.fork()
+if pid == 0:
+    os.execv(sys.argv[1], ["dso", "setup", "--mode", "agent"])
+out, asked = b"", 0
+while True:
+    try:
+        data = os.read(fd, 4096)
+    except OSError:
+        break
+    if not data:
+        break
+    out += data
+    if data.rstrip().endswith(b"[Y/n]"):
+        asked += 1
+        os.write(fd, b"n\n" if asked == 3 else b"\n")
+_, status = os.waitpid(pid, 0)
+sys.stdout.write(out.decode())
+sys.exit(os.waitstatus_to_exitcode(status))
+"#;
+    let out = Command::new("python3")
+        .args(["-c", driver, DSO])
+        .env("DSO_SETUP_ROOT", dir.path())
+        .output()
+        .await
+        .unwrap();
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}{}", stderr(&out));
+    assert!(text.contains("create the system group dso? [Y/n]"), "{text}");
+    assert!(text.contains("write the starter config"), "{text}");
+    assert!(text.contains("declined  config:"), "{text}");
+    assert!(
+        !dir.path().join("etc/dso/dso.yaml").exists(),
+        "declined: not written"
+    );
+    assert!(dir.path().join("etc/dso").is_dir(), "the other answers were yes");
+    assert!(dir.path().join("etc/systemd/system/dso-agent.service").is_file());
+}
