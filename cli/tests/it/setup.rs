@@ -610,3 +610,35 @@ sys.exit(os.waitstatus_to_exitcode(status))
     assert!(dir.path().join("etc/dso").is_dir(), "the other answers were yes");
     assert!(dir.path().join("etc/systemd/system/dso-agent.service").is_file());
 }
+
+/// A Docker option dso cannot honour stops before anything runs, with the reason (exit 2);
+/// a good one is re-executed into the environment (seen by `version`).
+#[tokio::test]
+async fn plugin_global_options_are_checked_and_applied_without_docker() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = dir.path().join("docker-dso");
+    std::os::unix::fs::symlink(DSO, &plugin).unwrap();
+    let run = |args: &[&str]| {
+        let mut cmd = Command::new(&plugin);
+        cmd.args(args)
+            .env_remove("DOCKER_HOST")
+            .env_remove("DOCKER_CONTEXT");
+        async move { cmd.output().await.unwrap() }
+    };
+    let out = run(&["-H", "unix:///a.sock", "-H", "unix:///b.sock", "dso", "version"]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("give one -H"), "{}", stderr(&out));
+    assert!(stdout(&out).is_empty());
+    let out = run(&["--tlscert", "/x/client.crt", "dso", "version"]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("cert.pem"), "{}", stderr(&out));
+
+    let out = run(&["-Hunix:///run/other.sock", "-D", "dso", "version", "--json"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["docker"]["DOCKER_HOST"], "unix:///run/other.sock");
+    assert_eq!(
+        v["plugin"], true,
+        "the re-executed process still runs as the plugin"
+    );
+}
