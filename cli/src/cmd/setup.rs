@@ -271,10 +271,13 @@ impl Setup {
         self.parents(&link, root_only(0o755))?;
         self.link_item(&link)?;
         self.launcher_item(args.launcher.as_deref())?;
-        let unit = self.unit_text(&config_path);
+        let (unit, note) = self.unit_text(&config_path);
         let unit_path = self.path(UNIT_PATH);
         self.parents(&unit_path, root_only(0o755))?;
         let changed = self.file_item("systemd unit", &unit_path, unit.as_bytes(), root_only(0o644))?;
+        if let Some(note) = note {
+            self.push("stop timeout", &config_path, Action::Skipped, note);
+        }
         self.reload_item(changed)?;
         Ok(())
     }
@@ -674,13 +677,23 @@ impl Setup {
             .replace("@API@", &api)
     }
 
-    /// The unit for this binary, its stop timeout from the config's shutdown timeout.
-    fn unit_text(&self, config: &Path) -> String {
-        let shutdown = crate::config::load(config)
-            .ok()
-            .and_then(|c| c.agent.shutdown_timeout)
-            .unwrap_or(crate::config::DEFAULT_SHUTDOWN_TIMEOUT);
-        render_unit(&self.exe, shutdown)
+    /// The unit for this binary, its stop timeout from the config's shutdown timeout; with
+    /// a note when the config could not be read for it.
+    fn unit_text(&self, config: &Path) -> (String, Option<String>) {
+        let (shutdown, note) = match crate::config::load(config) {
+            Ok(c) => (c.agent.shutdown_timeout, None),
+            Err(e) if config.exists() => (
+                None,
+                Some(format!(
+                    "TimeoutStopSec uses the default shutdown timeout: {} does not load ({}); fix it and run dso setup again",
+                    config.display(),
+                    e.source
+                )),
+            ),
+            Err(_) => (None, None),
+        };
+        let shutdown = shutdown.unwrap_or(crate::config::DEFAULT_SHUTDOWN_TIMEOUT);
+        (render_unit(&self.exe, shutdown), note)
     }
 
     fn summary(&self, mode: Mode) -> String {

@@ -241,6 +241,23 @@ async fn setup_agent_creates_every_item_once_and_keeps_an_edited_config() {
     let key = format!("state directory {}", root.join("var/lib/dso").display());
     assert_eq!(actions(&fifth)[&key], "updated");
     assert_eq!(mode(&root.join("var/lib/dso")), (0o700, 0, 0));
+
+    // A longer drain in the config gives the unit a longer stop timeout (the unit is dso's
+    // file: replaced); the config itself is still kept.
+    std::fs::write(&config, "agent:\n  shutdown_timeout: 2m\n").unwrap();
+    let sixth = report(&setup(&root, &launcher_arg).await);
+    let unit_path = root.join("etc/systemd/system/dso-agent.service");
+    assert_eq!(
+        actions(&sixth)[&format!("systemd unit {}", unit_path.display())],
+        "updated"
+    );
+    assert_eq!(actions(&sixth)[&format!("config {}", config.display())], "kept");
+    assert!(
+        std::fs::read_to_string(&unit_path)
+            .unwrap()
+            .contains("\nTimeoutStopSec=150s\n")
+    );
+    verify_unit(&unit_path).await;
 }
 
 /// `systemd-analyze verify UNIT` must accept the file without a warning. Skipped (loudly)
