@@ -140,12 +140,22 @@ async fn run(cfg: Config, args: &AgentArgs, socket: &Path, shutdown: Duration) -
         pid = std::process::id(),
         "agent ready"
     );
+    // systemd (`Type=notify`): the listeners and the control socket are bound, so the unit
+    // is started now and `systemctl start` returns.
+    notify(&crate::sdnotify::ready_message(&format!(
+        "serving {} listener(s); control socket {}",
+        proxy.listeners().len(),
+        socket.display()
+    )));
 
     let first = tokio::select! {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
     };
     info!(signal = first, deadline = ?shutdown, "shutting down gracefully; send the signal again to force");
+    notify(&crate::sdnotify::stopping_message(&format!(
+        "{first}: draining connections for up to {shutdown:?}"
+    )));
     // Order: refuse new rotations and route changes (the API answers 409 from here on),
     // let running rotations finish while connections drain, both within the deadline;
     // then stop the Docker watcher and the API.
@@ -182,4 +192,14 @@ async fn run(cfg: Config, args: &AgentArgs, socket: &Path, shutdown: Duration) -
     stop_secrets.cancel();
     let _ = api_task.await;
     Ok(())
+}
+
+/// Tells systemd (when it started us with `$NOTIFY_SOCKET`) about a state change; a failure
+/// is logged, never fatal: the agent serves whether or not its supervisor hears it.
+fn notify(state: &str) {
+    match crate::sdnotify::notify(state) {
+        Ok(true) => info!(state = %state.lines().next().unwrap_or(""), "told systemd"),
+        Ok(false) => {}
+        Err(e) => warn!(error = %e, "cannot notify systemd (NOTIFY_SOCKET)"),
+    }
 }

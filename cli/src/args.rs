@@ -89,6 +89,33 @@ dso init --passphrase --vault-file ./vault.enc"
     Init(crate::cmd::init::InitArgs),
     /// Set, get, list and delete values of the local vault (works with no agent).
     Secret(crate::cmd::secret::SecretArgs),
+    /// Create what dso needs on this host: group, config, directories, plugin link, unit.
+    #[command(
+        long_about = "Create, item by item, what a dso installation needs, and print what was \
+done with each (created, updated, unchanged, kept, declined, skipped, conflict).\n\n\
+--mode agent (root): group dso, /etc/dso (0775 root:dso), /etc/dso/dso.yaml (0664 root:dso, a \
+starter config), /var/lib/dso (0700), /run/dso (0755), the docker-dso plugin link in \
+/usr/local/lib/docker/cli-plugins, the launcher /usr/lib/dso/dso-init and the systemd unit \
+/etc/systemd/system/dso-agent.service. --mode local (no root): ~/.dso (0700), the plugin link \
+in ~/.docker/cli-plugins and ./dso.yaml.\n\n\
+Running it again changes nothing that is already right. An existing dso.yaml is never \
+rewritten: when it differs from the template, the template is written beside it as \
+dso.yaml.new. On a terminal, each privileged change is asked for first; --non-interactive \
+never asks. See docs/operations.md.",
+        after_long_help = "Examples:\n  sudo dso setup --mode agent\n  sudo dso setup --mode agent --non-interactive --json\n  dso setup --mode local\n  docker dso setup --mode local --non-interactive"
+    )]
+    Setup(crate::cmd::setup::SetupArgs),
+    /// Enable, disable, inspect and read the logs of the systemd service dso-agent.
+    #[command(
+        subcommand,
+        long_about = "Wrappers of systemctl and journalctl for the unit `dso setup --mode agent` \
+installs (dso-agent.service). Fails with a clear error where systemd does not run the host.",
+        after_long_help = "Examples:\n  sudo dso system enable\n  dso system status\n  dso system logs -f\n  dso system logs --since 1h"
+    )]
+    System(crate::cmd::system::SystemCommand),
+    /// Version, git commit, target, provider features and the Docker endpoint in use.
+    #[command(after_long_help = "Examples:\n  dso version\n  docker dso version --json")]
+    Version(crate::cmd::version::VersionArgs),
 }
 
 /// `dso agent` options.

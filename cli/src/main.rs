@@ -21,6 +21,7 @@ mod duration;
 mod events;
 mod logwriter;
 mod plugin;
+mod sdnotify;
 mod secrets;
 
 use std::process::ExitCode;
@@ -36,6 +37,15 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         plugin::Invocation::Run(argv) => argv,
+        plugin::Invocation::Reexec { argv, env } => {
+            let e = plugin::reexec(&argv, &env);
+            eprintln!("error: running dso again with Docker's global options as environment: {e}");
+            return ExitCode::from(1);
+        }
+        plugin::Invocation::Invalid(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
     };
     let cli = Cli::parse_from(argv);
     let result = match cli.command {
@@ -47,6 +57,9 @@ fn main() -> ExitCode {
         Command::Status(s) => cmd::rotate::status(s, cmd::socket_path(cli.socket)),
         Command::Init(i) => cmd::init::run(i),
         Command::Secret(s) => cmd::secret::run(s, cmd::socket_path(cli.socket)),
+        Command::Setup(s) => cmd::setup::run(s),
+        Command::System(s) => cmd::system::run(s),
+        Command::Version(v) => cmd::version::run(v),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -6,7 +6,10 @@ pub mod init;
 pub mod proxy;
 pub mod rotate;
 pub mod secret;
+pub mod setup;
+pub mod system;
 mod table;
+pub mod version;
 
 use std::path::PathBuf;
 
