@@ -5,12 +5,8 @@
 
 use std::fmt::Write;
 
+use super::State;
 use dso_proxy::{CounterSnapshot, LatencySnapshot, ProxySnapshot};
-use http_body_util::Full;
-use hyper::body::Bytes;
-use hyper::{Method, Response, StatusCode};
-
-use super::{ApiRequest, Reply, State};
 
 /// One counter of [`CounterSnapshot`] as a metric family.
 struct Field {
@@ -91,27 +87,20 @@ const FIELDS: &[Field] = &[
     },
 ];
 
-/// Routes `/metrics`.
-pub async fn handle(state: State, req: ApiRequest) -> Option<Reply> {
-    if req.method != Method::GET || !req.path.is_empty() {
-        return None;
-    }
-    let mut text = render(&state.proxy.snapshot());
+/// The text of `GET /metrics`: the proxy's families, then the secret side's and delivery's.
+pub async fn render(state: &State) -> String {
+    let mut text = render_proxy(&state.proxy.snapshot());
     if let Some(secrets) = &state.secrets {
         text.push_str(&secrets.render_metrics().await);
         if let Some(d) = secrets.deliverer() {
             text.push_str(&d.render_metrics());
         }
     }
-    Some(Ok(Response::builder()
-        .status(StatusCode::OK)
-        .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
-        .body(Full::new(Bytes::from(text)))
-        .expect("static headers are valid")))
+    text
 }
 
 /// Renders a snapshot as Prometheus text.
-pub fn render(snap: &ProxySnapshot) -> String {
+pub fn render_proxy(snap: &ProxySnapshot) -> String {
     let mut out = String::new();
     for f in FIELDS {
         let (suffix, help, kind, get) = (f.name, f.help, f.kind, f.get);
@@ -281,7 +270,7 @@ mod tests {
 
     #[test]
     fn empty_proxy_renders_only_families() {
-        let text = render(&ProxySnapshot::default());
+        let text = render_proxy(&ProxySnapshot::default());
         assert!(text.lines().all(|l| l.starts_with('#')), "{text}");
         assert!(text.contains("# TYPE dso_proxy_connect_seconds summary"));
     }
