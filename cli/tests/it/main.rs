@@ -11,3 +11,4 @@ mod proxy;
 mod rotate;
 mod secret;
 mod secrets;
+mod http;
