@@ -334,6 +334,18 @@ mod tests {
     }
 
     #[test]
+    fn the_docs_openssl_example_verifies() {
+        // docs/api.md: `printf '%s.%s' 1700000000 '{}' | openssl dgst -sha256 -hmac k3y`.
+        let h = hook();
+        let sig = "sha256=e2974d0d973957aed8182a7f1ef5690a188566c2c4620fc16bd97d7febcf5ef3";
+        assert_eq!(sign(b"k3y", "1700000000", b"{}"), sig);
+        assert_eq!(
+            h.verify(1_700_000_000, &headers("1700000000", sig), b"{}"),
+            Ok(())
+        );
+    }
+
+    #[test]
     fn missing_headers_are_named() {
         let h = hook();
         let mut only_ts = HeaderMap::new();

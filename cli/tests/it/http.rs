@@ -19,7 +19,13 @@ use crate::harness::{Agent, DSO, http, stderr};
 const KEY: &str = "webhook-test-key-9f3";
 
 /// One HTTP/1.1 request over TCP: `(status, body)`.
-async fn tcp(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, String)], body: &str) -> (u16, String) {
+async fn tcp(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    body: &str,
+) -> (u16, String) {
     let mut s = TcpStream::connect(addr).await.unwrap();
     let mut req = format!(
         "{method} {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\ncontent-length: {}\r\n",
@@ -37,7 +43,10 @@ async fn tcp(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, Strin
         .expect("answer in time")
         .unwrap();
     let status = resp.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -45,7 +54,11 @@ async fn tcp(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, Strin
 async fn http_addr(agent: &Agent) -> SocketAddr {
     let (_, body) = http(&agent.socket, "GET", "/health", "").await.unwrap();
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    v["http"].as_str().unwrap_or_else(|| panic!("no http in {v}")).parse().unwrap()
+    v["http"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no http in {v}"))
+        .parse()
+        .unwrap()
 }
 
 fn now() -> u64 {
@@ -56,8 +69,16 @@ fn now() -> u64 {
 fn signed(key: &str, ts: u64, body: &str) -> Vec<(&'static str, String)> {
     let mut mac = Hmac::<Sha256>::new_from_slice(key.as_bytes()).unwrap();
     mac.update(format!("{ts}.{body}").as_bytes());
-    let hex: String = mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect();
-    vec![("X-DSO-Timestamp", ts.to_string()), ("X-DSO-Signature", format!("sha256={hex}"))]
+    let hex: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    vec![
+        ("X-DSO-Timestamp", ts.to_string()),
+        ("X-DSO-Signature", format!("sha256={hex}")),
+    ]
 }
 
 #[tokio::test]
@@ -77,8 +98,18 @@ async fn the_http_listener_serves_health_and_metrics_and_nothing_else() {
     assert_eq!(v["reasons"], serde_json::json!([]));
     let (code, body) = tcp(addr, "GET", "/metrics", &[], "").await;
     assert_eq!(code, 200);
-    assert!(body.contains("# TYPE dso_proxy_connections_accepted_total counter"), "{body}");
-    for path in ["/v1/services", "/v1/proxy", "/v1/health", "/v1/vault/secrets", "/v1/secrets", "/"] {
+    assert!(
+        body.contains("# TYPE dso_proxy_connections_accepted_total counter"),
+        "{body}"
+    );
+    for path in [
+        "/v1/services",
+        "/v1/proxy",
+        "/v1/health",
+        "/v1/vault/secrets",
+        "/v1/secrets",
+        "/",
+    ] {
         let (code, body) = tcp(addr, "GET", path, &[], "").await;
         assert_eq!(code, 404, "{path}: {body}");
         assert!(body.contains("on the Unix socket"), "{path}: {body}");
@@ -100,7 +131,9 @@ async fn the_http_listener_serves_health_and_metrics_and_nothing_else() {
 async fn a_body_over_the_limit_is_413_on_the_socket() {
     let agent = Agent::start_with(|_| "agent:\n  http:\n    listen: off\n".to_owned(), &[], "info").await;
     let big = " ".repeat(1024 * 1024 + 1);
-    let (code, body) = http(&agent.socket, "POST", "/v1/secrets/notify", &big).await.unwrap();
+    let (code, body) = http(&agent.socket, "POST", "/v1/secrets/notify", &big)
+        .await
+        .unwrap();
     assert_eq!(code, 413, "{body}");
     assert!(body.contains("larger than 1048576 bytes"), "{body}");
     // `listen: off`: no address, and still ready.
@@ -119,7 +152,10 @@ async fn a_taken_configured_address_stops_the_agent_naming_the_key() {
     let out = run_agent(dir.path(), &config).await;
     assert!(!out.status.success());
     let err = stderr(&out);
-    assert!(err.contains("agent.http.listen") && err.contains(&addr.to_string()), "{err}");
+    assert!(
+        err.contains("agent.http.listen") && err.contains(&addr.to_string()),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -140,7 +176,10 @@ async fn a_key_file_others_can_read_stops_the_agent_naming_the_key() {
     let out = run_agent(dir.path(), &config).await;
     assert!(!out.status.success());
     let err = stderr(&out);
-    assert!(err.contains("agent.http.webhook.secret_file") && err.contains("0644"), "{err}");
+    assert!(
+        err.contains("agent.http.webhook.secret_file") && err.contains("0644"),
+        "{err}"
+    );
     assert!(!err.contains(KEY), "the key is in the error: {err}");
 }
 
@@ -202,7 +241,10 @@ async fn until_taken(socket: &Path, not: Option<&str>) -> String {
         {
             return v;
         }
-        assert!(Instant::now() < deadline, "the agent did not take a new version in time");
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not take a new version in time"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -247,9 +289,15 @@ secrets:\n  - name: app\n    provider: local\n    mappings:\n      DB_PASSWORD: 
         ("missing timestamp", vec![good[1].clone()]),
         (
             "bad signature",
-            vec![good[0].clone(), ("X-DSO-Signature", format!("sha256={}", "0".repeat(64)))],
+            vec![
+                good[0].clone(),
+                ("X-DSO-Signature", format!("sha256={}", "0".repeat(64))),
+            ],
         ),
-        ("not hex", vec![good[0].clone(), ("X-DSO-Signature", "sha256=xyz".to_owned())]),
+        (
+            "not hex",
+            vec![good[0].clone(), ("X-DSO-Signature", "sha256=xyz".to_owned())],
+        ),
     ];
     // The good signature over another body.
     refused.push(("body changed", good.clone()));
@@ -261,7 +309,11 @@ secrets:\n  - name: app\n    provider: local\n    mappings:\n      DB_PASSWORD: 
         assert!(!text.contains(KEY), "{what}: the key in the answer");
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(taken(&agent.socket).await.as_deref(), Some(v1.as_str()), "a refused call triggered a poll");
+    assert_eq!(
+        taken(&agent.socket).await.as_deref(),
+        Some(v1.as_str()),
+        "a refused call triggered a poll"
+    );
 
     let (code, text) = tcp(addr, "POST", "/v1/webhook", &good, body).await;
     assert_eq!(code, 202, "{text}");
@@ -281,7 +333,11 @@ secrets:\n  - name: app\n    provider: local\n    mappings:\n      DB_PASSWORD: 
     let (code, text) = tcp(addr, "POST", "/v1/webhook", &signed(KEY, now(), nope), nope).await;
     assert_eq!(code, 404, "{text}");
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(taken(&agent.socket).await.as_deref(), Some(v2.as_str()), "the replay triggered a poll");
+    assert_eq!(
+        taken(&agent.socket).await.as_deref(),
+        Some(v2.as_str()),
+        "the replay triggered a poll"
+    );
 
     // `{}` is every secret, on the socket too.
     let (code, text) = http_signed(&agent, &signed(KEY, now(), "{}")).await;
@@ -295,7 +351,9 @@ secrets:\n  - name: app\n    provider: local\n    mappings:\n      DB_PASSWORD: 
 /// `POST /v1/webhook` with body `{}` on the control socket.
 async fn http_signed(agent: &Agent, headers: &[(&str, String)]) -> (u16, String) {
     let mut s = tokio::net::UnixStream::connect(&agent.socket).await.unwrap();
-    let mut req = "POST /v1/webhook HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\ncontent-length: 2\r\n".to_owned();
+    let mut req =
+        "POST /v1/webhook HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\ncontent-length: 2\r\n"
+            .to_owned();
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -304,5 +362,10 @@ async fn http_signed(agent: &Agent, headers: &[(&str, String)]) -> (u16, String)
     let mut resp = String::new();
     s.read_to_string(&mut resp).await.unwrap();
     let status = resp.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    (status, resp.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default())
+    (
+        status,
+        resp.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default(),
+    )
 }
