@@ -3,7 +3,8 @@
 //! Live: the process answers. Ready: the control socket and the HTTP listener (when on) are
 //! bound, the Docker side (when the agent manages Docker) has started and scanned the
 //! engine, no managed service's host ports failed to bind, and the secret watcher (when
-//! the config has secrets) runs with no provider down. 200 when ready, 503 otherwise, each
+//! the config has secrets) runs with no provider down, and the agent is not draining for
+//! shutdown. 200 when ready, 503 otherwise, each
 //! reason naming the part and what is wrong.
 //!
 //! What the agent expects (Docker or not) and how its HTTP listener fared are set once at
@@ -85,11 +86,16 @@ pub struct Parts {
     pub providers_down: Vec<(String, Option<String>)>,
     /// The HTTP listener.
     pub http: Option<HttpListener>,
+    /// The agent is draining for shutdown.
+    pub shutting_down: bool,
 }
 
 /// Readiness from the parts' reports.
 pub fn assess(p: &Parts) -> Health {
     let mut reasons = Vec::new();
+    if p.shutting_down {
+        reasons.push("agent: shutting down (connections draining)".to_owned());
+    }
     match &p.http {
         Some(HttpListener::Failed(why)) => reasons.push(format!("http listener: {why}")),
         Some(HttpListener::Pending) => reasons.push("http listener: not bound yet".to_owned()),
@@ -135,6 +141,7 @@ async fn parts(state: &State) -> Parts {
     let expect = EXPECT.get().copied().unwrap_or_default();
     let mut p = Parts {
         docker_expected: expect.docker,
+        shutting_down: state.proxy.is_shutting_down(),
         http: EXPECT
             .get()
             .map(|_| HTTP.lock().unwrap_or_else(|e| e.into_inner()).clone()),
@@ -225,5 +232,13 @@ mod tests {
             ..Parts::default()
         };
         assert!(assess(&off).ready);
+        let draining = Parts {
+            shutting_down: true,
+            ..off
+        };
+        assert_eq!(
+            assess(&draining).reasons,
+            ["agent: shutting down (connections draining)"]
+        );
     }
 }
