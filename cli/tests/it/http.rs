@@ -436,3 +436,44 @@ async fn health_is_ready_once_the_docker_side_has_scanned() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn bad_agent_http_keys_are_named_with_their_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("dso.yaml");
+    for (yaml, key, what) in [
+        (
+            "agent:\n  http:\n    listen: localhost\n",
+            "agent.http.listen",
+            "is not IP:PORT",
+        ),
+        (
+            "agent:\n  http:\n    webhook:\n      secret_file: key.txt\n",
+            "agent.http.webhook.secret_file",
+            "absolute path",
+        ),
+        (
+            "agent:\n  http:\n    webhook:\n      tolerance: 2h\n",
+            "agent.http.webhook.tolerance",
+            "expected 1s to 1h",
+        ),
+    ] {
+        std::fs::write(&f, yaml).unwrap();
+        let out = crate::harness::dso(&["config", "validate", f.to_str().unwrap()]).await;
+        assert_eq!(out.status.code(), Some(2), "{yaml}");
+        let err = stderr(&out);
+        assert!(
+            err.contains(key) && err.contains(what) && err.contains("line"),
+            "{err}"
+        );
+    }
+    for ok in [
+        "agent:\n  http:\n    listen: off\n",
+        "agent:\n  http:\n    listen: false\n",
+        "agent:\n  http:\n    listen: '[::1]:8471'\n",
+    ] {
+        std::fs::write(&f, ok).unwrap();
+        let out = crate::harness::dso(&["config", "validate", f.to_str().unwrap()]).await;
+        assert!(out.status.success(), "{ok}: {}", stderr(&out));
+    }
+}
