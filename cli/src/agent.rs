@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
-use crate::api::{self, Router, State};
+use crate::api::{self, State};
 use crate::args::AgentArgs;
 use crate::config::{self, Config, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_SOCKET};
 
@@ -90,6 +90,36 @@ async fn run(cfg: Config, args: &AgentArgs, socket: &Path, shutdown: Duration) -
         dso_rotator::journal::check_state_dir(&args.state_dir)?;
     }
     let server = api::bind_with_group(socket, cfg.agent.socket_group.as_deref()).await?;
+    api::health::configure(api::health::Expect { docker: args.docker });
+    if let Some(file) = &cfg.agent.http.webhook_key_file {
+        api::webhook::configure(api::webhook::Webhook::from_file(
+            file,
+            cfg.agent.http.webhook_tolerance,
+        )?);
+    }
+    let http = match cfg.agent.http.listen {
+        None => {
+            api::health::set_http(api::health::HttpListener::Off);
+            None
+        }
+        Some(addr) => match api::http::bind(addr).await {
+            Ok(h) => {
+                api::health::set_http(api::health::HttpListener::Bound(h.addr()));
+                Some(h)
+            }
+            // The default address taken (another agent, a test): the agent runs without
+            // it, says so, and is not ready. A configured address must bind.
+            Err(e) if !cfg.agent.http.explicit => {
+                warn!(
+                    error = format!("{e:#}"),
+                    "HTTP listener not started; /health reports it"
+                );
+                api::health::set_http(api::health::HttpListener::Failed(format!("{e:#}")));
+                None
+            }
+            Err(e) => return Err(e),
+        },
+    };
     let stop_api = CancellationToken::new();
     let stop_docker = CancellationToken::new();
     // Delivery needs both sides: secrets to deliver and Docker to deliver them to.
@@ -132,10 +162,13 @@ async fn run(cfg: Config, args: &AgentArgs, socket: &Path, shutdown: Duration) -
         secrets,
         events: events.clone(),
     };
-    let api_task = tokio::spawn(server.serve(state, Router::new(), stop_api.clone()));
+    let http_addr = http.as_ref().map(|h| h.addr().to_string());
+    let http_task = http.map(|h| tokio::spawn(h.serve(state.clone(), stop_api.clone())));
+    let api_task = tokio::spawn(server.serve(state, stop_api.clone()));
     info!(
         config = %path.display(),
         socket = %socket.display(),
+        http = http_addr.as_deref().unwrap_or("off"),
         listeners = proxy.listeners().len(),
         pid = std::process::id(),
         "agent ready"
@@ -191,6 +224,9 @@ async fn run(cfg: Config, args: &AgentArgs, socket: &Path, shutdown: Duration) -
     stop_docker.cancel();
     stop_secrets.cancel();
     let _ = api_task.await;
+    if let Some(t) = http_task {
+        let _ = t.await;
+    }
     Ok(())
 }
 

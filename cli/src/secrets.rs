@@ -44,6 +44,8 @@ pub struct Secrets {
     secrets: Vec<SecretInfo>,
     /// Delivery into containers, when the agent runs with `--docker`.
     deliverer: std::sync::OnceLock<Arc<crate::delivery::Deliverer>>,
+    /// The provider instances each secret's references read, for [`Secrets::poke`].
+    providers_of: BTreeMap<String, Vec<String>>,
 }
 
 /// A configured secret as the API shows it (no value).
@@ -166,7 +168,18 @@ impl Secrets {
                 .map(|p| (p.name.clone(), ProviderCounters::default()))
                 .collect(),
         ));
+        let providers_of = cfg
+            .secrets
+            .iter()
+            .map(|s| {
+                let mut p: Vec<String> = s.mappings.iter().map(|(_, r)| r.provider.clone()).collect();
+                p.sort();
+                p.dedup();
+                (s.name.clone(), p)
+            })
+            .collect();
         let secrets = Arc::new(Secrets {
+            providers_of,
             watcher,
             local_vaults,
             seen: Arc::clone(&seen),
@@ -300,6 +313,25 @@ impl Secrets {
             self.watcher.trigger(Trigger::Provider(name.clone()));
         }
         hit
+    }
+
+    /// "Look now" (`POST /v1/webhook`): polls the providers of secret `name` at once, or
+    /// of every secret when `None`. Returns the provider instances polled; `None` when no
+    /// secret has that name.
+    pub fn poke(&self, name: Option<&str>) -> Option<Vec<String>> {
+        let providers = match name {
+            Some(n) => self.providers_of.get(n)?.clone(),
+            None => {
+                let mut all: Vec<String> = self.providers_of.values().flatten().cloned().collect();
+                all.sort();
+                all.dedup();
+                all
+            }
+        };
+        for p in &providers {
+            self.watcher.trigger(Trigger::Provider(p.clone()));
+        }
+        Some(providers)
     }
 
     /// What `GET /v1/secrets` answers.

@@ -18,7 +18,6 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fs2::FileExt;
 use futures_util::FutureExt;
 use std::panic::AssertUnwindSafe;
 use tokio::sync::oneshot;
@@ -37,10 +36,10 @@ impl ServiceLock {
     /// process, or another rotation of this one) has it.
     pub fn try_acquire(state_dir: &Path, service: &ServiceKey) -> io::Result<Option<ServiceLock>> {
         let file = lock_file(state_dir, service)?;
-        match file.try_lock_exclusive() {
+        match file.try_lock() {
             Ok(()) => Ok(Some(ServiceLock { file })),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.raw_os_error() == Some(11) => Ok(None),
-            Err(e) => Err(e),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => Err(e),
         }
     }
 
@@ -70,7 +69,7 @@ fn lock_file(state_dir: &Path, service: &ServiceKey) -> io::Result<File> {
 
 impl Drop for ServiceLock {
     fn drop(&mut self) {
-        let _ = FileExt::unlock(&self.file);
+        let _ = self.file.unlock();
     }
 }
 

@@ -16,9 +16,6 @@ use std::sync::Arc;
 use dso_proxy::{CounterSnapshot, LatencySnapshot, ProxySnapshot};
 use dso_rotator::counts::{RotationCounts, RotationResult, STRATEGIES};
 use dso_secrets::watcher::{Call, ErrorKind};
-use http_body_util::Full;
-use hyper::body::Bytes;
-use hyper::{Method, Response, StatusCode};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeGaugeValue, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::MetricType;
@@ -27,7 +24,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use super::{ApiRequest, Reply, State};
+use super::State;
 use crate::delivery::ServiceDelivery;
 use crate::secrets::ProviderCounters;
 
@@ -112,18 +109,6 @@ const FIELDS: &[Field] = &[
         per_backend: true,
     },
 ];
-
-/// Routes `/metrics` (the hand-written router's entry; the text is [`render`]'s).
-pub async fn handle(state: State, req: ApiRequest) -> Option<Reply> {
-    if req.method != Method::GET || !req.path.is_empty() {
-        return None;
-    }
-    Some(Ok(Response::builder()
-        .status(StatusCode::OK)
-        .header("content-type", CONTENT_TYPE)
-        .body(Full::new(Bytes::from(render(&state))))
-        .expect("static headers are valid")))
-}
 
 /// The whole `/metrics` text of the agent now, in the Prometheus text format 0.0.4
 /// ([`CONTENT_TYPE`]).

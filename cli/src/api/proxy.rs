@@ -3,13 +3,15 @@
 
 use std::time::Duration;
 
+use axum::extract::{RawQuery, State as With};
 use dso_proxy::{Backend, DrainStatus, Listener};
-use hyper::{Method, StatusCode};
+use hyper::StatusCode;
+use hyper::body::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
-use super::{ApiError, ApiRequest, Reply, State, json};
+use super::{ApiError, Params, Reply, State, json, parse_json, query_map};
 use crate::config::BackendEntry;
 use crate::duration::HumanDuration;
 
@@ -27,22 +29,19 @@ struct SwapReply {
     drain: Option<DrainStatus>,
 }
 
-/// Routes `/v1/proxy/...`.
-pub async fn handle(state: State, req: ApiRequest) -> Option<Reply> {
-    let seg = req.segments();
-    let reply = match (&req.method, seg.as_slice()) {
-        (&Method::GET, []) => json(StatusCode::OK, &state.proxy.snapshot()),
-        (&Method::GET, ["listeners"]) => json(StatusCode::OK, &state.proxy.snapshot().listeners),
-        (&Method::GET, ["listeners", name]) => {
-            listener(&state, name).and_then(|l| json(StatusCode::OK, &l.snapshot()))
-        }
-        (&Method::POST, ["listeners", name, "swap"]) => swap(&state, name, &req).await,
-        (&Method::POST, ["listeners", name, "pause"]) => pause(&state, name, &req),
-        (&Method::POST, ["listeners", name, "resume"]) => resume(&state, name, &req),
-        (&Method::GET, ["listeners", name, "generations", n, "drain"]) => drain(&state, name, n, &req).await,
-        _ => return None,
-    };
-    Some(reply)
+/// `GET /v1/proxy`.
+pub async fn snapshot(With(state): With<State>) -> Reply {
+    json(StatusCode::OK, &state.proxy.snapshot())
+}
+
+/// `GET /v1/proxy/listeners`.
+pub async fn listeners(With(state): With<State>) -> Reply {
+    json(StatusCode::OK, &state.proxy.snapshot().listeners)
+}
+
+/// `GET /v1/proxy/listeners/{name}`.
+pub async fn listener(With(state): With<State>, p: Params) -> Reply {
+    find(&state, p.first()).and_then(|l| json(StatusCode::OK, &l.snapshot()))
 }
 
 /// 409 once the agent is draining for shutdown: the route is no longer changed then.
@@ -79,13 +78,15 @@ fn bounded_backends(entries: Vec<BackendEntry>) -> Result<Vec<Backend>, ApiError
     Ok(to_backends(entries))
 }
 
-async fn swap(state: &State, name: &str, req: &ApiRequest) -> Reply {
-    let body = Body::parse(req, &["backends", "drain", "wait"])?;
+/// `POST /v1/proxy/listeners/{name}/swap`.
+pub async fn swap(With(state): With<State>, p: Params, body: Bytes) -> Reply {
+    let (state, name) = (&state, p.first());
+    let body = Body::parse(&body, &["backends", "drain", "wait"])?;
     let backends: Vec<BackendEntry> = body.required("backends")?;
     let backends = bounded_backends(backends)?;
     let drain = bounded("drain", body.optional("drain")?)?;
     let wait: bool = body.optional("wait")?.unwrap_or(false);
-    let l = listener(state, name)?;
+    let l = find(state, name)?;
     refuse_during_shutdown(state)?;
     let swap = l.swap(backends, drain).map_err(proxy_error)?;
     let drain_status = if wait {
@@ -112,13 +113,15 @@ async fn swap(state: &State, name: &str, req: &ApiRequest) -> Reply {
     )
 }
 
-fn pause(state: &State, name: &str, req: &ApiRequest) -> Reply {
-    let body = Body::parse(req, &["max"])?;
+/// `POST /v1/proxy/listeners/{name}/pause`.
+pub async fn pause(With(state): With<State>, p: Params, body: Bytes) -> Reply {
+    let (state, name) = (&state, p.first());
+    let body = Body::parse(&body, &["max"])?;
     let max: Option<HumanDuration> = body.optional("max")?;
     if max.is_some_and(|m| m.get().is_zero()) {
         return Err(ApiError::bad_request("max: must be longer than 0s"));
     }
-    let l = listener(state, name)?;
+    let l = find(state, name)?;
     refuse_during_shutdown(state)?;
     // The answer gives the maximum in force: beyond 365 days a hold is cut to 365 days.
     let max = l.pause(max.map(HumanDuration::get));
@@ -133,8 +136,10 @@ fn pause(state: &State, name: &str, req: &ApiRequest) -> Reply {
     )
 }
 
-fn resume(state: &State, name: &str, req: &ApiRequest) -> Reply {
-    let body = Body::parse(req, &["backends", "drain"])?;
+/// `POST /v1/proxy/listeners/{name}/resume`.
+pub async fn resume(With(state): With<State>, p: Params, body: Bytes) -> Reply {
+    let (state, name) = (&state, p.first());
+    let body = Body::parse(&body, &["backends", "drain"])?;
     let backends: Option<Vec<BackendEntry>> = body.optional("backends")?;
     let drain = bounded("drain", body.optional("drain")?)?;
     if backends.as_ref().is_some_and(Vec::is_empty) {
@@ -143,7 +148,7 @@ fn resume(state: &State, name: &str, req: &ApiRequest) -> Reply {
         ));
     }
     let backends = backends.map(bounded_backends).transpose()?;
-    let l = listener(state, name)?;
+    let l = find(state, name)?;
     refuse_during_shutdown(state)?;
     let swap = l.resume(backends, drain).map_err(proxy_error)?;
     json(
@@ -157,20 +162,23 @@ fn resume(state: &State, name: &str, req: &ApiRequest) -> Reply {
     )
 }
 
-async fn drain(state: &State, name: &str, n: &str, req: &ApiRequest) -> Reply {
+/// `GET /v1/proxy/listeners/{name}/generations/{n}/drain[?timeout=DURATION]`.
+pub async fn drain(With(state): With<State>, p: Params, RawQuery(query): RawQuery) -> Reply {
+    let (state, name, n) = (&state, p.first(), p.0.get(1).map_or("", String::as_str));
+    let query = query_map(&query);
     let generation: u64 = n
         .parse()
         .map_err(|_| ApiError::bad_request(format!("generation {n:?} is not a number")))?;
-    let timeout = match req.query.get("timeout") {
+    let timeout = match query.get("timeout") {
         Some(t) => crate::duration::parse(t).map_err(|e| ApiError::bad_request(format!("timeout: {e}")))?,
         None => Duration::from_secs(30),
     };
-    let l = listener(state, name)?;
+    let l = find(state, name)?;
     let status = l.wait_drained(generation, timeout).await.map_err(proxy_error)?;
     json(StatusCode::OK, &status)
 }
 
-fn listener(state: &State, name: &str) -> Result<Listener, ApiError> {
+fn find(state: &State, name: &str) -> Result<Listener, ApiError> {
     state.proxy.listener(name).map_err(proxy_error)
 }
 
@@ -198,8 +206,8 @@ fn proxy_error(e: dso_proxy::Error) -> ApiError {
 struct Body(Map<String, Value>);
 
 impl Body {
-    fn parse(req: &ApiRequest, allowed: &[&str]) -> Result<Body, ApiError> {
-        let Value::Object(map) = req.json::<Value>()? else {
+    fn parse(body: &[u8], allowed: &[&str]) -> Result<Body, ApiError> {
+        let Value::Object(map) = parse_json::<Value>(body)? else {
             return Err(ApiError::bad_request("invalid body: expected a JSON object"));
         };
         if let Some(k) = map.keys().find(|k| !allowed.contains(&k.as_str())) {

@@ -3,10 +3,12 @@
 
 use std::sync::Arc;
 
-use hyper::{Method, StatusCode};
+use axum::extract::State as With;
+use hyper::StatusCode;
+use hyper::body::Bytes;
 use serde::Deserialize;
 
-use super::{ApiError, ApiRequest, Reply, State, json};
+use super::{ApiError, Params, Reply, State, json, parse_json};
 use crate::docker::Docker;
 
 /// Body of `POST /v1/rotations`.
@@ -36,42 +38,36 @@ fn docker(state: &State) -> Result<Arc<Docker>, ApiError> {
     })
 }
 
-/// Routes `/v1/rotations/...`.
-pub async fn rotations(state: State, req: ApiRequest) -> Option<Reply> {
-    let seg = req.segments();
-    let reply = match (&req.method, seg.as_slice()) {
-        (&Method::POST, []) => submit(&state, &req),
-        (&Method::GET, []) => docker(&state).and_then(|d| json(StatusCode::OK, &d.list())),
-        (&Method::GET, [id]) => docker(&state).and_then(|d| {
-            let t = d
-                .get(id)
-                .ok_or_else(|| ApiError::not_found(format!("no rotation request {id}")))?;
-            json(StatusCode::OK, &t)
-        }),
-        _ => return None,
-    };
-    Some(reply)
+/// `GET /v1/rotations`.
+pub async fn list(With(state): With<State>) -> Reply {
+    docker(&state).and_then(|d| json(StatusCode::OK, &d.list()))
 }
 
-/// Routes `/v1/services`.
-pub async fn services(state: State, req: ApiRequest) -> Option<Reply> {
-    if req.method != Method::GET || !req.path.is_empty() {
-        return None;
-    }
-    let d = match docker(&state) {
-        Ok(d) => d,
-        Err(e) => return Some(Err(e)),
-    };
-    Some(match d.rotator.status().await {
+/// `GET /v1/rotations/{id}`.
+pub async fn get(With(state): With<State>, p: Params) -> Reply {
+    let id = p.first();
+    let d = docker(&state)?;
+    let t = d
+        .get(id)
+        .ok_or_else(|| ApiError::not_found(format!("no rotation request {id}")))?;
+    json(StatusCode::OK, &t)
+}
+
+/// `GET /v1/services`.
+pub async fn services(With(state): With<State>) -> Reply {
+    let d = docker(&state)?;
+    match d.rotator.status().await {
         Ok(s) => json(StatusCode::OK, &s),
         Err(e) => Err(ApiError {
             status: StatusCode::BAD_GATEWAY,
             message: e.to_string(),
         }),
-    })
+    }
 }
 
-fn submit(state: &State, req: &ApiRequest) -> Reply {
+/// `POST /v1/rotations`.
+pub async fn submit(With(state): With<State>, body: Bytes) -> Reply {
+    let state = &state;
     let d = docker(state)?;
     if state.proxy.is_shutting_down() || d.is_closed() {
         return Err(ApiError {
@@ -79,7 +75,7 @@ fn submit(state: &State, req: &ApiRequest) -> Reply {
             message: "the agent is shutting down; no new rotation is started".to_owned(),
         });
     }
-    let body: RotateBody = req.json()?;
+    let body: RotateBody = parse_json(&body)?;
     let strategy = body
         .strategy
         .as_deref()
@@ -144,15 +140,12 @@ fn submit(state: &State, req: &ApiRequest) -> Reply {
 }
 
 /// `GET /v1/delivery`: per service, the secrets it consumes and its deliveries (no value).
-pub async fn delivery(state: State, req: ApiRequest) -> Option<Reply> {
-    if req.method != Method::GET || !req.path.is_empty() {
-        return None;
-    }
+pub async fn delivery(With(state): With<State>) -> Reply {
     let status = state
         .secrets
         .as_ref()
         .and_then(|s| s.deliverer())
         .map(|d| d.status())
         .unwrap_or_default();
-    Some(json(StatusCode::OK, &serde_json::json!({ "services": status })))
+    json(StatusCode::OK, &serde_json::json!({ "services": status }))
 }

@@ -5,10 +5,12 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use hyper::{Method, StatusCode};
+use axum::extract::State as With;
+use hyper::StatusCode;
+use hyper::body::Bytes;
 use serde::Deserialize;
 
-use super::{ApiError, ApiRequest, Reply, State, json};
+use super::{ApiError, Reply, State, json, parse_json};
 use crate::secrets::Secrets;
 
 /// Body of `POST /v1/secrets/notify`.
@@ -32,22 +34,15 @@ fn secrets(state: &State) -> Result<Arc<Secrets>, ApiError> {
     })
 }
 
-/// Routes `/v1/secrets/...`.
-pub async fn handle(state: State, req: ApiRequest) -> Option<Reply> {
-    let seg = req.segments();
-    let reply = match (&req.method, seg.as_slice()) {
-        (&Method::GET, []) => match secrets(&state) {
-            Ok(s) => json(StatusCode::OK, &s.status().await),
-            Err(e) => Err(e),
-        },
-        (&Method::POST, ["notify"]) => notify(&state, &req),
-        _ => return None,
-    };
-    Some(reply)
+/// `GET /v1/secrets`.
+pub async fn status(With(state): With<State>) -> Reply {
+    let s = secrets(&state)?;
+    json(StatusCode::OK, &s.status().await)
 }
 
-fn notify(state: &State, req: &ApiRequest) -> Reply {
-    let body: NotifyBody = req.json()?;
+/// `POST /v1/secrets/notify`.
+pub async fn notify(With(state): With<State>, body: Bytes) -> Reply {
+    let body: NotifyBody = parse_json(&body)?;
     if body.provider_kind != "local" {
         return Err(ApiError::bad_request(format!(
             "provider_kind {:?} cannot be notified; only \"local\" is",

@@ -1,4 +1,6 @@
-//! The control socket: created safely, checked per peer, served with hyper's HTTP/1.1.
+//! The control socket: created safely, checked per peer, served with hyper's HTTP/1.1
+//! around the axum router; and the connection handling (cap, eviction, timeouts) the HTTP
+//! listener shares.
 
 use std::convert::Infallible;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -10,23 +12,23 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
+use std::future::Future;
+
 use anyhow::{Context, bail};
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::{Bytes, Incoming};
+use axum::response::IntoResponse;
+use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::peer::{Access, GROUP, Verdict};
-use super::{ApiError, Router, State, error_response};
-
-/// Largest request body accepted: a local vault value (`PUT /v1/vault/secrets/{name}`) at
-/// its size limit; beyond it the answer is 413.
-const MAX_BODY: usize = dso_secrets::value::MAX_VALUE_LEN;
+use super::{ApiError, Peer, State, error_response};
 
 /// Most control connections served at once. At the cap, a new connection evicts the one
 /// that has been quiet longest (no request in progress), so idle or trickling clients
@@ -149,17 +151,15 @@ fn check_socket_dir(dir: &Path) -> anyhow::Result<()> {
 }
 
 impl ApiServer {
-    /// Serves requests until `stop` is cancelled, then removes the socket file.
-    pub async fn serve(self, state: State, router: Router, stop: CancellationToken) {
+    /// Serves the [`super::router`] until `stop` is cancelled, then removes the socket file.
+    pub async fn serve(self, state: State, stop: CancellationToken) {
         let access = Arc::new(Access {
             group: self.group.1,
             ..Access::for_this_process()
         });
         let group: Arc<str> = Arc::from(self.group.0.as_str());
-        let router = Arc::new(router);
-        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-        let open: Arc<Mutex<Vec<Arc<Activity>>>> = Arc::default();
-        let epoch = Instant::now();
+        let app = super::router().with_state(state);
+        let conns = Conns::new();
         let mut last_warning: Option<Instant> = None;
         info!(socket = %self.path.display(), "control API listening");
         loop {
@@ -179,86 +179,142 @@ impl ApiServer {
                     continue;
                 }
             };
-            let permit = match Arc::clone(&slots).try_acquire_owned() {
-                Ok(p) => p,
-                Err(_) => {
-                    evict_quietest(&open);
-                    tokio::select! {
-                        () = stop.cancelled() => break,
-                        p = Arc::clone(&slots).acquire_owned() => match p {
-                            Ok(p) => p,
-                            Err(_) => break,
-                        },
-                    }
-                }
+            let Some(permit) = conns.slot(&stop).await else {
+                break;
             };
-            let allowed = match stream.peer_cred() {
+            let peer = match stream.peer_cred() {
                 Ok(cred) => match access.check(&cred) {
                     Verdict::Allow(why) => {
                         debug!(uid = cred.uid(), pid = ?cred.pid(), why, "control client allowed");
-                        true
+                        Some(Peer::Local {
+                            uid: cred.uid(),
+                            gid: cred.gid(),
+                            pid: cred.pid(),
+                        })
                     }
                     Verdict::Deny => {
                         warn!(uid = cred.uid(), gid = cred.gid(), pid = ?cred.pid(), group = %group, "control client refused: not root, not the agent's user, not in the socket's group");
-                        false
+                        None
                     }
                 },
                 Err(e) => {
                     warn!(error = %e, "cannot read control client credentials; refusing");
-                    false
+                    None
                 }
             };
-            let activity = Arc::new(Activity::new(epoch));
-            lock(&open).push(Arc::clone(&activity));
-            let (state, router, stop, open, group) = (
-                state.clone(),
-                Arc::clone(&router),
-                stop.clone(),
-                Arc::clone(&open),
-                Arc::clone(&group),
-            );
-            tokio::spawn(async move {
-                let _permit = permit;
-                let svc = {
-                    let activity = Arc::clone(&activity);
-                    service_fn(move |req| {
-                        let (state, router, activity, group) = (
-                            state.clone(),
-                            Arc::clone(&router),
-                            Arc::clone(&activity),
-                            Arc::clone(&group),
-                        );
-                        async move {
-                            let _busy = activity.busy();
-                            Ok::<_, Infallible>(answer(allowed, &group, state, &router, req).await)
-                        }
-                    })
-                };
-                let io = Tracked {
-                    inner: stream,
-                    activity: Arc::clone(&activity),
-                };
-                let conn = http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(HEADER_TIMEOUT)
-                    // A refused peer gets its 403 and the connection closes.
-                    .keep_alive(allowed)
-                    .serve_connection(TokioIo::new(io), svc);
-                tokio::pin!(conn);
-                tokio::select! {
-                    r = conn.as_mut() => if let Err(e) = r {
-                        debug!(error = %e, "control connection ended with an error");
-                    },
-                    () = stop.cancelled() => {}
-                    () = activity.evicted.cancelled() => debug!("control connection closed: quietest at the connection cap"),
-                    () = activity.idle_for(IDLE_TIMEOUT) => debug!("control connection closed: idle"),
+            let (app, group) = (app.clone(), Arc::clone(&group));
+            // A refused peer gets its 403 and the connection closes.
+            let keep_alive = peer.is_some();
+            conns.spawn(permit, stream, keep_alive, stop.clone(), move |req| {
+                let (app, group, peer) = (app.clone(), Arc::clone(&group), peer.clone());
+                async move {
+                    match peer {
+                        Some(peer) => super::dispatch(app, peer, req).await,
+                        None => refused(&group),
+                    }
                 }
-                lock(&open).retain(|a| !Arc::ptr_eq(a, &activity));
             });
         }
         if let Err(e) = std::fs::remove_file(&self.path) {
             warn!(socket = %self.path.display(), error = %e, "cannot remove control socket");
         }
+    }
+}
+
+fn refused(group: &str) -> Response<axum::body::Body> {
+    error_response(&ApiError {
+        status: StatusCode::FORBIDDEN,
+        message: format!(
+            "permission denied: only root, the agent's user and members of group {group} may use the control socket"
+        ),
+    })
+    .into_response()
+}
+
+/// The connections of one listener: at most [`MAX_CONNECTIONS`] at once (at the cap a new
+/// one evicts the quietest idle one), each closed after [`HEADER_TIMEOUT`] without a
+/// request's headers or [`IDLE_TIMEOUT`] without a byte.
+#[derive(Debug)]
+pub(super) struct Conns {
+    slots: Arc<tokio::sync::Semaphore>,
+    open: Arc<Mutex<Vec<Arc<Activity>>>>,
+    epoch: Instant,
+}
+
+impl Conns {
+    pub(super) fn new() -> Conns {
+        Conns {
+            slots: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
+            open: Arc::default(),
+            epoch: Instant::now(),
+        }
+    }
+
+    /// A slot for a connection just accepted; at the cap, evicts the quietest connection
+    /// and waits for a slot. `None` once `stop` is cancelled.
+    pub(super) async fn slot(&self, stop: &CancellationToken) -> Option<OwnedSemaphorePermit> {
+        match Arc::clone(&self.slots).try_acquire_owned() {
+            Ok(p) => Some(p),
+            Err(_) => {
+                evict_quietest(&self.open);
+                tokio::select! {
+                    () = stop.cancelled() => None,
+                    p = Arc::clone(&self.slots).acquire_owned() => p.ok(),
+                }
+            }
+        }
+    }
+
+    /// Serves one connection with hyper's HTTP/1.1 in its own task, answering each request
+    /// with `answer`, until it ends, is evicted, idles out or `stop` is cancelled.
+    pub(super) fn spawn<S, F, Fut>(
+        &self,
+        permit: OwnedSemaphorePermit,
+        stream: S,
+        keep_alive: bool,
+        stop: CancellationToken,
+        answer: F,
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<axum::body::Body>> + Send + 'static,
+    {
+        let activity = Arc::new(Activity::new(self.epoch));
+        lock(&self.open).push(Arc::clone(&activity));
+        let open = Arc::clone(&self.open);
+        let answer = Arc::new(answer);
+        tokio::spawn(async move {
+            let _permit = permit;
+            let svc = {
+                let activity = Arc::clone(&activity);
+                service_fn(move |req| {
+                    let (answer, activity) = (Arc::clone(&answer), Arc::clone(&activity));
+                    async move {
+                        let _busy = activity.busy();
+                        Ok::<_, Infallible>(answer(req).await)
+                    }
+                })
+            };
+            let io = Tracked {
+                inner: stream,
+                activity: Arc::clone(&activity),
+            };
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .keep_alive(keep_alive)
+                .serve_connection(TokioIo::new(io), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => if let Err(e) = r {
+                    debug!(error = %e, "control connection ended with an error");
+                },
+                () = stop.cancelled() => {}
+                () = activity.evicted.cancelled() => debug!("control connection closed: quietest at the connection cap"),
+                () = activity.idle_for(IDLE_TIMEOUT) => debug!("control connection closed: idle"),
+            }
+            lock(&open).retain(|a| !Arc::ptr_eq(a, &activity));
+        });
     }
 }
 
@@ -332,13 +388,13 @@ impl Drop for Busy<'_> {
     }
 }
 
-/// The control connection's stream, noting every byte read or written.
-struct Tracked {
-    inner: UnixStream,
+/// A connection's stream, noting every byte read or written.
+struct Tracked<S> {
+    inner: S,
     activity: Arc<Activity>,
 }
 
-impl tokio::io::AsyncRead for Tracked {
+impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut TaskContext<'_>,
@@ -353,7 +409,7 @@ impl tokio::io::AsyncRead for Tracked {
     }
 }
 
-impl tokio::io::AsyncWrite for Tracked {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut TaskContext<'_>,
@@ -372,47 +428,5 @@ impl tokio::io::AsyncWrite for Tracked {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-async fn answer(
-    allowed: bool,
-    group: &str,
-    state: State,
-    router: &Router,
-    req: Request<Incoming>,
-) -> Response<Full<Bytes>> {
-    if !allowed {
-        return error_response(&ApiError {
-            status: StatusCode::FORBIDDEN,
-            message: format!(
-                "permission denied: only root, the agent's user and members of group {group} may use the control socket"
-            ),
-        });
-    }
-    let (parts, body) = req.into_parts();
-    let body = match Limited::new(body, MAX_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-            return error_response(&ApiError {
-                status: StatusCode::PAYLOAD_TOO_LARGE,
-                message: format!("request body larger than {MAX_BODY} bytes, the limit; nothing was changed"),
-            });
-        }
-        Err(e) => return error_response(&ApiError::bad_request(format!("cannot read body: {e}"))),
-    };
-    let (method, path) = (parts.method, parts.uri.path().to_owned());
-    let reply = router
-        .route(state, method.clone(), &path, parts.uri.query(), body)
-        .await;
-    match reply {
-        Ok(r) => {
-            debug!(%method, %path, status = %r.status(), "control request");
-            r
-        }
-        Err(e) => {
-            debug!(%method, %path, status = %e.status, error = %e.message, "control request failed");
-            error_response(&e)
-        }
     }
 }

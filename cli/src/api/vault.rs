@@ -15,16 +15,17 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
+use axum::extract::{RawQuery, State as With};
 use dso_secrets::SecretValue;
 use dso_secrets::local::{self, EntryInfo, KeySource, LocalVault, VaultError};
 use dso_secrets::spec::ProviderSettings;
 use dso_secrets::value::MAX_VALUE_LEN;
 use http_body_util::Full;
 use hyper::body::Bytes;
-use hyper::{Method, Response, StatusCode};
+use hyper::{Response, StatusCode};
 use tracing::info;
 
-use super::{ApiError, ApiRequest, Reply, State, json};
+use super::{ApiError, Params, Reply, State, json, query_map};
 use crate::cmd::secret::rfc3339;
 use crate::config::Config;
 
@@ -64,24 +65,6 @@ pub fn configure(cfg: &Config) {
     });
 }
 
-/// Routes `/v1/vault/...`.
-pub async fn handle(state: State, req: ApiRequest) -> Option<Reply> {
-    let seg = req.segments();
-    let (first, rest) = seg.split_first()?;
-    if *first != "secrets" {
-        return None;
-    }
-    let name = (!rest.is_empty()).then(|| rest.join("/"));
-    let reply = match (&req.method, name) {
-        (&Method::GET, None) => list(&req).await,
-        (&Method::GET, Some(name)) => get(&req, name).await,
-        (&Method::PUT, Some(name)) => set(&state, &req, name).await,
-        (&Method::DELETE, Some(name)) => delete(&state, &req, name).await,
-        _ => return None,
-    };
-    Some(reply)
-}
-
 fn api() -> Result<&'static VaultApi, ApiError> {
     API.get()
         .ok_or_else(|| conflict("the agent's config has no `type: local` provider".to_owned()))
@@ -95,7 +78,10 @@ fn conflict(what: String) -> ApiError {
 }
 
 /// The provider instance the request names (`?provider=NAME`), or the only local one.
-fn pick<'a>(api: &'a VaultApi, req: &ApiRequest) -> Result<&'a (String, PathBuf, Option<PathBuf>), ApiError> {
+fn pick<'a>(
+    api: &'a VaultApi,
+    query: &HashMap<String, String>,
+) -> Result<&'a (String, PathBuf, Option<PathBuf>), ApiError> {
     let names = || {
         api.vaults
             .iter()
@@ -103,7 +89,7 @@ fn pick<'a>(api: &'a VaultApi, req: &ApiRequest) -> Result<&'a (String, PathBuf,
             .collect::<Vec<_>>()
             .join(", ")
     };
-    match req.query.get("provider") {
+    match query.get("provider") {
         Some(p) => api.vaults.iter().find(|v| v.0 == *p).ok_or_else(|| {
             ApiError::not_found(format!(
                 "no local provider {p:?} in the agent's config (local providers: {})",
@@ -125,11 +111,11 @@ fn pick<'a>(api: &'a VaultApi, req: &ApiRequest) -> Result<&'a (String, PathBuf,
 
 /// Runs `f` on the opened vault of the request's provider, off the async threads.
 async fn with_vault<T: Send + 'static>(
-    req: &ApiRequest,
+    query: &HashMap<String, String>,
     f: impl FnOnce(&LocalVault) -> Result<T, VaultError> + Send + 'static,
 ) -> Result<(String, PathBuf, T), ApiError> {
     let api = api()?;
-    let (provider, file, key) = pick(api, req)?.clone();
+    let (provider, file, key) = pick(api, query)?.clone();
     let (p, vault_file) = (provider.clone(), file.clone());
     let out = tokio::task::spawn_blocking(move || {
         let vault = {
@@ -207,8 +193,9 @@ fn check_name(name: &str) -> Result<(), ApiError> {
     local::check_name(name).map_err(|e| ApiError::bad_request(e.to_string()))
 }
 
-async fn list(req: &ApiRequest) -> Reply {
-    let (provider, file, entries) = with_vault(req, |v| v.list()).await?;
+/// `GET /v1/vault/secrets[?provider=NAME]`.
+pub async fn list(RawQuery(query): RawQuery) -> Reply {
+    let (provider, file, entries) = with_vault(&query_map(&query), |v| v.list()).await?;
     let secrets: Vec<serde_json::Value> = entries.iter().map(entry_json).collect();
     json(
         StatusCode::OK,
@@ -216,7 +203,9 @@ async fn list(req: &ApiRequest) -> Reply {
     )
 }
 
-async fn get(req: &ApiRequest, name: String) -> Reply {
+/// `GET /v1/vault/secrets/{name}[?provider=NAME]`: the raw value, when allowed.
+pub async fn get(p: Params, RawQuery(query): RawQuery) -> Reply {
+    let name = p.first().to_owned();
     check_name(&name)?;
     if !api()?.allow_read {
         return Err(ApiError {
@@ -229,7 +218,7 @@ async fn get(req: &ApiRequest, name: String) -> Reply {
         });
     }
     let n = name.clone();
-    let (provider, file, found) = with_vault(req, move |v| v.get(&n)).await?;
+    let (provider, file, found) = with_vault(&query_map(&query), move |v| v.get(&n)).await?;
     let Some((info, value)) = found else {
         return Err(not_found(&provider, &file, &name));
     };
@@ -251,21 +240,23 @@ fn not_found(provider: &str, file: &std::path::Path, name: &str) -> ApiError {
     ))
 }
 
-async fn set(state: &State, req: &ApiRequest, name: String) -> Reply {
+/// `PUT /v1/vault/secrets/{name}[?provider=NAME]`: the raw body is the value.
+pub async fn set(With(state): With<State>, p: Params, RawQuery(query): RawQuery, body: Bytes) -> Reply {
+    let (state, name) = (&state, p.first().to_owned());
     check_name(&name)?;
-    if req.body.len() > MAX_VALUE_LEN {
+    if body.len() > MAX_VALUE_LEN {
         return Err(ApiError {
             status: StatusCode::PAYLOAD_TOO_LARGE,
             message: format!(
                 "secret {name:?}: the value is {} bytes, more than {MAX_VALUE_LEN} (the limit); nothing was changed",
-                req.body.len()
+                body.len()
             ),
         });
     }
-    let value = SecretValue::from_slice(&req.body);
+    let value = SecretValue::from_slice(&body);
     local::check_value(&name, &value).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let n = name.clone();
-    let (provider, file, info) = with_vault(req, move |v| v.set(&n, &value)).await?;
+    let (provider, file, info) = with_vault(&query_map(&query), move |v| v.set(&n, &value)).await?;
     let polled = notify(state, &file);
     info!(provider = %provider, name = %name, version = info.version, "secret set through the control socket");
     json(
@@ -279,10 +270,12 @@ async fn set(state: &State, req: &ApiRequest, name: String) -> Reply {
     )
 }
 
-async fn delete(state: &State, req: &ApiRequest, name: String) -> Reply {
+/// `DELETE /v1/vault/secrets/{name}[?provider=NAME]`.
+pub async fn delete(With(state): With<State>, p: Params, RawQuery(query): RawQuery) -> Reply {
+    let (state, name) = (&state, p.first().to_owned());
     check_name(&name)?;
     let n = name.clone();
-    let (provider, file, info) = with_vault(req, move |v| v.delete(&n)).await?;
+    let (provider, file, info) = with_vault(&query_map(&query), move |v| v.delete(&n)).await?;
     let Some(info) = info else {
         return Err(not_found(&provider, &file, &name));
     };

@@ -58,6 +58,8 @@ pub struct AgentSection {
     pub delivery: Option<DeliverySection>,
     /// Who may do what on the control socket.
     pub api: Option<ApiSection>,
+    /// The HTTP listener (`/health`, `/metrics`, `/v1/events`, `/v1/webhook`).
+    pub http: Option<HttpSection>,
 }
 
 /// `agent.delivery`.
@@ -84,6 +86,36 @@ pub struct ApiSection {
     pub socket_group: Option<String>,
     /// Whether `GET /v1/vault/secrets/{name}` answers values.
     pub allow_secret_read: Option<bool>,
+}
+
+/// `agent.http:`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSection {
+    /// `IP:PORT`, or `off` (also `false`) for no HTTP listener.
+    pub listen: Option<ListenWord>,
+    /// The incoming push trigger `POST /v1/webhook`.
+    pub webhook: Option<WebhookSection>,
+}
+
+/// `agent.http.listen`: an address or `off`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum ListenWord {
+    /// `false` (`off` in YAML 1.1 spelling); `true` means the default address.
+    Flag(bool),
+    /// `IP:PORT` or `off`.
+    Text(String),
+}
+
+/// `agent.http.webhook:`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSection {
+    /// File holding the HMAC-SHA256 key (mode 0600 or stricter).
+    pub secret_file: Option<PathBuf>,
+    /// Replay window either side of the agent's clock (default 5m).
+    pub tolerance: Option<HumanDuration>,
 }
 
 /// `proxy:`.

@@ -56,6 +56,36 @@ pub struct AgentConfig {
     /// `agent.api.allow_secret_read` (default false): whether members of the socket group
     /// may read local vault values back through the control socket.
     pub allow_secret_read: bool,
+    /// `agent.http`, defaults applied.
+    pub http: HttpSettings,
+}
+
+/// Default address of the HTTP listener (`agent.http.listen`).
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:8471";
+
+/// `agent.http`: the HTTP listener and its webhook.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpSettings {
+    /// Where to listen; `None` for `listen: off`.
+    pub listen: Option<std::net::SocketAddr>,
+    /// Whether the file set `listen` (a bind failure then stops the agent; on the
+    /// default address it is a warning and a `/health` reason).
+    pub explicit: bool,
+    /// `agent.http.webhook.secret_file`; `None`: the webhook is off (404).
+    pub webhook_key_file: Option<PathBuf>,
+    /// `agent.http.webhook.tolerance` (default 5m).
+    pub webhook_tolerance: Duration,
+}
+
+impl Default for HttpSettings {
+    fn default() -> HttpSettings {
+        HttpSettings {
+            listen: Some(DEFAULT_HTTP_LISTEN.parse().expect("valid default address")),
+            explicit: false,
+            webhook_key_file: None,
+            webhook_tolerance: crate::api::webhook::DEFAULT_TOLERANCE,
+        }
+    }
 }
 
 /// `agent.delivery`: the agent's tmpfs for delivered secrets and the launcher.

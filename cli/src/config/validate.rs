@@ -73,6 +73,7 @@ pub fn check(raw: FileConfig, lines: &Lines<'_>) -> Result<Config, ConfigError> 
             delivery,
             socket_group: api.socket_group,
             allow_secret_read: api.allow_secret_read.unwrap_or(false),
+            http: http(lines, agent.http.unwrap_or_default())?,
         },
         proxy: ProxyConfig {
             max_connections: proxy.max_connections,
@@ -138,6 +139,60 @@ fn delivery(
             ));
         }
     };
+    Ok(out)
+}
+
+/// `agent.http`: `listen` an `IP:PORT` or `off`; the webhook's key file absolute; its
+/// window from 1s to 1h.
+fn http(lines: &Lines<'_>, h: crate::config::file::HttpSection) -> Result<super::HttpSettings, ConfigError> {
+    use crate::config::file::ListenWord;
+    let bad = |key: &str, message: String| ConfigError::Invalid {
+        key: key.to_owned(),
+        line: lines.line(key),
+        message,
+    };
+    let mut out = super::HttpSettings::default();
+    match h.listen {
+        None | Some(ListenWord::Flag(true)) => {}
+        Some(ListenWord::Flag(false)) => out.listen = None,
+        Some(ListenWord::Text(t)) if t == "off" => out.listen = None,
+        Some(ListenWord::Text(t)) => {
+            let addr: std::net::SocketAddr = t.parse().map_err(|_| {
+                bad(
+                    "agent.http.listen",
+                    format!("{t:?} is not IP:PORT; write e.g. 127.0.0.1:8471, or off for no HTTP listener"),
+                )
+            })?;
+            out.listen = Some(addr);
+            out.explicit = true;
+        }
+    }
+    let w = h.webhook.unwrap_or_default();
+    if let Some(f) = w.secret_file {
+        if !f.is_absolute() {
+            return Err(bad(
+                "agent.http.webhook.secret_file",
+                format!(
+                    "{} must be an absolute path to the webhook's key file",
+                    f.display()
+                ),
+            ));
+        }
+        out.webhook_key_file = Some(f);
+    }
+    if let Some(t) = w.tolerance {
+        let t = t.get();
+        if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&t) {
+            return Err(bad(
+                "agent.http.webhook.tolerance",
+                format!(
+                    "{} is out of range; expected 1s to 1h",
+                    crate::duration::format(t)
+                ),
+            ));
+        }
+        out.webhook_tolerance = t;
+    }
     Ok(out)
 }
 

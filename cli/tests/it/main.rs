@@ -6,6 +6,7 @@ mod api;
 mod config;
 mod delivery;
 mod harness;
+mod http;
 mod plugin;
 mod proxy;
 mod rotate;

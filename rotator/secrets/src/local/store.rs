@@ -13,8 +13,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use fs2::FileExt;
-
 use super::crypto::{Keys, MasterKey, fill_random};
 use super::error::VaultError;
 use super::format::{self, Argon2Params, Entry, FormatError, Header, MAX_NAME_LEN, Protection};
@@ -524,8 +522,7 @@ fn lock(lock_path: &Path) -> Result<File, VaultError> {
         .mode(0o600)
         .open(lock_path)
         .map_err(|e| VaultError::io(lock_path, "creating the lock file", e))?;
-    file.lock_exclusive()
-        .map_err(|e| VaultError::io(lock_path, "locking", e))?;
+    file.lock().map_err(|e| VaultError::io(lock_path, "locking", e))?;
     Ok(file)
 }
 
