@@ -107,6 +107,7 @@ async fn run(cfg: Config, args: &AgentArgs, socket: &Path, shutdown: Duration) -
                 scope,
                 delivery.clone().map(|d| (d, cfg.agent.delivery.remote)),
                 stop_docker.clone(),
+                events.clone(),
             )
             .await?,
         )
@@ -115,7 +116,12 @@ async fn run(cfg: Config, args: &AgentArgs, socket: &Path, shutdown: Duration) -
     };
     let state_docker = docker.clone();
     let stop_secrets = CancellationToken::new();
-    let secrets = crate::secrets::Secrets::start(&cfg.secrets, &args.state_dir, stop_secrets.clone())?;
+    let secrets = crate::secrets::Secrets::start(
+        &cfg.secrets,
+        &args.state_dir,
+        stop_secrets.clone(),
+        events.clone(),
+    )?;
     if let (Some(secrets), Some(docker), Some(delivery)) = (&secrets, &docker, &delivery) {
         crate::delivery::Deliverer::start(
             Arc::clone(secrets),
@@ -177,6 +183,8 @@ async fn run(cfg: Config, args: &AgentArgs, socket: &Path, shutdown: Duration) -
             proxy.force_close();
         }
     }
+    // Ends the event streams (`GET /v1/events`), so their connections close.
+    events.close();
     stop_api.cancel();
     stop_docker.cancel();
     stop_secrets.cancel();

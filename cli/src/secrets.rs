@@ -44,6 +44,8 @@ pub struct Secrets {
     secrets: Vec<SecretInfo>,
     /// Delivery into containers, when the agent runs with `--docker`.
     deliverer: std::sync::OnceLock<Arc<crate::delivery::Deliverer>>,
+    /// The agent's event bus (`secret.changed`, `provider.down`, `provider.up`).
+    events: crate::events::Bus,
 }
 
 /// A configured secret as the API shows it (no value).
@@ -109,6 +111,7 @@ impl Secrets {
         cfg: &SecretsConfig,
         state_dir: &Path,
         stop: CancellationToken,
+        bus: crate::events::Bus,
     ) -> anyhow::Result<Option<Arc<Secrets>>> {
         if cfg.providers.is_empty() && cfg.secrets.is_empty() {
             return Ok(None);
@@ -174,6 +177,7 @@ impl Secrets {
             counters: Arc::clone(&counters),
             secrets,
             deliverer: std::sync::OnceLock::new(),
+            events: bus,
         });
         let this = Arc::clone(&secrets);
         tokio::spawn(async move {
@@ -239,6 +243,7 @@ impl Secrets {
                     keys = snap.values.len(),
                     "secret values taken"
                 );
+                self.publish_changes(&name, &snap);
                 if let Err(e) = self.watcher.applied(&snap.consumer, &snap.versions) {
                     warn!(secret = %name, error = %e, "cannot record the versions taken; an agent restart will take them again");
                 }
@@ -261,6 +266,10 @@ impl Secrets {
             }
             Event::ProviderDown { provider, error } => {
                 warn!(provider = %provider, error = %error, "provider down; the last good values stay, nothing is triggered");
+                self.events.publish(
+                    "provider.down",
+                    serde_json::json!({ "provider": provider, "error": error }),
+                );
                 self.counters
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -268,7 +277,11 @@ impl Secrets {
                     .or_default()
                     .outages += 1;
             }
-            Event::ProviderUp { provider } => info!(provider = %provider, "provider answers again"),
+            Event::ProviderUp { provider } => {
+                info!(provider = %provider, "provider answers again");
+                self.events
+                    .publish("provider.up", serde_json::json!({ "provider": provider }));
+            }
             Event::Unusable {
                 consumer,
                 reference,
@@ -289,6 +302,37 @@ impl Secrets {
                     .or_default()
                     .unusable += 1;
             }
+        }
+    }
+
+    /// `secret.changed` for each reference of a `secrets[]` entry's snapshot whose version
+    /// differs from the one last taken (all of them for a first snapshot): names and
+    /// versions, never a value. Called before the snapshot's versions are recorded.
+    fn publish_changes(&self, name: &str, snap: &dso_secrets::watcher::Snapshot) {
+        let old = match self.watcher.state().load(&snap.consumer) {
+            Ok(a) => a.unwrap_or_default(),
+            Err(e) => {
+                warn!(secret = %name, error = %e, "cannot read the versions taken before; secret.changed events carry no old version");
+                Default::default()
+            }
+        };
+        for ((key, _), (reference, version)) in snap.values.iter().zip(&snap.versions) {
+            let before = old.get(&(reference.provider.clone(), reference.raw.clone()));
+            if before == Some(version) {
+                continue;
+            }
+            self.events.publish(
+                "secret.changed",
+                serde_json::json!({
+                    "secret": name,
+                    "key": key,
+                    "provider": reference.provider,
+                    "reference": reference.raw,
+                    "old_version": before.map(ToString::to_string),
+                    "new_version": version.to_string(),
+                    "first": snap.first,
+                }),
+            );
         }
     }
 

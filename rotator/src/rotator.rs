@@ -142,6 +142,8 @@ pub(crate) struct Inner<E: Engine> {
     known_instances: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Remote engines: container ID → the `StartedAt` its files were uploaded for.
     uploaded: std::sync::Mutex<std::collections::HashMap<String, String>>,
+    /// The relevant engine events [`Rotator::watch`] acted on, for the agent's event bus.
+    pub(crate) engine_events: tokio::sync::broadcast::Sender<crate::engine::Event>,
 }
 
 /// The rotator. Cheap to clone.
@@ -185,6 +187,7 @@ impl<E: Engine> Rotator<E> {
                 swept: Default::default(),
                 known_instances: Default::default(),
                 uploaded: Default::default(),
+                engine_events: tokio::sync::broadcast::channel(256).0,
             }),
         };
         r.reconcile().await?;
@@ -331,6 +334,13 @@ impl<E: Engine> Rotator<E> {
     /// containers exist, for the secret side's consumers.
     pub fn subscribe_scans(&self) -> tokio::sync::watch::Receiver<Option<Arc<Scan>>> {
         self.inner.scans.subscribe()
+    }
+
+    /// Follows the relevant engine events (start, die, destroy, health status...) of
+    /// managed containers, each sent once [`Rotator::watch`] has reconciled after it (so
+    /// the scan of [`Rotator::subscribe_scans`] already shows a container it started).
+    pub fn subscribe_engine_events(&self) -> tokio::sync::broadcast::Receiver<crate::engine::Event> {
+        self.inner.engine_events.subscribe()
     }
 
     /// Rotates the service `req.target` names: every container of it, one after the
