@@ -5,6 +5,7 @@
 //! module (`proxy.rs`, `metrics.rs`) matches the rest of the path itself. A later module
 //! (rotations, services) is one more `mount` line in [`Router::new`].
 
+pub mod events;
 mod metrics;
 mod peer;
 mod proxy;
@@ -39,7 +40,6 @@ pub struct State {
     /// The secret side, when the config has providers or secrets, for `/v1/secrets`.
     pub secrets: Option<std::sync::Arc<crate::secrets::Secrets>>,
     /// The agent's event bus, for `GET /v1/events`.
-    #[allow(dead_code)] // Read once `GET /v1/events` lands (issue 11 work in progress).
     pub events: crate::events::Bus,
 }
 

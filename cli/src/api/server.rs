@@ -375,7 +375,30 @@ impl tokio::io::AsyncWrite for Tracked {
     }
 }
 
+/// A response body: the router's whole answers, or the event stream.
+type AnyBody = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
+
+/// `GET /v1/events` streams (`super::events`); everything else goes to the router.
 async fn answer(
+    allowed: bool,
+    group: &str,
+    state: State,
+    router: &Router,
+    req: Request<Incoming>,
+) -> Response<AnyBody> {
+    if allowed && req.method() == hyper::Method::GET && req.uri().path() == "/v1/events" {
+        let last = req.headers().get("last-event-id").and_then(|v| v.to_str().ok());
+        return match super::events::stream(&state.events, req.uri().query(), last) {
+            Ok(r) => r.map(BodyExt::boxed_unsync),
+            Err(e) => error_response(&e).map(BodyExt::boxed_unsync),
+        };
+    }
+    answer_whole(allowed, group, state, router, req)
+        .await
+        .map(BodyExt::boxed_unsync)
+}
+
+async fn answer_whole(
     allowed: bool,
     group: &str,
     state: State,
