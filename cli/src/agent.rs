@@ -92,6 +92,8 @@ async fn run(cfg: Config, args: &AgentArgs, socket: &Path, shutdown: Duration) -
     let server = api::bind_with_group(socket, cfg.agent.socket_group.as_deref()).await?;
     let stop_api = CancellationToken::new();
     let stop_docker = CancellationToken::new();
+    // Before the Docker side starts, so recovery's events reach the webhooks too.
+    crate::notify::start(&cfg.agent.webhooks, &events, stop_api.clone())?;
     // Delivery needs both sides: secrets to deliver and Docker to deliver them to.
     let delivery = if args.docker && !cfg.secrets.secrets.is_empty() {
         Some(crate::delivery::open(&cfg.agent.delivery, &cfg.secrets)?)

@@ -19,6 +19,7 @@ mod docker;
 mod duration;
 mod events;
 mod logwriter;
+mod notify;
 mod plugin;
 mod secrets;
 

@@ -58,6 +58,8 @@ pub struct AgentSection {
     pub delivery: Option<DeliverySection>,
     /// Who may do what on the control socket.
     pub api: Option<ApiSection>,
+    /// Outgoing notifications (webhooks).
+    pub notify: Option<NotifySection>,
 }
 
 /// `agent.delivery`.
@@ -84,6 +86,32 @@ pub struct ApiSection {
     pub socket_group: Option<String>,
     /// Whether `GET /v1/vault/secrets/{name}` answers values.
     pub allow_secret_read: Option<bool>,
+}
+
+/// `agent.notify:`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotifySection {
+    /// Outgoing webhooks.
+    pub webhooks: Option<Vec<WebhookEntry>>,
+}
+
+/// One of `agent.notify.webhooks`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookEntry {
+    /// Where events are POSTed.
+    pub url: Option<String>,
+    /// File holding the HMAC-SHA256 key the requests are signed with.
+    pub secret_file: Option<PathBuf>,
+    /// Event kinds (or kind prefixes) sent.
+    pub events: Option<Vec<String>>,
+    /// Whether a plain `http://` URL is accepted.
+    pub allow_http: Option<bool>,
+    /// Time one attempt may take.
+    pub timeout: Option<HumanDuration>,
+    /// Attempts per event before it is given up.
+    pub max_attempts: Option<u32>,
 }
 
 /// `proxy:`.
