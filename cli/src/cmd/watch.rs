@@ -162,7 +162,8 @@ impl Stream {
         })
     }
 
-    /// The next message; `None` when the agent ended the stream.
+    /// The next message; `None` when the agent ended the stream (or the connection broke:
+    /// at shutdown the agent may close it before the stream's last chunk).
     pub async fn next(&mut self) -> anyhow::Result<Option<Message>> {
         loop {
             if let Some(m) = self.ready.pop_front() {
@@ -170,7 +171,11 @@ impl Stream {
             }
             match self.body.frame().await {
                 None => return Ok(None),
-                Some(Err(e)) => return Err(anyhow::Error::new(e).context("reading the event stream")),
+                // The agent closing the connection at shutdown may cut the last chunk.
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "event stream broke");
+                    return Ok(None);
+                }
                 Some(Ok(f)) => {
                     if let Ok(data) = f.into_data() {
                         self.ready.extend(self.parser.feed(&data));
