@@ -45,6 +45,8 @@ struct Watch {
     child: Child,
     lines: tokio::sync::mpsc::UnboundedReceiver<String>,
     all: Arc<Mutex<String>>,
+    /// The stdout and stderr readers, done once the process closed both.
+    readers: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Watch {
@@ -63,22 +65,28 @@ impl Watch {
         let (tx, lines) = tokio::sync::mpsc::unbounded_channel();
         let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
         let a = Arc::clone(&all);
-        tokio::spawn(async move {
+        let mut readers = Vec::new();
+        readers.push(tokio::spawn(async move {
             while let Ok(Some(l)) = out.next_line().await {
                 a.lock().unwrap().push_str(&format!("{l}\n"));
                 let _ = tx.send(l);
             }
-        });
+        }));
         let mut err = BufReader::new(child.stderr.take().unwrap()).lines();
         let a = Arc::clone(&all);
-        tokio::spawn(async move {
+        readers.push(tokio::spawn(async move {
             while let Ok(Some(l)) = err.next_line().await {
                 a.lock().unwrap().push_str(&format!("stderr: {l}\n"));
             }
-        });
+        }));
         // The process starts and subscribes in a few ms; give it ample time.
         tokio::time::sleep(Duration::from_millis(700)).await;
-        Watch { child, lines, all }
+        Watch {
+            child,
+            lines,
+            all,
+            readers,
+        }
     }
 
     /// The next line within `within`; panics with everything printed otherwise.
@@ -128,12 +136,17 @@ impl Watch {
         );
     }
 
+    /// Waits for the process to exit and for all it printed.
     async fn exit_code(&mut self) -> Option<i32> {
-        tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+        let code = tokio::time::timeout(Duration::from_secs(10), self.child.wait())
             .await
             .expect("dso watch exits within 10 s")
             .unwrap()
-            .code()
+            .code();
+        for r in self.readers.drain(..) {
+            let _ = tokio::time::timeout(Duration::from_secs(5), r).await;
+        }
+        code
     }
 }
 
