@@ -55,10 +55,7 @@ impl Parser {
     pub fn feed(&mut self, bytes: &[u8]) -> Vec<Message> {
         self.buf.extend_from_slice(bytes);
         let mut out = Vec::new();
-        loop {
-            let Some((end, sep)) = find_blank_line(&self.buf) else {
-                break;
-            };
+        while let Some((end, sep)) = find_blank_line(&self.buf) {
             let block: Vec<u8> = self.buf.drain(..end + sep).take(end).collect();
             let text = String::from_utf8_lossy(&block);
             let mut m = Message::default();
