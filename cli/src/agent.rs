@@ -73,6 +73,10 @@ async fn run(cfg: Config, args: &AgentArgs, socket: &Path, shutdown: Duration) -
 
     api::vault::configure(&cfg);
     let events = crate::events::Bus::new();
+    // Before anything is bound (a bad key file changes nothing), and before the Docker side
+    // starts, so that recovery's events reach the webhooks too.
+    let stop_notify = CancellationToken::new();
+    crate::notify::start(&cfg.agent.webhooks, &events, stop_notify.clone())?;
     let proxy = Proxy::new(cfg.proxy.clone());
     for l in cfg.listeners {
         let name = l.name.clone();
@@ -92,8 +96,6 @@ async fn run(cfg: Config, args: &AgentArgs, socket: &Path, shutdown: Duration) -
     let server = api::bind_with_group(socket, cfg.agent.socket_group.as_deref()).await?;
     let stop_api = CancellationToken::new();
     let stop_docker = CancellationToken::new();
-    // Before the Docker side starts, so recovery's events reach the webhooks too.
-    crate::notify::start(&cfg.agent.webhooks, &events, stop_api.clone())?;
     // Delivery needs both sides: secrets to deliver and Docker to deliver them to.
     let delivery = if args.docker && !cfg.secrets.secrets.is_empty() {
         Some(crate::delivery::open(&cfg.agent.delivery, &cfg.secrets)?)
@@ -187,6 +189,7 @@ async fn run(cfg: Config, args: &AgentArgs, socket: &Path, shutdown: Duration) -
     }
     // Ends the event streams (`GET /v1/events`), so their connections close.
     events.close();
+    stop_notify.cancel();
     stop_api.cancel();
     stop_docker.cancel();
     stop_secrets.cancel();
