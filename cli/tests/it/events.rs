@@ -424,6 +424,17 @@ async fn the_event_stream_shows_a_rotation_in_order_and_webhooks_get_it_signed()
     .await;
 
     let mut watch = Watch::start(&agent.socket, &["--json", "--kinds", "rotation,docker"]).await;
+    // `dso status --watch`, piped: a `--- HH:MM:SS UTC` line before each print.
+    let status_log = agent.dir.path().join("status-watch.txt");
+    let mut status_watch = Command::new(DSO)
+        .arg("--socket")
+        .arg(&agent.socket)
+        .args(["status", "--watch"])
+        .stdout(std::fs::File::create(&status_log).unwrap())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
     let target = format!("{}/web", p.run);
     let out = agent.dso(&["rotate", &target]).await;
     assert!(
@@ -511,6 +522,44 @@ async fn the_event_stream_shows_a_rotation_in_order_and_webhooks_get_it_signed()
             docker_events.push(v);
         }
     }
+
+    // The status was printed again after the rotation's events, the last time with green.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let printed = loop {
+        let text = std::fs::read_to_string(&status_log).unwrap_or_default();
+        let last = text.rsplit("--- ").next().unwrap_or("").to_owned();
+        if last.contains(&new_id[..12]) && !last.contains("(rotating)") || Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let prints = printed
+        .lines()
+        .filter(|l| l.starts_with("--- ") && l.ends_with(" UTC"))
+        .count();
+    assert!(
+        prints >= 2,
+        "dso status --watch printed again after events:\n{printed}"
+    );
+    assert!(printed.contains(&old_id[..12]), "{printed}");
+    let last = printed.rsplit("--- ").next().unwrap();
+    assert!(
+        last.contains(&new_id[..12]) && last.contains(&target),
+        "the last print shows green:\n{printed}"
+    );
+    let pid = status_watch.id().unwrap().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let code = tokio::time::timeout(Duration::from_secs(10), status_watch.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(code.code(), Some(0), "SIGINT ends dso status --watch with 0");
 
     // The webhooks: signed, one attempt for a 400, every attempt for a 500.
     let deadline = Instant::now() + Duration::from_secs(20);
