@@ -196,8 +196,9 @@ impl Docker {
         let me = Arc::clone(self);
         let pump_id = id.clone();
         // One task publishes the steps and then the outcome, so they reach the bus (and
-        // `GET /v1/rotations/ID`) in the order they happened.
-        tokio::spawn(async move {
+        // `GET /v1/rotations/ID`) in the order they happened, and only then tells `done`
+        // (whose `delivery.failed` follows `rotation.failed`).
+        let pump = tokio::spawn(async move {
             let mut rolled_back = false;
             let mut step = |p: Progress| {
                 rolled_back |= p.step == Step::RolledBack;
@@ -233,6 +234,9 @@ impl Docker {
             }
             .unwrap_or_else(|_| Err("the rotation task ended without a result".to_owned()));
             me.publish_outcome(about, &outcome, rolled_back);
+            if let Some(done) = done {
+                let _ = done.send(outcome.clone());
+            }
             me.update(&pump_id, |t| match outcome {
                 Ok(r) => {
                     t.state = "done";
@@ -254,10 +258,9 @@ impl Docker {
                 })
                 .await
                 .map_err(|e| e.to_string());
-            if let Some(done) = done {
-                let _ = done.send(result.clone());
-            }
             let _ = outcome_tx.send(result);
+            // Tracked until the outcome is published and `done` told.
+            let _ = pump.await;
         });
         id
     }

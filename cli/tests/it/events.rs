@@ -41,7 +41,7 @@ async fn dso_vault(vault: &Path, socket: &Path, args: &[&str], stdin: &[u8]) -> 
 
 /// `dso watch ARGS` as a child whose stdout lines arrive on a channel, and the text of
 /// everything it printed (stdout and stderr) so far.
-struct Watch {
+pub(crate) struct Watch {
     child: Child,
     lines: tokio::sync::mpsc::UnboundedReceiver<String>,
     all: Arc<Mutex<String>>,
@@ -50,7 +50,7 @@ struct Watch {
 }
 
 impl Watch {
-    async fn start(socket: &Path, args: &[&str]) -> Watch {
+    pub(crate) async fn start(socket: &Path, args: &[&str]) -> Watch {
         let mut child = Command::new(DSO)
             .arg("--socket")
             .arg(socket)
@@ -90,7 +90,7 @@ impl Watch {
     }
 
     /// The next line within `within`; panics with everything printed otherwise.
-    async fn line(&mut self, within: Duration) -> String {
+    pub(crate) async fn line(&mut self, within: Duration) -> String {
         match tokio::time::timeout(within, self.lines.recv()).await {
             Ok(Some(l)) => l,
             _ => panic!(
@@ -101,7 +101,7 @@ impl Watch {
     }
 
     /// Lines as JSON until one satisfies `done`; returns every event read.
-    async fn until(
+    pub(crate) async fn until(
         &mut self,
         within: Duration,
         done: impl Fn(&serde_json::Value) -> bool,
@@ -121,7 +121,7 @@ impl Watch {
         }
     }
 
-    fn text(&self) -> String {
+    pub(crate) fn text(&self) -> String {
         self.all.lock().unwrap().clone()
     }
 
