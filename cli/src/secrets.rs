@@ -210,6 +210,7 @@ impl Secrets {
     }
 
     fn on_event(&self, event: Event) {
+        self.publish_health(&event);
         match event {
             Event::Snapshot(snap) if crate::delivery::Deliverer::is_service_consumer(&snap.consumer) => {
                 match self.deliverer.get() {
@@ -266,10 +267,6 @@ impl Secrets {
             }
             Event::ProviderDown { provider, error } => {
                 warn!(provider = %provider, error = %error, "provider down; the last good values stay, nothing is triggered");
-                self.events.publish(
-                    "provider.down",
-                    serde_json::json!({ "provider": provider, "error": error }),
-                );
                 self.counters
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -277,11 +274,7 @@ impl Secrets {
                     .or_default()
                     .outages += 1;
             }
-            Event::ProviderUp { provider } => {
-                info!(provider = %provider, "provider answers again");
-                self.events
-                    .publish("provider.up", serde_json::json!({ "provider": provider }));
-            }
+            Event::ProviderUp { provider } => info!(provider = %provider, "provider answers again"),
             Event::Unusable {
                 consumer,
                 reference,
@@ -302,6 +295,24 @@ impl Secrets {
                     .or_default()
                     .unusable += 1;
             }
+        }
+    }
+
+    /// `provider.down` (with the redacted error) and `provider.up`: the watcher reports
+    /// transitions only, not every failed poll.
+    fn publish_health(&self, event: &Event) {
+        match event {
+            Event::ProviderDown { provider, error } => {
+                self.events.publish(
+                    "provider.down",
+                    serde_json::json!({ "provider": provider, "error": error }),
+                );
+            }
+            Event::ProviderUp { provider } => {
+                self.events
+                    .publish("provider.up", serde_json::json!({ "provider": provider }));
+            }
+            _ => {}
         }
     }
 

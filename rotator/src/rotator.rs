@@ -136,14 +136,14 @@ pub(crate) struct Inner<E: Engine> {
     seq: std::sync::atomic::AtomicU64,
     /// The last scan, for the secret side (which services consume what).
     scans: tokio::sync::watch::Sender<Option<Arc<Scan>>>,
+    /// The relevant engine events [`Rotator::watch`] acted on, for the agent's event bus.
+    pub(crate) engine_events: tokio::sync::broadcast::Sender<crate::engine::Event>,
     /// Whether the orphan sweep of agent start ran.
     swept: std::sync::atomic::AtomicBool,
     /// Instance directories the last scan's containers use.
     known_instances: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Remote engines: container ID → the `StartedAt` its files were uploaded for.
     uploaded: std::sync::Mutex<std::collections::HashMap<String, String>>,
-    /// The relevant engine events [`Rotator::watch`] acted on, for the agent's event bus.
-    pub(crate) engine_events: tokio::sync::broadcast::Sender<crate::engine::Event>,
 }
 
 /// The rotator. Cheap to clone.
@@ -184,10 +184,10 @@ impl<E: Engine> Rotator<E> {
                 queue: Arc::default(),
                 seq: Default::default(),
                 scans: tokio::sync::watch::Sender::new(None),
+                engine_events: tokio::sync::broadcast::channel(256).0,
                 swept: Default::default(),
                 known_instances: Default::default(),
                 uploaded: Default::default(),
-                engine_events: tokio::sync::broadcast::channel(256).0,
             }),
         };
         r.reconcile().await?;
