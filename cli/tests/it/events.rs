@@ -591,3 +591,57 @@ async fn the_event_stream_shows_a_rotation_in_order_and_webhooks_get_it_signed()
     assert_eq!(failing.len(), 3, "a 500 is tried max_attempts times");
     assert!(failing.iter().all(|(h, b)| signed_by(key, h, b)));
 }
+
+#[tokio::test]
+async fn a_provider_that_cannot_be_reached_is_one_provider_down_event_with_its_error() {
+    // A port nothing listens on: bound, then closed.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let state = tempfile::tempdir().unwrap();
+    let state_arg = state.path().to_str().unwrap().to_string();
+    let token = "events-test-vault-token-Vq7m";
+    let config = format!(
+        "providers:\n  v:\n    type: vault\n    address: https://127.0.0.1:{port}\n    auth:\n      method: token\n      params:\n        token: {token}\n\
+agent:\n  watch:\n    polling_interval: 1s\n    max_interval: 2s\n    debounce: 0s\n\
+secrets:\n  - name: app\n    provider: v\n    mappings:\n      K: secret/data/app#k\n"
+    );
+    let agent = Agent::start_with(|_| config, &["--state-dir", &state_arg], "debug").await;
+    // Raw SSE with `Last-Event-ID: 0`: the agent replays what it published before this
+    // client connected (the outage may start within milliseconds of the agent's start).
+    let mut sock = tokio::net::UnixStream::connect(&agent.socket).await.unwrap();
+    sock.write_all(b"GET /v1/events?kinds=provider HTTP/1.1\r\nhost: localhost\r\nlast-event-id: 0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    let end = Instant::now() + Duration::from_secs(6);
+    let mut buf = [0u8; 4096];
+    while let Ok(Ok(n)) = tokio::time::timeout(end.saturating_duration_since(Instant::now()), {
+        use tokio::io::AsyncReadExt;
+        sock.read(&mut buf)
+    })
+    .await
+    {
+        if n == 0 {
+            break;
+        }
+        text.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("content-type: text/event-stream"), "{text}");
+    // Polls go on failing every 1-2 s: the transition is published once, not per poll.
+    assert_eq!(text.matches("event: provider.down\n").count(), 1, "{text}");
+    let data = text
+        .lines()
+        .find(|l| l.starts_with("data: ") && l.contains("provider.down"))
+        .unwrap()
+        .strip_prefix("data: ")
+        .unwrap();
+    let down: serde_json::Value = serde_json::from_str(data).unwrap();
+    assert_eq!(down["data"]["provider"], "v");
+    assert!(!down["data"]["error"].as_str().unwrap().is_empty(), "{down}");
+    assert!(!text.contains(token), "the token is not in the stream");
+    eprintln!("provider.down as streamed: {data}");
+}
