@@ -1,7 +1,10 @@
 //! The event bus end to end: `dso watch` on a real agent sees a secret change made with
 //! `dso secret set` (and no value anywhere in the stream), exits 1 when the agent stops;
 //! with Docker, the SSE stream shows a rotation's steps in order and the outgoing webhooks
-//! get the signed outcome (a 400 receiver once, a 500 receiver every attempt).
+//! get the signed outcome (a 400 receiver once, a 500 receiver every attempt), and
+//! `dso status --watch` prints again; an unreachable provider is one `provider.down`
+//! (replayed with `Last-Event-ID`). A secret-triggered rollback's events are tested in
+//! `delivery.rs`.
 //! The Docker test fails (never skips) when Docker or the image is missing.
 
 use std::path::Path;
