@@ -73,6 +73,10 @@ async fn run(cfg: Config, args: &AgentArgs, socket: &Path, shutdown: Duration) -
 
     api::vault::configure(&cfg);
     let events = crate::events::Bus::new();
+    // Before anything is bound (a bad key file changes nothing), and before the Docker side
+    // starts, so that recovery's events reach the webhooks too.
+    let stop_notify = CancellationToken::new();
+    crate::notify::start(&cfg.agent.webhooks, &events, stop_notify.clone())?;
     let proxy = Proxy::new(cfg.proxy.clone());
     for l in cfg.listeners {
         let name = l.name.clone();
@@ -137,6 +141,7 @@ async fn run(cfg: Config, args: &AgentArgs, socket: &Path, shutdown: Duration) -
                 scope,
                 delivery.clone().map(|d| (d, cfg.agent.delivery.remote)),
                 stop_docker.clone(),
+                events.clone(),
             )
             .await?,
         )
@@ -145,7 +150,12 @@ async fn run(cfg: Config, args: &AgentArgs, socket: &Path, shutdown: Duration) -
     };
     let state_docker = docker.clone();
     let stop_secrets = CancellationToken::new();
-    let secrets = crate::secrets::Secrets::start(&cfg.secrets, &args.state_dir, stop_secrets.clone())?;
+    let secrets = crate::secrets::Secrets::start(
+        &cfg.secrets,
+        &args.state_dir,
+        stop_secrets.clone(),
+        events.clone(),
+    )?;
     if let (Some(secrets), Some(docker), Some(delivery)) = (&secrets, &docker, &delivery) {
         crate::delivery::Deliverer::start(
             Arc::clone(secrets),
@@ -220,6 +230,9 @@ async fn run(cfg: Config, args: &AgentArgs, socket: &Path, shutdown: Duration) -
             proxy.force_close();
         }
     }
+    // Ends the event streams (`GET /v1/events`), so their connections close.
+    events.close();
+    stop_notify.cancel();
     stop_api.cancel();
     stop_docker.cancel();
     stop_secrets.cancel();

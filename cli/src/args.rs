@@ -116,6 +116,17 @@ installs (dso-agent.service). Fails with a clear error where systemd does not ru
     /// Version, git commit, target, provider features and the Docker endpoint in use.
     #[command(after_long_help = "Examples:\n  dso version\n  docker dso version --json")]
     Version(crate::cmd::version::VersionArgs),
+    /// Follow the agent's live events: rotation steps, secret changes, provider health,
+    /// Docker events of managed containers.
+    #[command(
+        long_about = "Print the agent's events as they happen (GET /v1/events, server-sent \
+events), one line each: the time (UTC), the kind and its fields. --json prints each event \
+as the agent sent it, one JSON object per line. --kinds keeps only some kinds or kind \
+prefixes. No event carries a secret value. Exits 0 on Ctrl-C, 1 when the agent stops (no \
+automatic reconnect). Every kind and its fields: docs/api.md.",
+        after_long_help = "Examples:\n  dso watch\n  dso watch --kinds rotation,provider\n  dso watch --json | jq 'select(.kind == \"rotation.failed\")'"
+    )]
+    Watch(crate::cmd::watch::WatchArgs),
 }
 
 /// `dso agent` options.

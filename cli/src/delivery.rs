@@ -301,6 +301,10 @@ impl Deliverer {
                 && s.failed_versions == versions
             {
                 info!(service = %service, "these versions already failed to roll out; waiting for a new version or `dso rotate {service} --force`");
+                self.docker.events().publish(
+                    "delivery.held",
+                    serde_json::json!({ "service": service, "versions": versions }),
+                );
                 return;
             }
         }
@@ -376,6 +380,15 @@ impl Deliverer {
                     s.last_error = Some(e.clone());
                     me.record_failed(&service, Some(&applied));
                     warn!(service = %service, rotation = %id, error = %e, "delivery failed; the running container keeps its current values");
+                    me.docker.events().publish(
+                        "delivery.failed",
+                        serde_json::json!({
+                            "service": service,
+                            "id": id,
+                            "versions": s.failed_versions,
+                            "error": e,
+                        }),
+                    );
                 }
             }
         });

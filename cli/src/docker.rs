@@ -1,6 +1,11 @@
 //! The agent's Docker side: the `dso-rotator` it hosts when started with `--docker`, and
 //! the rotations requested through the control API, tracked so `dso rotate` can show each
 //! step as it happens.
+//!
+//! Every rotation (asked through the API, triggered by a secret change, or finished by
+//! recovery) goes through here, so this is where the event bus hears of rotations
+//! (`rotation.*`) and of the engine events of managed containers (`docker.container`);
+//! kinds and fields are in docs/api.md.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -8,10 +13,14 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use dso_proxy::Proxy;
+use dso_rotator::journal::Step;
 use dso_rotator::{Config, DockerEngine, Engine, Progress, RotateRequest, RotationReport, Rotator, Strategy};
 use serde::Serialize;
+use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
+
+use crate::events::Bus;
 
 /// How many finished rotations the agent remembers for `GET /v1/rotations`.
 const KEEP: usize = 64;
@@ -25,6 +34,8 @@ pub struct Docker {
     seq: std::sync::atomic::AtomicU64,
     /// Rotations started through the API, awaited at shutdown ([`Docker::finish`]).
     running: tokio_util::task::TaskTracker,
+    /// The agent's event bus.
+    events: Bus,
 }
 
 /// A rotation request as the API shows it.
@@ -48,13 +59,14 @@ pub struct Tracked {
 
 impl Docker {
     /// Connects to Docker, recovers interrupted rotations, adopts the managed containers
-    /// (no rotation), and follows Docker events until `stop`.
+    /// (no rotation), and follows Docker events until `stop`, publishing on `events`.
     pub async fn start(
         proxy: Proxy,
         state_dir: PathBuf,
         scope: Option<(String, String)>,
         delivery: Option<(Arc<dso_rotator::delivery::Delivery>, Option<bool>)>,
         stop: CancellationToken,
+        events: Bus,
     ) -> anyhow::Result<Arc<Docker>> {
         let engine = DockerEngine::connect()
             .await
@@ -81,9 +93,28 @@ impl Docker {
             .with_context(|| format!("starting the rotator on state directory {}", state_dir.display()))?;
         for r in &recovered {
             warn!(service = %r.from.service, rotation = %r.from.rotation, step = ?r.from.step, survivor = ?r.survivor, "finished an interrupted rotation");
+            events.publish(
+                "rotation.recovered",
+                json!({
+                    "service": r.from.service.to_string(),
+                    "rotation": r.from.rotation,
+                    "strategy": r.from.strategy.to_string(),
+                    "interrupted_at": r.from.step,
+                    "survivor": r.survivor,
+                    "removed": r.removed,
+                }),
+            );
         }
         let services = rotator.gateway().services().len();
         info!(services, "managed containers adopted");
+        // Subscribed before the watcher starts, so its first events are not missed.
+        let engine_events = rotator.subscribe_engine_events();
+        tokio::spawn(follow_engine_events(
+            engine_events,
+            rotator.subscribe_scans(),
+            events.clone(),
+            stop.clone(),
+        ));
         let watcher = rotator.clone();
         tokio::spawn(async move { watcher.watch(stop).await });
         Ok(Arc::new(Docker {
@@ -91,7 +122,13 @@ impl Docker {
             tracked: Mutex::new(VecDeque::new()),
             seq: Default::default(),
             running: tokio_util::task::TaskTracker::new(),
+            events,
         }))
+    }
+
+    /// The agent's event bus.
+    pub fn events(&self) -> &Bus {
+        &self.events
     }
 
     /// Starts a rotation in the background; returns its request ID.
@@ -136,16 +173,82 @@ impl Docker {
                 t.pop_front();
             }
         }
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        // What the events say about this request: the service key when the last scan knows
+        // the target (else the target as given), and what asked for it.
+        let service = self
+            .rotator
+            .subscribe_scans()
+            .borrow()
+            .as_deref()
+            .and_then(|scan| scan.find(&target).ok().map(|m| m.key.to_string()))
+            .unwrap_or_else(|| target.clone());
+        let about = json!({
+            "id": id,
+            "service": service,
+            "target": target,
+            "trigger": if req.secrets.is_some() { "secret" } else { "manual" },
+        });
+        let mut started = about.clone();
+        started["strategy"] = json!(req.strategy.map(|s| s.to_string()));
+        self.events.publish("rotation.started", started);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Progress>();
+        let (outcome_tx, mut outcome_rx) = tokio::sync::oneshot::channel::<Result<RotationReport, String>>();
         let me = Arc::clone(self);
         let pump_id = id.clone();
-        tokio::spawn(async move {
-            while let Some(p) = rx.recv().await {
+        // One task publishes the steps and then the outcome, so they reach the bus (and
+        // `GET /v1/rotations/ID`) in the order they happened, and only then tells `done`
+        // (whose `delivery.failed` follows `rotation.failed`).
+        let pump = tokio::spawn(async move {
+            let mut rolled_back = false;
+            let mut step = |p: Progress| {
+                rolled_back |= p.step == Step::RolledBack;
+                let mut data = about.clone();
+                data["rotation"] = json!(p.rotation);
+                data["step"] = json!(p.step);
+                data["elapsed_ms"] = json!(p.elapsed_ms);
+                data["detail"] = json!(p.detail);
+                me.events.publish("rotation.step", data);
                 me.update(&pump_id, |t| t.steps.push(p));
+            };
+            let mut outcome = None;
+            loop {
+                tokio::select! {
+                    biased;
+                    p = rx.recv() => match p {
+                        Some(p) => step(p),
+                        None => break,
+                    },
+                    o = &mut outcome_rx => {
+                        outcome = Some(o);
+                        break;
+                    }
+                }
             }
+            // The rotation has returned: every step it reported is in the channel.
+            while let Ok(p) = rx.try_recv() {
+                step(p);
+            }
+            let outcome = match outcome {
+                Some(o) => o,
+                None => (&mut outcome_rx).await,
+            }
+            .unwrap_or_else(|_| Err("the rotation task ended without a result".to_owned()));
+            me.publish_outcome(about, &outcome, rolled_back);
+            if let Some(done) = done {
+                let _ = done.send(outcome.clone());
+            }
+            me.update(&pump_id, |t| match outcome {
+                Ok(r) => {
+                    t.state = "done";
+                    t.report = Some(r);
+                }
+                Err(e) => {
+                    t.state = "failed";
+                    t.error = Some(e);
+                }
+            });
         });
         let me = Arc::clone(self);
-        let run_id = id.clone();
         self.running.spawn(async move {
             let result = me
                 .rotator
@@ -153,22 +256,11 @@ impl Docker {
                     req.progress = Some(tx);
                     req
                 })
-                .await;
-            if let Some(done) = done {
-                let _ = done.send(result.clone().map_err(|e| e.to_string()));
-            }
-            // Let the step pump catch up before the final state shows.
-            tokio::task::yield_now().await;
-            me.update(&run_id, |t| match result {
-                Ok(r) => {
-                    t.state = "done";
-                    t.report = Some(r);
-                }
-                Err(e) => {
-                    t.state = "failed";
-                    t.error = Some(e.to_string());
-                }
-            });
+                .await
+                .map_err(|e| e.to_string());
+            let _ = outcome_tx.send(result);
+            // Tracked until the outcome is published and `done` told.
+            let _ = pump.await;
         });
         id
     }
@@ -200,6 +292,49 @@ impl Docker {
         self.lock().iter().cloned().collect()
     }
 
+    /// `rotation.succeeded`, or `rotation.rolled_back` (when a step said so) and then
+    /// `rotation.failed`: every rotation ends with exactly one of succeeded and failed.
+    fn publish_outcome(
+        &self,
+        about: serde_json::Value,
+        outcome: &Result<RotationReport, String>,
+        rolled_back: bool,
+    ) {
+        match outcome {
+            Ok(r) => {
+                let mut data = about;
+                data["service"] = json!(r.service.to_string());
+                data["took_ms"] = json!(r.took_ms);
+                data["requests"] = json!(r.requests);
+                data["containers"] = r
+                    .containers
+                    .iter()
+                    .map(|c| {
+                        json!({
+                            "rotation": c.rotation,
+                            "name": c.name,
+                            "strategy": c.strategy.to_string(),
+                            "old_id": c.old_id,
+                            "new_id": c.new_id,
+                            "took_ms": c.took_ms,
+                            "serving_after_ms": c.serving_after_ms,
+                        })
+                    })
+                    .collect();
+                self.events.publish("rotation.succeeded", data);
+            }
+            Err(e) => {
+                let mut data = about;
+                data["error"] = json!(e);
+                data["rolled_back"] = json!(rolled_back);
+                if rolled_back {
+                    self.events.publish("rotation.rolled_back", data.clone());
+                }
+                self.events.publish("rotation.failed", data);
+            }
+        }
+    }
+
     fn update(&self, id: &str, f: impl FnOnce(&mut Tracked)) {
         if let Some(t) = self.lock().iter_mut().find(|t| t.id == id) {
             f(t);
@@ -208,5 +343,68 @@ impl Docker {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Tracked>> {
         self.tracked.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Publishes `docker.container` for the engine events the rotator's watcher acted on
+/// (start, die, destroy, health status) of the containers its scans manage, with their
+/// names and services: a container is known from the scans (kept until its `destroy`), so
+/// the event of one already removed still names it. Until `stop`.
+async fn follow_engine_events(
+    mut events: tokio::sync::broadcast::Receiver<dso_rotator::engine::Event>,
+    mut scans: tokio::sync::watch::Receiver<Option<Arc<dso_rotator::Scan>>>,
+    bus: Bus,
+    stop: CancellationToken,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    // Container ID -> (name, service).
+    let mut known: std::collections::HashMap<String, (String, String)> = Default::default();
+    let learn = |known: &mut std::collections::HashMap<String, (String, String)>,
+                 scans: &mut tokio::sync::watch::Receiver<Option<Arc<dso_rotator::Scan>>>| {
+        if let Some(scan) = scans.borrow_and_update().as_deref() {
+            for m in scan.services.values() {
+                for c in &m.containers {
+                    known.insert(c.id.clone(), (c.name.clone(), m.key.to_string()));
+                }
+            }
+        }
+    };
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            r = scans.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                learn(&mut known, &mut scans);
+            }
+            ev = events.recv() => match ev {
+                Ok(ev) => {
+                    learn(&mut known, &mut scans);
+                    let (action, health) = match ev.action.split_once(": ") {
+                        Some((a, h)) => (a.to_owned(), Some(h.to_owned())),
+                        None => (ev.action.clone(), None),
+                    };
+                    if !matches!(action.as_str(), "start" | "die" | "destroy" | "health_status") {
+                        continue;
+                    }
+                    let who = if action == "destroy" { known.remove(&ev.id) } else { known.get(&ev.id).cloned() };
+                    // Not in a scan: outside this agent's scope (or gone before any scan).
+                    let Some((name, service)) = who else { continue };
+                    let mut data = json!({
+                        "action": action,
+                        "container": ev.id,
+                        "name": name,
+                        "service": service,
+                    });
+                    if let Some(h) = health {
+                        data["health"] = json!(h);
+                    }
+                    bus.publish("docker.container", data);
+                }
+                Err(RecvError::Lagged(n)) => warn!(missed = n, "docker events for the event bus were missed"),
+                Err(RecvError::Closed) => return,
+            },
+        }
     }
 }

@@ -20,6 +20,7 @@ mod docker;
 mod duration;
 mod events;
 mod logwriter;
+mod notify;
 mod plugin;
 mod sdnotify;
 mod secrets;
@@ -60,6 +61,7 @@ fn main() -> ExitCode {
         Command::Setup(s) => cmd::setup::run(s),
         Command::System(s) => cmd::system::run(s),
         Command::Version(v) => cmd::version::run(v),
+        Command::Watch(w) => cmd::watch::run(w, cmd::socket_path(cli.socket)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

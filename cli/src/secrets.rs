@@ -46,6 +46,8 @@ pub struct Secrets {
     deliverer: std::sync::OnceLock<Arc<crate::delivery::Deliverer>>,
     /// The provider instances each secret's references read, for [`Secrets::poke`].
     providers_of: BTreeMap<String, Vec<String>>,
+    /// The agent's event bus (`secret.changed`, `provider.down`, `provider.up`).
+    events: crate::events::Bus,
 }
 
 /// A configured secret as the API shows it (no value).
@@ -110,6 +112,7 @@ impl Secrets {
         cfg: &SecretsConfig,
         state_dir: &Path,
         stop: CancellationToken,
+        bus: crate::events::Bus,
     ) -> anyhow::Result<Option<Arc<Secrets>>> {
         if cfg.providers.is_empty() && cfg.secrets.is_empty() {
             return Ok(None);
@@ -186,6 +189,7 @@ impl Secrets {
             counters: Arc::clone(&counters),
             secrets,
             deliverer: std::sync::OnceLock::new(),
+            events: bus,
         });
         let this = Arc::clone(&secrets);
         tokio::spawn(async move {
@@ -218,6 +222,7 @@ impl Secrets {
     }
 
     fn on_event(&self, event: Event) {
+        self.publish_health(&event);
         match event {
             Event::Snapshot(snap) if crate::delivery::Deliverer::is_service_consumer(&snap.consumer) => {
                 match self.deliverer.get() {
@@ -251,6 +256,7 @@ impl Secrets {
                     keys = snap.values.len(),
                     "secret values taken"
                 );
+                self.publish_changes(&name, &snap);
                 if let Err(e) = self.watcher.applied(&snap.consumer, &snap.versions) {
                     warn!(secret = %name, error = %e, "cannot record the versions taken; an agent restart will take them again");
                 }
@@ -296,6 +302,55 @@ impl Secrets {
                     .or_default()
                     .unusable += 1;
             }
+        }
+    }
+
+    /// `provider.down` (with the redacted error) and `provider.up`: the watcher reports
+    /// transitions only, not every failed poll.
+    fn publish_health(&self, event: &Event) {
+        match event {
+            Event::ProviderDown { provider, error } => {
+                self.events.publish(
+                    "provider.down",
+                    serde_json::json!({ "provider": provider, "error": error }),
+                );
+            }
+            Event::ProviderUp { provider } => {
+                self.events
+                    .publish("provider.up", serde_json::json!({ "provider": provider }));
+            }
+            _ => {}
+        }
+    }
+
+    /// `secret.changed` for each reference of a `secrets[]` entry's snapshot whose version
+    /// differs from the one last taken (all of them for a first snapshot): names and
+    /// versions, never a value. Called before the snapshot's versions are recorded.
+    fn publish_changes(&self, name: &str, snap: &dso_secrets::watcher::Snapshot) {
+        let old = match self.watcher.state().load(&snap.consumer) {
+            Ok(a) => a.unwrap_or_default(),
+            Err(e) => {
+                warn!(secret = %name, error = %e, "cannot read the versions taken before; secret.changed events carry no old version");
+                Default::default()
+            }
+        };
+        for ((key, _), (reference, version)) in snap.values.iter().zip(&snap.versions) {
+            let before = old.get(&(reference.provider.clone(), reference.raw.clone()));
+            if before == Some(version) {
+                continue;
+            }
+            self.events.publish(
+                "secret.changed",
+                serde_json::json!({
+                    "secret": name,
+                    "key": key,
+                    "provider": reference.provider,
+                    "reference": reference.raw,
+                    "old_version": before.map(ToString::to_string),
+                    "new_version": version.to_string(),
+                    "first": snap.first,
+                }),
+            );
         }
     }
 

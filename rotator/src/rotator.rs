@@ -137,6 +137,8 @@ pub(crate) struct Inner<E: Engine> {
     seq: std::sync::atomic::AtomicU64,
     /// The last scan, for the secret side (which services consume what).
     scans: tokio::sync::watch::Sender<Option<Arc<Scan>>>,
+    /// The relevant engine events [`Rotator::watch`] acted on, for the agent's event bus.
+    pub(crate) engine_events: tokio::sync::broadcast::Sender<crate::engine::Event>,
     /// Whether the orphan sweep of agent start ran.
     swept: std::sync::atomic::AtomicBool,
     /// Instance directories the last scan's containers use.
@@ -185,6 +187,7 @@ impl<E: Engine> Rotator<E> {
                 queue: Arc::default(),
                 seq: Default::default(),
                 scans: tokio::sync::watch::Sender::new(None),
+                engine_events: tokio::sync::broadcast::channel(256).0,
                 swept: Default::default(),
                 known_instances: Default::default(),
                 uploaded: Default::default(),
@@ -340,6 +343,13 @@ impl<E: Engine> Rotator<E> {
     /// containers exist, for the secret side's consumers.
     pub fn subscribe_scans(&self) -> tokio::sync::watch::Receiver<Option<Arc<Scan>>> {
         self.inner.scans.subscribe()
+    }
+
+    /// Follows the relevant engine events (start, die, destroy, health status...) of
+    /// managed containers, each sent once [`Rotator::watch`] has reconciled after it (so
+    /// the scan of [`Rotator::subscribe_scans`] already shows a container it started).
+    pub fn subscribe_engine_events(&self) -> tokio::sync::broadcast::Receiver<crate::engine::Event> {
+        self.inner.engine_events.subscribe()
     }
 
     /// Rotates the service `req.target` names: every container of it, one after the

@@ -43,6 +43,8 @@ impl<E: Engine> Rotator<E> {
                                 if let Err(e) = self.reconcile().await {
                                     warn!(error = %e, "reconcile failed");
                                 }
+                                // Nobody listening is not an error.
+                                let _ = self.inner.engine_events.send(ev);
                             }
                         }
                         Some(Err(e)) => {

@@ -31,6 +31,7 @@
 //! decoded segments after the prefix, the query and the whole body; `None` answers the
 //! router's 404.
 
+pub mod events;
 pub mod health;
 pub mod http;
 mod metrics;
@@ -78,7 +79,6 @@ pub struct State {
     /// The secret side, when the config has providers or secrets, for `/v1/secrets`.
     pub secrets: Option<std::sync::Arc<crate::secrets::Secrets>>,
     /// The agent's event bus, for `GET /v1/events`.
-    #[allow(dead_code)] // Read once `GET /v1/events` lands (issue 11 work in progress).
     pub events: crate::events::Bus,
 }
 
@@ -105,7 +105,7 @@ pub fn router() -> axum::Router<State> {
         .route("/health", get(health::health))
         .route("/v1/health", get(v1_health))
         .route("/metrics", get(metrics_text))
-        // GET /v1/events (server-sent events) is mounted here: `.route("/v1/events", get(events::stream))`.
+        .route("/v1/events", get(events_stream))
         .route("/v1/webhook", post(webhook::receive))
         .route("/v1/proxy", get(proxy::snapshot))
         .route("/v1/proxy/listeners", get(proxy::listeners))
@@ -352,6 +352,17 @@ async fn v1_health(axum::extract::State(state): axum::extract::State<State>) -> 
             "listeners": state.proxy.listeners().len(),
         }),
     )
+}
+
+/// `GET /v1/events`: the bus as server-sent events (`events.rs`).
+async fn events_stream(
+    axum::extract::State(state): axum::extract::State<State>,
+    uri: Uri,
+    headers: hyper::HeaderMap,
+) -> Result<Response<axum::body::Body>, ApiError> {
+    let last = headers.get("last-event-id").and_then(|v| v.to_str().ok());
+    let r = events::stream(&state.events, uri.query(), last)?;
+    Ok(r.map(axum::body::Body::new))
 }
 
 async fn metrics_text(axum::extract::State(state): axum::extract::State<State>) -> Reply {

@@ -10,6 +10,7 @@ pub mod setup;
 pub mod system;
 mod table;
 pub mod version;
+pub mod watch;
 
 use std::path::PathBuf;
 

@@ -44,6 +44,10 @@ pub struct StatusArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Print the status again whenever the agent reports an event (a rotation step, a
+    /// secret change, a Docker event...), until Ctrl-C.
+    #[arg(long)]
+    pub watch: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -194,8 +198,11 @@ fn read_env_file(path: &std::path::Path) -> anyhow::Result<Vec<String>> {
     Ok(out)
 }
 
-/// Runs `dso status`.
+/// Runs `dso status` (`--watch`: [`status_watch`]).
 pub fn status(args: StatusArgs, socket: PathBuf) -> anyhow::Result<()> {
+    if args.watch {
+        return status_watch(args.json, socket);
+    }
     let client = Client::new(&socket);
     super::runtime()?.block_on(async move {
         if args.json {
@@ -259,6 +266,81 @@ pub fn status(args: StatusArgs, socket: PathBuf) -> anyhow::Result<()> {
         }
         Ok(())
     })
+}
+
+/// What the event thread of `dso status --watch` tells the printing loop.
+enum Tick {
+    /// An event arrived.
+    Event,
+    /// Ctrl-C.
+    Quit,
+    /// The stream ended or broke.
+    Gone(anyhow::Error),
+}
+
+/// `dso status --watch`: prints the status, then again after each burst of events (once
+/// it has been quiet for 300 ms, at most 2 s after its first event), until Ctrl-C (exit 0)
+/// or until the agent stops (exit 1). The events are read on a thread of their own; each
+/// print is a plain `dso status`.
+fn status_watch(json: bool, socket: PathBuf) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    use std::sync::mpsc::RecvTimeoutError;
+    const DEBOUNCE: Duration = Duration::from_millis(300);
+    const MAX_WAIT: Duration = Duration::from_secs(2);
+    // Opened before the first print, so no event between the two is missed.
+    let rt = super::runtime()?;
+    let mut stream = rt.block_on(super::watch::Stream::open(&socket, &[]))?;
+    let mut int = rt
+        .block_on(async { tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()) })
+        .map_err(|e| anyhow::anyhow!("installing the SIGINT handler: {e}"))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let gone_socket = socket.clone();
+    std::thread::spawn(move || {
+        rt.block_on(async move {
+            loop {
+                let tick = tokio::select! {
+                    _ = int.recv() => Tick::Quit,
+                    m = stream.next() => match m {
+                        Ok(Some(_)) => Tick::Event,
+                        Ok(None) => Tick::Gone(super::watch::agent_gone(&gone_socket)),
+                        Err(e) => Tick::Gone(e),
+                    },
+                };
+                let last = !matches!(tick, Tick::Event);
+                if tx.send(tick).is_err() || last {
+                    return;
+                }
+            }
+        });
+    });
+    let tty = std::io::stdout().is_terminal();
+    loop {
+        if tty {
+            // Home and clear: the table replaces the previous one.
+            print!("\x1b[H\x1b[2J");
+        } else {
+            println!("--- {} UTC", super::watch::clock(dso_rotator::journal::now_ms()));
+        }
+        status(StatusArgs { json, watch: false }, socket.clone())?;
+        match rx.recv() {
+            Ok(Tick::Event) => {}
+            Ok(Tick::Gone(e)) => return Err(e),
+            Ok(Tick::Quit) | Err(_) => return Ok(()),
+        }
+        let deadline = std::time::Instant::now() + MAX_WAIT;
+        loop {
+            let wait = DEBOUNCE.min(deadline.saturating_duration_since(std::time::Instant::now()));
+            if wait.is_zero() {
+                break;
+            }
+            match rx.recv_timeout(wait) {
+                Ok(Tick::Event) => {}
+                Ok(Tick::Gone(e)) => return Err(e),
+                Ok(Tick::Quit) | Err(RecvTimeoutError::Disconnected) => return Ok(()),
+                Err(RecvTimeoutError::Timeout) => break,
+            }
+        }
+    }
 }
 
 /// `GET /v1/delivery`.

@@ -60,6 +60,8 @@ pub struct AgentSection {
     pub api: Option<ApiSection>,
     /// The HTTP listener (`/health`, `/metrics`, `/v1/events`, `/v1/webhook`).
     pub http: Option<HttpSection>,
+    /// Outgoing notifications (webhooks).
+    pub notify: Option<NotifySection>,
 }
 
 /// `agent.delivery`.
@@ -116,6 +118,32 @@ pub struct WebhookSection {
     pub secret_file: Option<PathBuf>,
     /// Replay window either side of the agent's clock (default 5m).
     pub tolerance: Option<HumanDuration>,
+}
+
+/// `agent.notify:`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotifySection {
+    /// Outgoing webhooks.
+    pub webhooks: Option<Vec<WebhookEntry>>,
+}
+
+/// One of `agent.notify.webhooks`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookEntry {
+    /// Where events are POSTed.
+    pub url: Option<String>,
+    /// File holding the HMAC-SHA256 key the requests are signed with.
+    pub secret_file: Option<PathBuf>,
+    /// Event kinds (or kind prefixes) sent.
+    pub events: Option<Vec<String>>,
+    /// Whether a plain `http://` URL is accepted.
+    pub allow_http: Option<bool>,
+    /// Time one attempt may take.
+    pub timeout: Option<HumanDuration>,
+    /// Attempts per event before it is given up.
+    pub max_attempts: Option<u32>,
 }
 
 /// `proxy:`.

@@ -58,6 +58,8 @@ pub struct AgentConfig {
     pub allow_secret_read: bool,
     /// `agent.http`, defaults applied.
     pub http: HttpSettings,
+    /// `agent.notify.webhooks`, checked.
+    pub webhooks: Vec<WebhookSettings>,
 }
 
 /// Default address of the HTTP listener (`agent.http.listen`).
@@ -86,6 +88,48 @@ impl Default for HttpSettings {
             webhook_tolerance: crate::api::webhook::DEFAULT_TOLERANCE,
         }
     }
+}
+
+/// One checked `agent.notify.webhooks` entry (see docs/config.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookSettings {
+    /// `https://` (or `http://` with `allow_http`) URL, without credentials.
+    pub url: String,
+    /// Absolute path of the file holding the signing key (read when the agent starts).
+    pub secret_file: PathBuf,
+    /// Kinds or kind prefixes sent (default: [`WebhookSettings::DEFAULT_EVENTS`]).
+    pub events: Vec<String>,
+    /// Time one attempt may take (default 10 s).
+    pub timeout: Duration,
+    /// Attempts per event (default 5).
+    pub max_attempts: u32,
+}
+
+impl WebhookSettings {
+    /// The events a webhook gets when `events` is not set.
+    pub const DEFAULT_EVENTS: &[&str] = &[
+        "rotation.succeeded",
+        "rotation.failed",
+        "rotation.recovered",
+        "provider.down",
+        "provider.up",
+    ];
+    /// Every kind the agent publishes (docs/api.md); `events` entries must name one of
+    /// them or a dotted prefix of one.
+    pub const KINDS: &[&str] = &[
+        "rotation.started",
+        "rotation.step",
+        "rotation.succeeded",
+        "rotation.failed",
+        "rotation.rolled_back",
+        "rotation.recovered",
+        "secret.changed",
+        "provider.down",
+        "provider.up",
+        "delivery.failed",
+        "delivery.held",
+        "docker.container",
+    ];
 }
 
 /// `agent.delivery`: the agent's tmpfs for delivered secrets and the launcher.

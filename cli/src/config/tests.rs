@@ -281,3 +281,55 @@ fn agent_api_keys_default_off_and_are_checked() {
     let e = err("agent:\n  api:\n    allow_secret_read: maybe\n");
     assert!(e.contains("line 3"), "{e}");
 }
+
+#[test]
+fn notify_webhooks_default_and_every_bad_key_is_named() {
+    let c = parse(
+        "agent:\n  notify:\n    webhooks:\n      - url: https://hooks.example.com/dso\n        secret_file: /etc/dso/hook.key\n",
+        no_env,
+    )
+    .unwrap();
+    let w = &c.agent.webhooks[0];
+    assert_eq!(w.url, "https://hooks.example.com/dso");
+    assert_eq!(w.events, super::WebhookSettings::DEFAULT_EVENTS);
+    assert_eq!((w.timeout, w.max_attempts), (Duration::from_secs(10), 5));
+    let c = parse(
+        "agent:\n  notify:\n    webhooks:\n      - url: http://10.0.0.5:9000/x\n        allow_http: true\n        secret_file: /k\n        events: [rotation, provider.down]\n        timeout: 2s\n        max_attempts: 3\n",
+        no_env,
+    )
+    .unwrap();
+    let w = &c.agent.webhooks[0];
+    assert_eq!(w.events, ["rotation", "provider.down"]);
+    assert_eq!((w.timeout, w.max_attempts), (Duration::from_secs(2), 3));
+
+    let hook = |extra: &str| format!("agent:\n  notify:\n    webhooks:\n      - secret_file: /k\n{extra}");
+    let e = err(&hook("        url: http://hooks.example.com/\n"));
+    assert!(
+        e.contains("agent.notify.webhooks[0].url") && e.contains("allow_http: true") && e.contains("line 5"),
+        "{e}"
+    );
+    let e = err(&hook("        url: ftp://hooks.example.com/\n"));
+    assert!(e.contains("\"ftp\""), "{e}");
+    let e = err(&hook("        url: https://user:pw@hooks.example.com/\n"));
+    assert!(e.contains("credentials") && !e.contains("pw@"), "{e}");
+    let e = err(&hook(
+        "        url: https://h/\n        events: [rotation.succeded]\n",
+    ));
+    assert!(
+        e.contains("agent.notify.webhooks[0].events[0]") && e.contains("rotation.succeeded"),
+        "{e}"
+    );
+    let e = err(&hook("        url: https://h/\n        events: []\n"));
+    assert!(e.contains("events") && e.contains("empty"), "{e}");
+    let e = err(&hook("        url: https://h/\n        max_attempts: 0\n"));
+    assert!(e.contains("max_attempts"), "{e}");
+    let e = err("agent:\n  notify:\n    webhooks:\n      - url: https://h/\n");
+    assert!(
+        e.contains("agent.notify.webhooks[0].secret_file") && e.contains("missing"),
+        "{e}"
+    );
+    let e = err("agent:\n  notify:\n    webhooks:\n      - url: https://h/\n        secret_file: rel/key\n");
+    assert!(e.contains("absolute"), "{e}");
+    let e = err("agent:\n  notify:\n    webhook: []\n");
+    assert!(e.contains("webhook") && e.contains("line 3"), "{e}");
+}

@@ -74,6 +74,7 @@ pub fn check(raw: FileConfig, lines: &Lines<'_>) -> Result<Config, ConfigError> 
             socket_group: api.socket_group,
             allow_secret_read: api.allow_secret_read.unwrap_or(false),
             http: http(lines, agent.http.unwrap_or_default())?,
+            webhooks: webhooks(lines, agent.notify.unwrap_or_default())?,
         },
         proxy: ProxyConfig {
             max_connections: proxy.max_connections,
@@ -192,6 +193,127 @@ fn http(lines: &Lines<'_>, h: crate::config::file::HttpSection) -> Result<super:
             ));
         }
         out.webhook_tolerance = t;
+    }
+    Ok(out)
+}
+
+/// `agent.notify.webhooks`: each with an `https://` URL (`http://` only with
+/// `allow_http: true`) without credentials, an absolute `secret_file`, known event kinds,
+/// a timeout of 1 ms to 5 min and 1 to 20 attempts.
+fn webhooks(
+    lines: &Lines<'_>,
+    n: crate::config::file::NotifySection,
+) -> Result<Vec<crate::config::WebhookSettings>, ConfigError> {
+    use crate::config::WebhookSettings;
+    let mut out = Vec::new();
+    for (i, w) in n.webhooks.unwrap_or_default().into_iter().enumerate() {
+        let at = |leaf: &str| format!("agent.notify.webhooks[{i}].{leaf}");
+        let bad = |leaf: &str, message: String| {
+            let key = at(leaf);
+            ConfigError::Invalid {
+                line: lines.line(&key),
+                key,
+                message,
+            }
+        };
+        let url = w
+            .url
+            .ok_or_else(|| bad("url", "missing; the address events are POSTed to".to_owned()))?;
+        let parsed =
+            reqwest::Url::parse(&url).map_err(|e| bad("url", format!("{url:?} is not a URL: {e}")))?;
+        let allow_http = w.allow_http.unwrap_or(false);
+        match parsed.scheme() {
+            "https" => {}
+            "http" if allow_http => {}
+            "http" => {
+                return Err(bad(
+                    "url",
+                    format!(
+                        "{url:?} is plain http: events and their signatures would cross the network unencrypted; use https://, or set agent.notify.webhooks[{i}].allow_http: true for a receiver on a trusted network"
+                    ),
+                ));
+            }
+            other => {
+                return Err(bad(
+                    "url",
+                    format!("scheme {other:?} is not supported; use https://"),
+                ));
+            }
+        }
+        if parsed.host_str().is_none_or(str::is_empty) {
+            return Err(bad("url", format!("{url:?} has no host")));
+        }
+        if !parsed.username().is_empty() || parsed.password().is_some() {
+            return Err(bad(
+                "url",
+                "credentials in the URL would show in logs; the receiver authenticates requests by their X-DSO-Signature".to_owned(),
+            ));
+        }
+        let secret_file = w.secret_file.ok_or_else(|| {
+            bad(
+                "secret_file",
+                "missing; the file holding the HMAC-SHA256 key requests are signed with (e.g. `head -c 32 /dev/urandom | base64 > /etc/dso/webhook.key`)".to_owned(),
+            )
+        })?;
+        if !secret_file.is_absolute() {
+            return Err(bad(
+                "secret_file",
+                format!("{} must be an absolute path", secret_file.display()),
+            ));
+        }
+        let events = match w.events {
+            None => WebhookSettings::DEFAULT_EVENTS
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect(),
+            Some(list) if list.is_empty() => {
+                return Err(bad(
+                    "events",
+                    "empty; name the kinds to send (e.g. [rotation.failed, provider.down]) or leave the key out for the default".to_owned(),
+                ));
+            }
+            Some(list) => {
+                for (j, e) in list.iter().enumerate() {
+                    let known = WebhookSettings::KINDS.iter().any(|k| {
+                        k.strip_prefix(e.as_str())
+                            .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+                    });
+                    if !known {
+                        let key = format!("agent.notify.webhooks[{i}].events[{j}]");
+                        return Err(ConfigError::Invalid {
+                            line: lines.line(&key),
+                            key,
+                            message: format!(
+                                "{e:?} is not an event kind; expected one of {} or a prefix such as `rotation`",
+                                WebhookSettings::KINDS.join(", ")
+                            ),
+                        });
+                    }
+                }
+                list
+            }
+        };
+        let timeout = w.timeout.map_or(std::time::Duration::from_secs(10), |d| d.get());
+        if timeout.is_zero() || timeout > std::time::Duration::from_secs(300) {
+            return Err(bad(
+                "timeout",
+                format!("{timeout:?} is out of range; expected 1ms to 5m"),
+            ));
+        }
+        let max_attempts = w.max_attempts.unwrap_or(5);
+        if !(1..=20).contains(&max_attempts) {
+            return Err(bad(
+                "max_attempts",
+                format!("{max_attempts} is out of range; expected 1 to 20"),
+            ));
+        }
+        out.push(WebhookSettings {
+            url,
+            secret_file,
+            events,
+            timeout,
+            max_attempts,
+        });
     }
     Ok(out)
 }

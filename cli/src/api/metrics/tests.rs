@@ -102,9 +102,14 @@ async fn a_scrape_encodes_the_live_proxy_and_secret_side() {
     );
     let cfg = crate::config::parse(&yaml, |_| None).unwrap();
     let stop = tokio_util::sync::CancellationToken::new();
-    let secrets = Secrets::start(&cfg.secrets, &dir.path().join("state"), stop.clone())
-        .unwrap()
-        .unwrap();
+    let secrets = Secrets::start(
+        &cfg.secrets,
+        &dir.path().join("state"),
+        stop.clone(),
+        crate::events::Bus::new(),
+    )
+    .unwrap()
+    .unwrap();
     until(&secrets, |s| s.secrets[0].seen.snapshots == 1).await;
     vault.set("app/pw", &SecretValue::from_slice(VALUE_2)).unwrap();
     assert_eq!(secrets.notify_local(&vault_file), ["local"]);
