@@ -101,10 +101,24 @@ pub struct AgentArgs {
     /// `agent.shutdown_timeout`, else 30s].
     #[arg(long, value_name = "DURATION")]
     pub shutdown_timeout: Option<HumanDuration>,
-    /// Manage Docker containers labelled dso.reloader=true: adopt their ports, follow
-    /// events, serve `dso rotate` and `dso status`.
-    #[arg(long, env = "DSO_DOCKER", value_parser = clap::builder::BoolishValueParser::new())]
-    pub docker: bool,
+    /// Manage Docker containers labelled dso.reloader=true (the default): adopt their
+    /// ports, follow events, serve `dso rotate` and `dso status`. An engine that does not
+    /// answer is retried with backoff while the listeners and the API run. `--docker` is
+    /// the explicit form; `DSO_DOCKER=0` turns it off.
+    #[arg(
+        long,
+        env = "DSO_DOCKER",
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub docker: Option<bool>,
+    /// Do not manage Docker: only the configured listeners and the API (wins over
+    /// `--docker` and `DSO_DOCKER`).
+    #[arg(long)]
+    pub no_docker: bool,
     /// Journal, rotation history and lock files of the Docker side.
     #[arg(
         long,
@@ -117,6 +131,13 @@ pub struct AgentArgs {
     /// test run on a shared engine.
     #[arg(long, value_name = "LABEL=VALUE", hide = true, value_parser = parse_scope)]
     pub docker_scope: Option<(String, String)>,
+}
+
+impl AgentArgs {
+    /// Whether the agent manages Docker: yes unless `--no-docker` or `DSO_DOCKER=0`.
+    pub fn manages_docker(&self) -> bool {
+        !self.no_docker && self.docker.unwrap_or(true)
+    }
 }
 
 /// `dso config ...`.
@@ -291,6 +312,29 @@ mod tests {
                 .unwrap_err()
                 .contains("expected IP:PORT")
         );
+    }
+
+    /// The agent manages Docker unless told not to; `--no-docker` wins over `--docker`.
+    #[test]
+    fn the_agent_manages_docker_by_default() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["dso", "agent", "--config", "x.yaml"];
+            argv.extend_from_slice(extra);
+            match Cli::try_parse_from(argv).unwrap().command {
+                Command::Agent(a) => a,
+                other => panic!("{other:?}"),
+            }
+        };
+        // The tests run without DSO_DOCKER in the environment (the default is asserted).
+        if std::env::var_os("DSO_DOCKER").is_none() {
+            assert!(parse(&[]).manages_docker());
+        }
+        assert!(parse(&["--docker"]).manages_docker());
+        assert!(parse(&["--docker=true"]).manages_docker());
+        assert!(!parse(&["--docker=false"]).manages_docker());
+        assert!(!parse(&["--no-docker"]).manages_docker());
+        assert!(!parse(&["--docker", "--no-docker"]).manages_docker());
+        assert!(Cli::try_parse_from(["dso", "agent", "--config", "x", "--docker=maybe"]).is_err());
     }
 
     #[test]
