@@ -89,6 +89,16 @@ dso init --passphrase --vault-file ./vault.enc"
     Init(crate::cmd::init::InitArgs),
     /// Set, get, list and delete values of the local vault (works with no agent).
     Secret(crate::cmd::secret::SecretArgs),
+    /// Check this host's setup: engine, Compose, agent socket, tmpfs, launcher, config,
+    /// providers, state directory, clock; each check with what it found and the fix.
+    #[command(
+        long_about = "Check this host's dso setup and print one line per check: ok, WARN, FAIL or skipped, what was found, and the fix. Checks: the Docker engine and its API version (1.41 or newer), the clock against the engine's, Compose v2 and v1, the agent's socket (mode 0660, group) and the agent answering, the delivery tmpfs (agent.delivery.root), the launcher (agent.delivery.launcher: present, executable, static), the state directory, the config file, and each provider (metadata calls only). The basic level stays on this host (the local vault only); --level full also asks the remote providers. Exits 1 when a check failed (warnings do not fail). See docs/operations.md.",
+        after_long_help = "Examples:
+  dso doctor
+  dso doctor --level full
+  dso doctor --config ./dso.yaml --json | jq '.checks[] | select(.status != \"ok\")'"
+    )]
+    Doctor(crate::cmd::doctor::DoctorArgs),
 }
 
 /// `dso agent` options.

@@ -46,6 +46,7 @@ fn main() -> ExitCode {
         Command::Status(s) => cmd::rotate::status(s, cmd::socket_path(cli.socket)),
         Command::Init(i) => cmd::init::run(i),
         Command::Secret(s) => cmd::secret::run(s, cmd::socket_path(cli.socket)),
+        Command::Doctor(d) => cmd::doctor::run(d, cli.socket),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
