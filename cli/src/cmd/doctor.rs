@@ -156,7 +156,10 @@ async fn gather(args: &DoctorArgs, socket: Option<PathBuf>) -> Context {
     let (config_path, config_origin) = match &args.config {
         Some(p) => (p.clone(), "given with --config"),
         None if Path::new(SYSTEM_CONFIG).exists() => (PathBuf::from(SYSTEM_CONFIG), "the default"),
-        None => (PathBuf::from("dso.yaml"), "the default: there is no /etc/dso/dso.yaml"),
+        None => (
+            PathBuf::from("dso.yaml"),
+            "the default: there is no /etc/dso/dso.yaml",
+        ),
     };
     let config = config::load(&config_path).map_err(|e| format!("{:#}", anyhow::Error::new(e)));
     let socket = socket
@@ -264,7 +267,12 @@ fn config_check(ctx: &Context) -> Check {
 }
 
 fn skipped_without_config(name: &str) -> Check {
-    check(name, Status::Skipped, "the config file did not load (see config)", "")
+    check(
+        name,
+        Status::Skipped,
+        "the config file did not load (see config)",
+        "",
+    )
 }
 
 // ---- the engine ----
@@ -415,7 +423,11 @@ where
 fn parse_rfc3339(s: &str) -> Option<f64> {
     let (date, time) = s.split_once(['T', 't', ' '])?;
     let mut d = date.splitn(3, '-');
-    let (y, mo, da): (i64, u32, u32) = (d.next()?.parse().ok()?, d.next()?.parse().ok()?, d.next()?.parse().ok()?);
+    let (y, mo, da): (i64, u32, u32) = (
+        d.next()?.parse().ok()?,
+        d.next()?.parse().ok()?,
+        d.next()?.parse().ok()?,
+    );
     let (clock, offset) = match time.find(['Z', 'z', '+', '-']) {
         Some(i) => time.split_at(i),
         None => return None,
@@ -458,7 +470,11 @@ async fn compose_check() -> Check {
         Ok(v) => v.clone(),
         Err(e) => format!("not found ({e})"),
     };
-    let found = format!("v2 (docker compose): {}; v1 (docker-compose): {}", show(&v2), show(&v1));
+    let found = format!(
+        "v2 (docker compose): {}; v1 (docker-compose): {}",
+        show(&v2),
+        show(&v1)
+    );
     match (v2.is_ok(), v1.is_ok()) {
         (true, true) => check("compose", Status::Ok, found, ""),
         (true, false) => check(
@@ -493,11 +509,22 @@ async fn command_version(program: &str, args: &[&str]) -> Result<String, String>
         .await
         .map_err(|_| format!("`{program} {}` gave no answer within 15 s", args.join(" ")))?
         .map_err(|e| format!("{program}: {e}"))?;
-    let first = |b: &[u8]| String::from_utf8_lossy(b).lines().next().unwrap_or("").trim().to_owned();
+    let first = |b: &[u8]| {
+        String::from_utf8_lossy(b)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_owned()
+    };
     if out.status.success() {
         Ok(first(&out.stdout))
     } else {
-        Err(format!("`{program} {}` failed: {}", args.join(" "), first(&out.stderr)))
+        Err(format!(
+            "`{program} {}` failed: {}",
+            args.join(" "),
+            first(&out.stderr)
+        ))
     }
 }
 
@@ -657,10 +684,18 @@ async fn agent_check(path: &Path, start_fix: &str) -> Check {
         Some("ready") => check(
             "agent",
             Status::Ok,
-            format!("{found}; docker: ready (API {})", docker["api"].as_str().unwrap_or("?")),
+            format!(
+                "{found}; docker: ready (API {})",
+                docker["api"].as_str().unwrap_or("?")
+            ),
             "",
         ),
-        Some("off") => check("agent", Status::Ok, format!("{found}; docker: off (--no-docker)"), ""),
+        Some("off") => check(
+            "agent",
+            Status::Ok,
+            format!("{found}; docker: off (--no-docker)"),
+            "",
+        ),
         Some(_) => check(
             "agent",
             Status::Warn,
@@ -758,7 +793,9 @@ fn tmpfs_check(ctx: &Context) -> Check {
         Err(nix::errno::Errno::ENOENT) if d.mount_tmpfs => check(
             NAME,
             Status::Warn,
-            format!("agent.delivery.root {root} does not exist; the agent creates it and mounts a tmpfs there when it starts"),
+            format!(
+                "agent.delivery.root {root} does not exist; the agent creates it and mounts a tmpfs there when it starts"
+            ),
             if agent_runs {
                 "the agent runs but has not created it: it does when it manages Docker and delivers secrets (not with --no-docker)"
             } else {
@@ -817,7 +854,10 @@ fn launcher_check(ctx: &Context) -> Check {
         return check(
             NAME,
             broken,
-            format!("{key} {shown} is not executable (mode {:04o})", meta.permissions().mode() & 0o7777),
+            format!(
+                "{key} {shown} is not executable (mode {:04o})",
+                meta.permissions().mode() & 0o7777
+            ),
             format!("chmod 0755 {shown}"),
         );
     }
@@ -846,7 +886,8 @@ fn elf_interpreter(path: &Path) -> Result<Option<String>, String> {
     const PT_INTERP: u32 = 3;
     let mut f = std::fs::File::open(path).map_err(|e| e.to_string())?;
     let mut h = [0u8; 64];
-    f.read_exact(&mut h[..52]).map_err(|_| "not an ELF file (too short)".to_owned())?;
+    f.read_exact(&mut h[..52])
+        .map_err(|_| "not an ELF file (too short)".to_owned())?;
     if &h[..4] != b"\x7fELF" {
         return Err("not an ELF executable".to_owned());
     }
@@ -861,16 +902,28 @@ fn elf_interpreter(path: &Path) -> Result<Option<String>, String> {
     }
     let u16_at = |b: &[u8], o: usize| {
         let v = [b[o], b[o + 1]];
-        if le { u16::from_le_bytes(v) } else { u16::from_be_bytes(v) }
+        if le {
+            u16::from_le_bytes(v)
+        } else {
+            u16::from_be_bytes(v)
+        }
     };
     let u32_at = |b: &[u8], o: usize| {
         let v = [b[o], b[o + 1], b[o + 2], b[o + 3]];
-        if le { u32::from_le_bytes(v) } else { u32::from_be_bytes(v) }
+        if le {
+            u32::from_le_bytes(v)
+        } else {
+            u32::from_be_bytes(v)
+        }
     };
     let u64_at = |b: &[u8], o: usize| {
         let mut v = [0u8; 8];
         v.copy_from_slice(&b[o..o + 8]);
-        if le { u64::from_le_bytes(v) } else { u64::from_be_bytes(v) }
+        if le {
+            u64::from_le_bytes(v)
+        } else {
+            u64::from_be_bytes(v)
+        }
     };
     let (phoff, phentsize, phnum) = if is64 {
         (u64_at(&h, 0x20), u16_at(&h, 0x36), u16_at(&h, 0x38))
@@ -919,7 +972,14 @@ fn state_dir_check(ctx: &Context) -> Check {
                 "",
             );
         }
-        Err(e) => return check(NAME, Status::Fail, format!("{shown}: {e}"), "fix the path or its parent's permissions, or choose another --state-dir"),
+        Err(e) => {
+            return check(
+                NAME,
+                Status::Fail,
+                format!("{shown}: {e}"),
+                "fix the path or its parent's permissions, or choose another --state-dir",
+            );
+        }
     };
     let found = format!(
         "{shown}: owner uid {}, mode {:04o}",
@@ -947,7 +1007,12 @@ async fn provider_checks(ctx: &Context) -> Vec<Check> {
     };
     let used = config::used_providers(&cfg.secrets);
     if cfg.secrets.providers.is_empty() {
-        return vec![check("providers", Status::Skipped, "no `providers:` in the config", "")];
+        return vec![check(
+            "providers",
+            Status::Skipped,
+            "no `providers:` in the config",
+            "",
+        )];
     }
     let mut out = Vec::new();
     // The basic level stays on this host: the local vault. Everything else leaves it or
@@ -1003,7 +1068,9 @@ async fn provider_checks(ctx: &Context) -> Vec<Check> {
             Some(super::config::Failure::Unreachable(_)) => {
                 "check the provider's address in the config, the network and that the provider runs; `dso config validate --check-providers FILE` repeats the check"
             }
-            _ => "fix the provider's settings in the config (docs/secrets.md); `dso config validate --check-providers FILE` repeats the check",
+            _ => {
+                "fix the provider's settings in the config (docs/secrets.md); `dso config validate --check-providers FILE` repeats the check"
+            }
         };
         out.push(check(
             &name,
