@@ -467,3 +467,44 @@ impl Docker {
         self.tracked.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_agent_without_docker_says_how_to_turn_it_on() {
+        let slot = DockerSlot::off();
+        assert_eq!(slot.get().unwrap_err(), Unavailable::Off);
+        assert!(Unavailable::Off.to_string().contains("`dso agent --docker`"));
+        assert_eq!(slot.health()["state"], "off");
+    }
+
+    /// While waiting, the error, the address and the seconds until the next attempt show;
+    /// past the retry time the message says the retry runs.
+    #[test]
+    fn a_waiting_slot_shows_the_error_and_the_next_retry() {
+        let slot = DockerSlot::new(true);
+        assert_eq!(slot.health()["state"], "starting");
+        *slot.lock() = Some(Waiting {
+            engine: "unix:///tmp/none.sock".to_owned(),
+            error: "connect: no such file".to_owned(),
+            attempts: 3,
+            retry_at: Instant::now() + Duration::from_millis(7_500),
+        });
+        let Err(Unavailable::Waiting(m)) = slot.get() else {
+            panic!("not waiting");
+        };
+        assert_eq!(
+            m,
+            "waiting for the engine at unix:///tmp/none.sock: connect: no such file; retry in 8s"
+        );
+        let h = slot.health();
+        assert_eq!(h["state"], "waiting");
+        assert_eq!(h["attempts"], 3);
+        assert!(h["retry_in_ms"].as_u64().unwrap() <= 7_500);
+        slot.lock().as_mut().unwrap().retry_at = Instant::now();
+        assert!(slot.describe_waiting().ends_with("retrying now (attempt 4)"));
+        assert!(slot.ready().is_none());
+    }
+}
