@@ -179,21 +179,23 @@ async fn gather(args: &DoctorArgs, socket: Option<PathBuf>) -> Context {
     }
 }
 
-/// Every check, in the order shown.
+/// Every check, in the order shown. The ones that wait on something else (a program, a
+/// socket, a provider) run at the same time; `docker-compose version` alone takes seconds.
 async fn run_checks(ctx: &Context) -> Vec<Check> {
-    let mut out = vec![
-        config_check(ctx),
-        engine_check(ctx),
-        clock_check(ctx).await,
-        compose_check().await,
-    ];
-    out.extend(socket_checks(ctx).await);
+    let (clock, compose, sockets, providers) = tokio::join!(
+        clock_check(ctx),
+        compose_check(),
+        socket_checks(ctx),
+        provider_checks(ctx)
+    );
+    let mut out = vec![config_check(ctx), engine_check(ctx), clock, compose];
+    out.extend(sockets);
     out.push(tmpfs_check(ctx));
     out.push(launcher_check(ctx));
     out.push(state_dir_check(ctx));
     // Checks of managed services go here (one `out.push` each), e.g. a service that a
     // plain `docker compose up` recreated without its secrets.
-    out.extend(provider_checks(ctx).await);
+    out.extend(providers);
     out
 }
 
@@ -464,8 +466,10 @@ fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
 // ---- Compose ----
 
 async fn compose_check() -> Check {
-    let v2 = command_version("docker", &["compose", "version"]).await;
-    let v1 = command_version("docker-compose", &["version"]).await;
+    let (v2, v1) = tokio::join!(
+        command_version("docker", &["compose", "version"]),
+        command_version("docker-compose", &["version"])
+    );
     let show = |r: &Result<String, String>| match r {
         Ok(v) => v.clone(),
         Err(e) => format!("not found ({e})"),

@@ -426,4 +426,30 @@ async fn docker_host_pointing_at_nothing_fails_the_engine_check() {
     // The same setup with the real engine: the engine check passes.
     let r = s.doctor(&config, &s.no_socket(), &[], &[]).await;
     assert_eq!(r.status("docker engine"), "ok", "{:#}", r.json);
+
+    // An agent that manages Docker, started with that DOCKER_HOST, runs and waits for its
+    // engine: the agent check warns with the agent's own message.
+    let scope = format!("dso.test.run=doctor-none-{}", std::process::id());
+    let state = s.state.path().to_str().unwrap().to_owned();
+    let yaml = s.yaml(
+        &s.healthy_delivery(),
+        "",
+        "    []
+",
+    );
+    let a = Agent::start_env(
+        move |_| yaml,
+        &["--docker", "--docker-scope", &scope, "--state-dir", &state],
+        "info",
+        &[("DOCKER_HOST", &nothing)],
+    )
+    .await;
+    let r = s.doctor(&config, &a.socket, &[], &[]).await;
+    assert_eq!(r.status("agent"), "warn", "{:#}", r.json);
+    assert!(
+        r.found("agent")
+            .contains(&format!("docker: waiting for the engine at {nothing}")),
+        "{}",
+        r.found("agent")
+    );
 }
