@@ -125,7 +125,7 @@ proxy:
       hold_max: ${hold_ms}ms
 YAML
     echo "epoch_us,event,detail" >"$LT_SCRATCH/events-$name.csv"
-    RUST_LOG=warn "$DSO_BIN" agent --config "$cfg" >"$LT_SCRATCH/dso-$name.log" 2>&1 &
+    RUST_LOG=warn "$DSO_BIN" agent --no-docker --config "$cfg" >"$LT_SCRATCH/dso-$name.log" 2>&1 &
     LT_PIDS+=($!)
     printf -v "DSO_PID_$name" '%s' "$!"
     local i

@@ -84,9 +84,10 @@ async fn run(cfg: Config, args: &AgentArgs, socket: &Path, shutdown: Duration) -
             .add_listener(l)
             .with_context(|| format!("starting listener {name} from {}", path.display()))?;
     }
+    let docker_on = args.manages_docker();
     // The state directory holds what root acts on later (journals, locks, versions): refuse
     // one that another user could plant a symlink in, before anything is written there.
-    if args.docker
+    if docker_on
         || !cfg.secrets.providers.is_empty()
         || !cfg.secrets.secrets.is_empty()
         || args.state_dir.exists()
@@ -94,7 +95,7 @@ async fn run(cfg: Config, args: &AgentArgs, socket: &Path, shutdown: Duration) -
         dso_rotator::journal::check_state_dir(&args.state_dir)?;
     }
     let server = api::bind_with_group(socket, cfg.agent.socket_group.as_deref()).await?;
-    api::health::configure(api::health::Expect { docker: args.docker });
+    api::health::configure(api::health::Expect { docker: docker_on });
     if let Some(file) = &cfg.agent.http.webhook_key_file {
         api::webhook::configure(api::webhook::Webhook::from_file(
             file,
@@ -126,29 +127,14 @@ async fn run(cfg: Config, args: &AgentArgs, socket: &Path, shutdown: Duration) -
     };
     let stop_api = CancellationToken::new();
     let stop_docker = CancellationToken::new();
+    // Ends the retries of a Docker side still waiting for its engine when shutdown begins.
+    let stop_docker_retry = CancellationToken::new();
     // Delivery needs both sides: secrets to deliver and Docker to deliver them to.
-    let delivery = if args.docker && !cfg.secrets.secrets.is_empty() {
+    let delivery = if docker_on && !cfg.secrets.secrets.is_empty() {
         Some(crate::delivery::open(&cfg.agent.delivery, &cfg.secrets)?)
     } else {
         None
     };
-    let docker = if args.docker {
-        let scope = args.docker_scope.clone();
-        Some(
-            crate::docker::Docker::start(
-                proxy.clone(),
-                args.state_dir.clone(),
-                scope,
-                delivery.clone().map(|d| (d, cfg.agent.delivery.remote)),
-                stop_docker.clone(),
-                events.clone(),
-            )
-            .await?,
-        )
-    } else {
-        None
-    };
-    let state_docker = docker.clone();
     let stop_secrets = CancellationToken::new();
     let secrets = crate::secrets::Secrets::start(
         &cfg.secrets,
@@ -156,15 +142,38 @@ async fn run(cfg: Config, args: &AgentArgs, socket: &Path, shutdown: Duration) -
         stop_secrets.clone(),
         events.clone(),
     )?;
-    if let (Some(secrets), Some(docker), Some(delivery)) = (&secrets, &docker, &delivery) {
-        crate::delivery::Deliverer::start(
-            Arc::clone(secrets),
-            Arc::clone(docker),
-            Arc::clone(delivery),
+    let docker = if docker_on {
+        // The delivery wiring follows the Docker side whenever it starts: at once when the
+        // engine answers, or at the retry that finds it.
+        let wiring = (
+            secrets.clone(),
+            delivery.clone(),
             cfg.secrets.clone(),
             stop_secrets.clone(),
         );
-    }
+        let on_ready = move |docker: Arc<crate::docker::Docker>| {
+            let (secrets, delivery, secrets_cfg, stop) = wiring;
+            if let (Some(secrets), Some(delivery)) = (secrets, delivery) {
+                crate::delivery::Deliverer::start(secrets, docker, delivery, secrets_cfg, stop);
+            }
+        };
+        crate::docker::DockerSlot::start(
+            crate::docker::StartParams {
+                proxy: proxy.clone(),
+                state_dir: args.state_dir.clone(),
+                scope: args.docker_scope.clone(),
+                delivery: delivery.clone().map(|d| (d, cfg.agent.delivery.remote)),
+                events: events.clone(),
+            },
+            stop_docker.clone(),
+            stop_docker_retry.clone(),
+            on_ready,
+        )
+        .await
+    } else {
+        crate::docker::DockerSlot::off()
+    };
+    let state_docker = docker.clone();
     let state = State {
         proxy: proxy.clone(),
         started: Instant::now(),
@@ -202,8 +211,9 @@ async fn run(cfg: Config, args: &AgentArgs, socket: &Path, shutdown: Duration) -
     // Order: refuse new rotations and route changes (the API answers 409 from here on),
     // let running rotations finish while connections drain, both within the deadline;
     // then stop the Docker watcher and the API.
+    stop_docker_retry.cancel();
     let rotations = {
-        let docker = state_docker.clone();
+        let docker = state_docker.ready();
         async move {
             match docker {
                 Some(d) => d.finish(shutdown).await,

@@ -127,6 +127,16 @@ automatic reconnect). Every kind and its fields: docs/api.md.",
         after_long_help = "Examples:\n  dso watch\n  dso watch --kinds rotation,provider\n  dso watch --json | jq 'select(.kind == \"rotation.failed\")'"
     )]
     Watch(crate::cmd::watch::WatchArgs),
+    /// Check this host's setup: engine, Compose, agent socket, tmpfs, launcher, config,
+    /// providers, state directory, clock; each check with what it found and the fix.
+    #[command(
+        long_about = "Check this host's dso setup and print one line per check: ok, WARN, FAIL or skipped, what was found, and the fix. Checks: the Docker engine and its API version (1.41 or newer), the clock against the engine's, Compose v2 and v1, the agent's socket (mode 0660, group) and the agent answering, the delivery tmpfs (agent.delivery.root), the launcher (agent.delivery.launcher: present, executable, static), the state directory, the config file, and each provider (metadata calls only). The basic level stays on this host (the local vault only); --level full also asks the remote providers. Exits 1 when a check failed (warnings do not fail). See docs/operations.md.",
+        after_long_help = "Examples:
+  dso doctor
+  dso doctor --level full
+  dso doctor --config ./dso.yaml --json | jq '.checks[] | select(.status != \"ok\")'"
+    )]
+    Doctor(crate::cmd::doctor::DoctorArgs),
 }
 
 /// `dso agent` options.
@@ -139,10 +149,24 @@ pub struct AgentArgs {
     /// `agent.shutdown_timeout`, else 30s].
     #[arg(long, value_name = "DURATION")]
     pub shutdown_timeout: Option<HumanDuration>,
-    /// Manage Docker containers labelled dso.reloader=true: adopt their ports, follow
-    /// events, serve `dso rotate` and `dso status`.
-    #[arg(long, env = "DSO_DOCKER", value_parser = clap::builder::BoolishValueParser::new())]
-    pub docker: bool,
+    /// Manage Docker containers labelled dso.reloader=true (the default): adopt their
+    /// ports, follow events, serve `dso rotate` and `dso status`. An engine that does not
+    /// answer is retried with backoff while the listeners and the API run. `--docker` is
+    /// the explicit form; `DSO_DOCKER=0` turns it off.
+    #[arg(
+        long,
+        env = "DSO_DOCKER",
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub docker: Option<bool>,
+    /// Do not manage Docker: only the configured listeners and the API (wins over
+    /// `--docker` and `DSO_DOCKER`).
+    #[arg(long)]
+    pub no_docker: bool,
     /// Journal, rotation history and lock files of the Docker side.
     #[arg(
         long,
@@ -155,6 +179,13 @@ pub struct AgentArgs {
     /// test run on a shared engine.
     #[arg(long, value_name = "LABEL=VALUE", hide = true, value_parser = parse_scope)]
     pub docker_scope: Option<(String, String)>,
+}
+
+impl AgentArgs {
+    /// Whether the agent manages Docker: yes unless `--no-docker` or `DSO_DOCKER=0`.
+    pub fn manages_docker(&self) -> bool {
+        !self.no_docker && self.docker.unwrap_or(true)
+    }
 }
 
 /// `dso config ...`.
@@ -329,6 +360,29 @@ mod tests {
                 .unwrap_err()
                 .contains("expected IP:PORT")
         );
+    }
+
+    /// The agent manages Docker unless told not to; `--no-docker` wins over `--docker`.
+    #[test]
+    fn the_agent_manages_docker_by_default() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["dso", "agent", "--config", "x.yaml"];
+            argv.extend_from_slice(extra);
+            match Cli::try_parse_from(argv).unwrap().command {
+                Command::Agent(a) => a,
+                other => panic!("{other:?}"),
+            }
+        };
+        // The tests run without DSO_DOCKER in the environment (the default is asserted).
+        if std::env::var_os("DSO_DOCKER").is_none() {
+            assert!(parse(&[]).manages_docker());
+        }
+        assert!(parse(&["--docker"]).manages_docker());
+        assert!(parse(&["--docker=true"]).manages_docker());
+        assert!(!parse(&["--docker=false"]).manages_docker());
+        assert!(!parse(&["--no-docker"]).manages_docker());
+        assert!(!parse(&["--docker", "--no-docker"]).manages_docker());
+        assert!(Cli::try_parse_from(["dso", "agent", "--config", "x", "--docker=maybe"]).is_err());
     }
 
     #[test]

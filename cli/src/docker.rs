@@ -1,4 +1,4 @@
-//! The agent's Docker side: the `dso-rotator` it hosts when started with `--docker`, and
+//! The agent's Docker side: the `dso-rotator` it hosts (unless started with `--no-docker`),
 //! the rotations requested through the control API, tracked so `dso rotate` can show each
 //! step as it happens.
 //!
@@ -6,10 +6,14 @@
 //! recovery) goes through here, so this is where the event bus hears of rotations
 //! (`rotation.*`) and of the engine events of managed containers (`docker.container`);
 //! kinds and fields are in docs/api.md.
+//!
+//! step as it happens, and the [`DockerSlot`] that holds it: an agent whose engine does not
+//! answer serves its listeners and API anyway and starts the Docker side once it does.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use dso_proxy::Proxy;
@@ -25,7 +29,261 @@ use crate::events::Bus;
 /// How many finished rotations the agent remembers for `GET /v1/rotations`.
 const KEEP: usize = 64;
 
-/// What `--docker` gives the agent.
+/// The first wait between two attempts to reach the engine; doubled after each failure.
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+/// The longest wait between two attempts.
+const RETRY_MAX: Duration = Duration::from_secs(30);
+/// How long one attempt may take to connect (a socket that accepts and never answers).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The engine address the agent uses: `DOCKER_HOST`, else the default socket.
+pub fn engine_address() -> String {
+    std::env::var("DOCKER_HOST")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unix:///var/run/docker.sock".to_owned())
+}
+
+/// What the agent's Docker side needs to start; kept for the retries.
+#[derive(Debug, Clone)]
+pub struct StartParams {
+    /// The agent's proxy (the rotator adds the services' listeners to it).
+    pub proxy: Proxy,
+    /// Journal, history and locks.
+    pub state_dir: PathBuf,
+    /// `--docker-scope`.
+    pub scope: Option<(String, String)>,
+    /// The delivery store and `agent.delivery.remote`, when secrets are delivered.
+    pub delivery: Option<(Arc<dso_rotator::delivery::Delivery>, Option<bool>)>,
+    /// The agent's event bus.
+    pub events: Bus,
+}
+
+/// Holds the agent's Docker side, which may start after the API: off (`--no-docker`),
+/// waiting for the engine (with the last error and the next retry), or running. Handlers
+/// read it on each request; clones share it.
+#[derive(Debug, Clone)]
+pub struct DockerSlot(Arc<SlotInner>);
+
+#[derive(Debug)]
+struct SlotInner {
+    /// Whether the agent manages Docker at all.
+    enabled: bool,
+    /// Set once, when the rotator has adopted the managed containers.
+    ready: OnceLock<Arc<Docker>>,
+    /// The last failed attempt, while not ready.
+    waiting: Mutex<Option<Waiting>>,
+}
+
+/// The last failed attempt to start the Docker side.
+#[derive(Debug, Clone)]
+struct Waiting {
+    engine: String,
+    error: String,
+    attempts: u32,
+    /// When the next attempt starts.
+    retry_at: Instant,
+}
+
+/// Why the Docker side cannot answer a request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unavailable {
+    /// The agent was started with `--no-docker` or `DSO_DOCKER=0`.
+    #[error(
+        "the agent runs without Docker (--no-docker or DSO_DOCKER=0); restart it without them, or with `dso agent --docker`"
+    )]
+    Off,
+    /// The engine has not answered yet: what was tried, the error, the next retry.
+    #[error("docker: {0}")]
+    Waiting(String),
+}
+
+impl DockerSlot {
+    /// A slot for an agent without Docker.
+    pub fn off() -> DockerSlot {
+        DockerSlot::new(false)
+    }
+
+    fn new(enabled: bool) -> DockerSlot {
+        DockerSlot(Arc::new(SlotInner {
+            enabled,
+            ready: OnceLock::new(),
+            waiting: Mutex::new(None),
+        }))
+    }
+
+    /// The running Docker side, or why there is none.
+    pub fn get(&self) -> Result<Arc<Docker>, Unavailable> {
+        if let Some(d) = self.0.ready.get() {
+            return Ok(Arc::clone(d));
+        }
+        if !self.0.enabled {
+            return Err(Unavailable::Off);
+        }
+        Err(Unavailable::Waiting(self.describe_waiting()))
+    }
+
+    /// The running Docker side, if any.
+    pub fn ready(&self) -> Option<Arc<Docker>> {
+        self.0.ready.get().cloned()
+    }
+
+    fn describe_waiting(&self) -> String {
+        match self.lock().clone() {
+            None => format!("connecting to the engine at {}", engine_address()),
+            Some(w) => {
+                let left = w.retry_at.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    format!(
+                        "waiting for the engine at {}: {}; retrying now (attempt {})",
+                        w.engine,
+                        w.error,
+                        w.attempts + 1
+                    )
+                } else {
+                    format!(
+                        "waiting for the engine at {}: {}; retry in {}s",
+                        w.engine,
+                        w.error,
+                        left.as_secs_f64().ceil() as u64
+                    )
+                }
+            }
+        }
+    }
+
+    /// The Docker side as `/v1/health` shows it: `state` is `off`, `starting`,
+    /// `waiting` or `ready`; `message` says what it waits for.
+    pub fn health(&self) -> serde_json::Value {
+        if let Some(d) = self.0.ready.get() {
+            return serde_json::json!({
+                "state": "ready",
+                "engine": engine_address(),
+                "api": d.rotator.engine().api_version(),
+            });
+        }
+        if !self.0.enabled {
+            return serde_json::json!({ "state": "off", "message": Unavailable::Off.to_string() });
+        }
+        let w = self.lock().clone();
+        let message = self.describe_waiting();
+        match w {
+            None => {
+                serde_json::json!({ "state": "starting", "engine": engine_address(), "message": message })
+            }
+            Some(w) => serde_json::json!({
+                "state": "waiting",
+                "engine": w.engine,
+                "error": w.error,
+                "attempts": w.attempts,
+                "retry_in_ms": u64::try_from(w.retry_at.saturating_duration_since(Instant::now()).as_millis()).unwrap_or(u64::MAX),
+                "message": message,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Waiting>> {
+        self.0.waiting.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts the Docker side: one attempt now (so an agent whose engine answers is ready
+    /// with its containers adopted when this returns, as before), and when it fails, retries
+    /// in the background with backoff (1 s doubling to 30 s) until one succeeds or `retry`
+    /// is cancelled. `on_ready` runs once, with the started side (the delivery wiring).
+    /// `stop` ends the Docker watcher at shutdown.
+    pub async fn start(
+        params: StartParams,
+        stop: CancellationToken,
+        retry: CancellationToken,
+        on_ready: impl FnOnce(Arc<Docker>) + Send + 'static,
+    ) -> DockerSlot {
+        let slot = DockerSlot::new(true);
+        let mut backoff = RETRY_FIRST;
+        if let Err(wait) = slot.attempt(&params, &stop, backoff).await {
+            let me = slot.clone();
+            tokio::spawn(async move {
+                let mut wait = wait;
+                loop {
+                    tokio::select! {
+                        () = retry.cancelled() => return,
+                        () = tokio::time::sleep(wait) => {}
+                    }
+                    backoff = backoff.saturating_mul(2).min(RETRY_MAX);
+                    let attempt = tokio::select! {
+                        () = retry.cancelled() => return,
+                        r = me.attempt(&params, &stop, backoff) => r,
+                    };
+                    match attempt {
+                        Ok(d) => {
+                            on_ready(d);
+                            return;
+                        }
+                        Err(next) => wait = next,
+                    }
+                }
+            });
+        } else if let Some(d) = slot.ready() {
+            on_ready(d);
+        }
+        slot
+    }
+
+    /// One attempt; on failure records it (with the retry `next` from now), logs it, and
+    /// returns the wait.
+    async fn attempt(
+        &self,
+        p: &StartParams,
+        stop: &CancellationToken,
+        next: Duration,
+    ) -> Result<Arc<Docker>, Duration> {
+        let before: std::collections::HashSet<String> =
+            p.proxy.listeners().iter().map(|l| l.name().to_owned()).collect();
+        match Docker::start(
+            p.proxy.clone(),
+            p.state_dir.clone(),
+            p.scope.clone(),
+            p.delivery.clone(),
+            stop.clone(),
+            p.events.clone(),
+        )
+        .await
+        {
+            Ok(d) => {
+                let was_waiting = self.lock().take();
+                if let Some(w) = was_waiting {
+                    info!(engine = %w.engine, attempts = w.attempts + 1, "docker engine answered; the Docker side runs");
+                }
+                let _ = self.0.ready.set(Arc::clone(&d));
+                Ok(d)
+            }
+            Err(e) => {
+                // A start that failed half way (the engine went away during adoption) must
+                // not leave listeners behind that the next attempt would find taken.
+                for l in p.proxy.listeners() {
+                    if !before.contains(l.name()) {
+                        let _ = p.proxy.remove_listener(l.name());
+                    }
+                }
+                let engine = engine_address();
+                let error = dso_secrets::Redactor::global()
+                    .redact(&format!("{e:#}"))
+                    .into_owned();
+                let mut w = self.lock();
+                let attempts = w.as_ref().map_or(0, |w| w.attempts) + 1;
+                warn!(engine = %engine, error = %error, attempts, retry_in = ?next, "docker engine not answering; listeners and the API run, the Docker side starts once it answers");
+                *w = Some(Waiting {
+                    engine,
+                    error,
+                    attempts,
+                    retry_at: Instant::now() + next,
+                });
+                Err(next)
+            }
+        }
+    }
+}
+
+/// What the agent's Docker side holds once started.
 #[derive(Debug)]
 pub struct Docker {
     /// The rotator, adopting and rotating the managed containers.
@@ -68,9 +326,13 @@ impl Docker {
         stop: CancellationToken,
         events: Bus,
     ) -> anyhow::Result<Arc<Docker>> {
-        let engine = DockerEngine::connect()
-            .await
-            .context("connecting to Docker (is the daemon running?)")?;
+        let engine = match tokio::time::timeout(CONNECT_TIMEOUT, DockerEngine::connect()).await {
+            Ok(r) => r.context("connecting to Docker (is the daemon running?)")?,
+            Err(_) => anyhow::bail!(
+                "connecting to Docker: no answer within {} s",
+                CONNECT_TIMEOUT.as_secs()
+            ),
+        };
         info!(api = engine.api_version(), state_dir = %state_dir.display(), "docker connected");
         if let Some((d, forced)) = &delivery {
             let remote = forced.unwrap_or(!engine.is_local());
@@ -406,5 +668,46 @@ async fn follow_engine_events(
                 Err(RecvError::Closed) => return,
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_agent_without_docker_says_how_to_turn_it_on() {
+        let slot = DockerSlot::off();
+        assert_eq!(slot.get().unwrap_err(), Unavailable::Off);
+        assert!(Unavailable::Off.to_string().contains("`dso agent --docker`"));
+        assert_eq!(slot.health()["state"], "off");
+    }
+
+    /// While waiting, the error, the address and the seconds until the next attempt show;
+    /// past the retry time the message says the retry runs.
+    #[test]
+    fn a_waiting_slot_shows_the_error_and_the_next_retry() {
+        let slot = DockerSlot::new(true);
+        assert_eq!(slot.health()["state"], "starting");
+        *slot.lock() = Some(Waiting {
+            engine: "unix:///tmp/none.sock".to_owned(),
+            error: "connect: no such file".to_owned(),
+            attempts: 3,
+            retry_at: Instant::now() + Duration::from_millis(7_500),
+        });
+        let Err(Unavailable::Waiting(m)) = slot.get() else {
+            panic!("not waiting");
+        };
+        assert_eq!(
+            m,
+            "waiting for the engine at unix:///tmp/none.sock: connect: no such file; retry in 8s"
+        );
+        let h = slot.health();
+        assert_eq!(h["state"], "waiting");
+        assert_eq!(h["attempts"], 3);
+        assert!(h["retry_in_ms"].as_u64().unwrap() <= 7_500);
+        slot.lock().as_mut().unwrap().retry_at = Instant::now();
+        assert!(slot.describe_waiting().ends_with("retrying now (attempt 4)"));
+        assert!(slot.ready().is_none());
     }
 }

@@ -62,6 +62,7 @@ fn main() -> ExitCode {
         Command::System(s) => cmd::system::run(s),
         Command::Version(v) => cmd::version::run(v),
         Command::Watch(w) => cmd::watch::run(w, cmd::socket_path(cli.socket)),
+        Command::Doctor(d) => cmd::doctor::run(d, cli.socket),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -74,6 +74,8 @@ pub struct Parts {
     pub docker_started: bool,
     /// It has scanned the engine at least once.
     pub docker_scanned: bool,
+    /// While it has not started: what it waits for (the engine, the error, the retry).
+    pub docker_waiting: Option<String>,
     /// Managed services whose host ports failed to bind: service, why.
     pub unbound: Vec<(String, String)>,
     /// The config has providers or secrets.
@@ -103,7 +105,10 @@ pub fn assess(p: &Parts) -> Health {
     }
     if p.docker_expected {
         if !p.docker_started {
-            reasons.push("docker: the Docker side has not started (engine not answering?)".to_owned());
+            reasons.push(match &p.docker_waiting {
+                Some(w) => format!("docker: {w}"),
+                None => "docker: the Docker side has not started (engine not answering?)".to_owned(),
+            });
         } else if !p.docker_scanned {
             reasons.push("docker: the managed containers have not been scanned yet".to_owned());
         }
@@ -147,7 +152,10 @@ async fn parts(state: &State) -> Parts {
             .map(|_| HTTP.lock().unwrap_or_else(|e| e.into_inner()).clone()),
         ..Parts::default()
     };
-    if let Some(d) = &state.docker {
+    if let Err(crate::docker::Unavailable::Waiting(w)) = state.docker.get() {
+        p.docker_waiting = Some(w);
+    }
+    if let Some(d) = &state.docker.ready() {
         p.docker_started = true;
         p.docker_scanned = d.rotator.subscribe_scans().borrow().is_some();
         let gateway = d.rotator.gateway();

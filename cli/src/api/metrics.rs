@@ -122,7 +122,7 @@ pub fn render(state: &State) -> String {
             registry.register_collector(Box::new(DeliveryCollector(Arc::clone(d))));
         }
     }
-    if let Some(docker) = &state.docker {
+    if let Some(docker) = &state.docker.ready() {
         registry.register_collector(Box::new(RotationsCollector(Arc::clone(docker))));
     }
     let mut out = String::new();

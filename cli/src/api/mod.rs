@@ -74,8 +74,9 @@ pub struct State {
     pub proxy: Proxy,
     /// When the agent started, for `/v1/health`.
     pub started: Instant,
-    /// The Docker side (`dso agent --docker`), for `/v1/rotations` and `/v1/services`.
-    pub docker: Option<std::sync::Arc<crate::docker::Docker>>,
+    /// The Docker side (off with `dso agent --no-docker`; it may start after the API, once
+    /// the engine answers), for `/v1/rotations`, `/v1/services` and `/v1/health`.
+    pub docker: crate::docker::DockerSlot,
     /// The secret side, when the config has providers or secrets, for `/v1/secrets`.
     pub secrets: Option<std::sync::Arc<crate::secrets::Secrets>>,
     /// The agent's event bus, for `GET /v1/events`.
@@ -350,6 +351,7 @@ async fn v1_health(axum::extract::State(state): axum::extract::State<State>) -> 
             "pid": std::process::id(),
             "uptime_ms": u64::try_from(state.started.elapsed().as_millis()).unwrap_or(u64::MAX),
             "listeners": state.proxy.listeners().len(),
+            "docker": state.docker.health(),
         }),
     )
 }
@@ -454,7 +456,7 @@ mod tests {
         State {
             proxy: Proxy::new(dso_proxy::ProxyConfig::default()),
             started: Instant::now(),
-            docker: None,
+            docker: crate::docker::DockerSlot::off(),
             secrets: None,
             events: crate::events::Bus::new(),
         }

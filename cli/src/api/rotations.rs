@@ -31,10 +31,14 @@ struct RotateBody {
     force: bool,
 }
 
+/// The Docker side; 409 when the agent runs without it, 503 while it waits for the engine.
 fn docker(state: &State) -> Result<Arc<Docker>, ApiError> {
-    state.docker.clone().ok_or_else(|| ApiError {
-        status: StatusCode::CONFLICT,
-        message: "the agent runs without Docker; start it with `dso agent --docker`".to_owned(),
+    state.docker.get().map_err(|e| ApiError {
+        status: match e {
+            crate::docker::Unavailable::Off => StatusCode::CONFLICT,
+            crate::docker::Unavailable::Waiting(_) => StatusCode::SERVICE_UNAVAILABLE,
+        },
+        message: e.to_string(),
     })
 }
 

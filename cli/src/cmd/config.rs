@@ -128,8 +128,19 @@ pub enum Failure {
 }
 
 impl Outcome {
-    fn ok(&self) -> bool {
+    /// Whether the provider answered with a version.
+    pub fn ok(&self) -> bool {
         self.result.is_ok()
+    }
+
+    /// The provider instance asked.
+    pub fn provider(&self) -> &str {
+        &self.reference.provider
+    }
+
+    /// Why the reference failed, when it did.
+    pub fn failure(&self) -> Option<&Failure> {
+        self.result.as_ref().err()
     }
 }
 

@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod debug;
+pub mod doctor;
 pub mod init;
 pub mod proxy;
 pub mod rotate;

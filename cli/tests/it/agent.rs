@@ -97,7 +97,7 @@ async fn config_error_exits_2_and_bind_failure_exits_1() {
     )
     .unwrap();
     let out = tokio::process::Command::new(DSO)
-        .args(["agent", "--socket"])
+        .args(["agent", "--no-docker", "--socket"])
         .arg(dir.path().join("s.sock"))
         .arg("--config")
         .arg(&bad)
@@ -117,7 +117,7 @@ async fn config_error_exits_2_and_bind_failure_exits_1() {
     )
     .unwrap();
     let out = tokio::process::Command::new(DSO)
-        .args(["agent", "--socket"])
+        .args(["agent", "--no-docker", "--socket"])
         .arg(dir.path().join("s.sock"))
         .arg("--config")
         .arg(&cfg)
@@ -139,7 +139,7 @@ async fn a_second_agent_on_the_same_socket_is_refused() {
     let cfg = agent.dir.path().join("empty.yaml");
     std::fs::write(&cfg, "").unwrap();
     let out = tokio::process::Command::new(DSO)
-        .args(["agent", "--socket"])
+        .args(["agent", "--no-docker", "--socket"])
         .arg(&agent.socket)
         .arg("--config")
         .arg(&cfg)
@@ -289,7 +289,7 @@ async fn a_socket_directory_of_another_user_or_a_symlink_is_refused() {
         let cfg = cfg.clone();
         async move {
             tokio::process::Command::new(DSO)
-                .args(["agent", "--socket"])
+                .args(["agent", "--no-docker", "--socket"])
                 .arg(socket)
                 .arg("--config")
                 .arg(&cfg)
@@ -342,7 +342,7 @@ async fn a_state_directory_writable_by_others_or_of_another_user_is_refused() {
         let (cfg, socket) = (cfg.clone(), dir.path().join("s.sock"));
         async move {
             tokio::process::Command::new(DSO)
-                .args(["agent", "--socket"])
+                .args(["agent", "--no-docker", "--socket"])
                 .arg(socket)
                 .arg("--config")
                 .arg(&cfg)
@@ -379,4 +379,225 @@ async fn a_state_directory_writable_by_others_or_of_another_user_is_refused() {
             eprintln!("SKIPPED LOUDLY: the other-owner case needs root to chown ({e})");
         }
     }
+}
+
+/// Runs `docker ARGS` (the real engine at /var/run/docker.sock) and returns its stdout;
+/// fails the test (never skips) when Docker is missing.
+fn docker_cli(args: &[&str]) -> String {
+    let out = std::process::Command::new("docker")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run docker ({e}): run `bash .ci/services.sh docker` first"));
+    assert!(
+        out.status.success(),
+        "docker {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A network and one managed container labelled with a run scope; removed on drop.
+struct ScopedService {
+    run: String,
+}
+
+impl ScopedService {
+    fn start() -> ScopedService {
+        let image = std::env::var("DSO_TESTSRV_IMAGE").unwrap_or_else(|_| "dso-testsrv:test".to_owned());
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        let s = ScopedService {
+            run: format!("dsowait{}x{nanos:x}", std::process::id()),
+        };
+        let label = format!("dso.test.run={}", s.run);
+        let network = format!("{}_default", s.run);
+        docker_cli(&["network", "create", "--label", &label, &network]);
+        docker_cli(&[
+            "run",
+            "-d",
+            "--name",
+            &format!("{}-web-1", s.run),
+            "--network",
+            &network,
+            "--label",
+            &label,
+            "--label",
+            "dso.reloader=true",
+            "--label",
+            "dso.host_ports=127.0.0.1:0:8080",
+            "--label",
+            &format!("com.docker.compose.project={}", s.run),
+            "--label",
+            "com.docker.compose.service=web",
+            &image,
+        ]);
+        s
+    }
+}
+
+impl Drop for ScopedService {
+    fn drop(&mut self) {
+        let filter = format!("label=dso.test.run={}", self.run);
+        let ids = docker_cli(&["ps", "-aq", "--filter", &filter]);
+        for id in ids.lines() {
+            let _ = std::process::Command::new("docker")
+                .args(["rm", "-f", id])
+                .output();
+        }
+        let _ = std::process::Command::new("docker")
+            .args(["network", "rm", &format!("{}_default", self.run)])
+            .output();
+    }
+}
+
+/// A Unix socket at `path` that relays every connection to the real engine: the engine
+/// "appears" at `path` when this starts. Stops accepting when dropped.
+struct EngineRelay(tokio::task::JoinHandle<()>);
+
+impl EngineRelay {
+    fn start(path: &std::path::Path) -> EngineRelay {
+        let listener = tokio::net::UnixListener::bind(path).unwrap();
+        EngineRelay(tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    if let Ok(mut engine) = tokio::net::UnixStream::connect("/var/run/docker.sock").await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut engine).await;
+                    }
+                });
+            }
+        }))
+    }
+}
+
+impl Drop for EngineRelay {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Issue 11: the agent manages Docker by default and survives an engine that does not
+/// answer. Pointed at a socket where nothing listens, it binds its listeners and forwards,
+/// reports the wait (with the error and the next retry) in `/v1/health`, `/v1/services` and
+/// `dso status`, and once an engine answers at that path it starts the Docker side: the
+/// labelled container of its scope is adopted (its service and listener appear).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_engine_the_agent_serves_and_starts_docker_once_the_engine_answers() {
+    let blue = Echo::start("blue").await;
+    let engine_dir = tempfile::tempdir().unwrap();
+    let engine_sock = engine_dir.path().join("docker.sock");
+    let docker_host = format!("unix://{}", engine_sock.display());
+    let service = ScopedService::start();
+    let scope = format!("dso.test.run={}", service.run);
+    let state = tempfile::tempdir().unwrap();
+    let listeners = listener_yaml("echo", &[blue.addr], "");
+    let mut agent = Agent::start_env(
+        |_| format!("proxy:\n  listeners:\n{listeners}"),
+        // `--docker` is the explicit form of the default; it also keeps the harness from
+        // adding `--no-docker`.
+        &[
+            "--docker",
+            "--docker-scope",
+            &scope,
+            "--state-dir",
+            state.path().to_str().unwrap(),
+        ],
+        "info",
+        &[("DOCKER_HOST", &docker_host)],
+    )
+    .await;
+
+    // The configured listener forwards although the engine is away.
+    let mut conn = Conn::open(agent.addr("echo").await).await;
+    assert_eq!(conn.greeting().await, "blue");
+    conn.echo("still here").await;
+
+    let (code, body) = crate::harness::http(&agent.socket, "GET", "/v1/health", "")
+        .await
+        .unwrap();
+    assert_eq!(code, 200, "{body}");
+    let health: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(health["docker"]["state"], "waiting", "{health}");
+    let message = health["docker"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with(&format!("waiting for the engine at {docker_host}: ")),
+        "{message}"
+    );
+    assert!(
+        message.contains("retry in ") || message.contains("retrying now"),
+        "{message}"
+    );
+
+    let (code, body) = crate::harness::http(&agent.socket, "GET", "/v1/services", "")
+        .await
+        .unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("waiting for the engine"), "{body}");
+    let out = agent.dso(&["status"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("docker: waiting for the engine at {docker_host}")),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        agent.log().contains("docker engine not answering"),
+        "{}",
+        agent.log()
+    );
+
+    // The engine appears at that path: the next retry (backoff 1 s, 2 s, 4 s, ... at most
+    // 30 s) starts the Docker side and adopts the scoped container.
+    let _relay = EngineRelay::start(&engine_sock);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(45);
+    let health = loop {
+        let (_, body) = crate::harness::http(&agent.socket, "GET", "/v1/health", "")
+            .await
+            .unwrap();
+        let h: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if h["docker"]["state"] == "ready" {
+            break h;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "docker side not started 45 s after the engine appeared: {h}\n{}",
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        health["docker"]["api"].as_str().unwrap().starts_with("1."),
+        "{health}"
+    );
+    let out = agent.dso(&["status", "--json"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let services: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let key = format!("{}/web", service.run);
+    assert!(
+        services
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["service"]["project"] == service.run.as_str() && s["service"]["service"] == "web"),
+        "{services}"
+    );
+    let proxy = agent.status().await;
+    assert!(
+        proxy["listeners"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["name"].as_str().unwrap().starts_with(&key)),
+        "{proxy}"
+    );
+    assert!(agent.log().contains("docker engine answered"), "{}", agent.log());
+    // The old connection was never disturbed.
+    conn.echo("and after").await;
+    drop(conn);
+
+    // Stop the agent before the container goes: nothing may dial a removed container.
+    agent.signal("TERM");
+    assert_eq!(exit_code(&mut agent).await, Some(0));
 }

@@ -162,6 +162,7 @@ async fn a_stale_socket_file_is_replaced() {
     .unwrap();
     let mut child = tokio::process::Command::new(crate::harness::DSO)
         .arg("agent")
+        .arg("--no-docker")
         .arg("--config")
         .arg(&cfg)
         .arg("--socket")

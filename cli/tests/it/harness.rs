@@ -133,6 +133,16 @@ impl Agent {
     /// Starts an agent on the config `yaml(dir)` returns (given the agent's temp dir, so the
     /// config can point into it), logging at `log_level`.
     pub async fn start_with(yaml: impl FnOnce(&Path) -> String, args: &[&str], log_level: &str) -> Agent {
+        Agent::start_env(yaml, args, log_level, &[]).await
+    }
+
+    /// [`Agent::start_with`] with extra environment variables for the agent process.
+    pub async fn start_env(
+        yaml: impl FnOnce(&Path) -> String,
+        args: &[&str],
+        log_level: &str,
+        env: &[(&str, &str)],
+    ) -> Agent {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("dso.yaml");
         std::fs::write(&config, yaml(dir.path())).unwrap();
@@ -145,7 +155,11 @@ impl Agent {
             .arg("--socket")
             .arg(&socket)
             .args(args)
+            // The agent manages Docker by default; on the shared engine an agent that did
+            // not ask for it must not adopt other tests' containers.
+            .args(no_docker_unless_asked(args))
             .env("RUST_LOG", log_level)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .kill_on_drop(true)
@@ -197,6 +211,18 @@ impl Agent {
             .status()
             .unwrap();
         assert!(ok.success());
+    }
+}
+
+/// `["--no-docker"]` unless `args` ask for Docker (`--docker`, `--docker=...`).
+pub fn no_docker_unless_asked(args: &[&str]) -> Vec<&'static str> {
+    if args
+        .iter()
+        .any(|a| *a == "--docker" || a.starts_with("--docker="))
+    {
+        Vec::new()
+    } else {
+        vec!["--no-docker"]
     }
 }
 

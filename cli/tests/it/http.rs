@@ -186,6 +186,7 @@ async fn a_key_file_others_can_read_stops_the_agent_naming_the_key() {
 async fn run_agent(dir: &Path, config: &Path) -> Output {
     let child = Command::new(DSO)
         .arg("agent")
+        .arg("--no-docker")
         .arg("--config")
         .arg(config)
         .arg("--socket")

@@ -5,6 +5,7 @@ mod agent;
 mod api;
 mod config;
 mod delivery;
+mod doctor;
 mod events;
 mod harness;
 mod http;

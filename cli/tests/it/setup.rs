@@ -406,6 +406,7 @@ async fn agent_sends_ready_after_binding_and_stopping_on_sigterm() {
     let socket = dir.path().join("run/dso.sock");
     let mut child = Command::new(DSO)
         .arg("agent")
+        .arg("--no-docker")
         .arg("--config")
         .arg(&config)
         .arg("--socket")

@@ -69,7 +69,7 @@ fn state(proxy: Proxy, secrets: Option<Arc<Secrets>>) -> State {
     State {
         proxy,
         started: Instant::now(),
-        docker: None,
+        docker: crate::docker::DockerSlot::off(),
         secrets,
         events: crate::events::Bus::new(),
     }
