@@ -92,8 +92,9 @@ async fn run(cfg: Config, args: &AgentArgs, socket: &Path, shutdown: Duration) -
     let server = api::bind_with_group(socket, cfg.agent.socket_group.as_deref()).await?;
     let stop_api = CancellationToken::new();
     let stop_docker = CancellationToken::new();
-    // Delivery needs both sides: secrets to deliver and Docker to deliver them to.
-    let delivery = if args.docker && !cfg.secrets.secrets.is_empty() {
+    // Delivery needs both sides: secrets to deliver (configured `secrets:`, or providers
+    // that containers' `dso.refs` labels and `dso up` name) and Docker to deliver them to.
+    let delivery = if args.docker && (!cfg.secrets.secrets.is_empty() || !cfg.secrets.providers.is_empty()) {
         Some(crate::delivery::open(&cfg.agent.delivery, &cfg.secrets)?)
     } else {
         None

@@ -306,6 +306,35 @@ impl Gateway {
         expired
     }
 
+    /// Releases at once, without the grace, the listeners of the gone services `which`
+    /// selects (`dso down`: the project's containers were removed on purpose). A service
+    /// with a container left is not gone and keeps its listeners. Returns the services
+    /// released with their listener names.
+    pub async fn release_gone_now(
+        &self,
+        which: impl Fn(&ServiceKey) -> bool,
+    ) -> Vec<(ServiceKey, Vec<String>)> {
+        let _one = self.installing.lock().await;
+        let mut services = self.lock();
+        let chosen: Vec<ServiceKey> = services
+            .iter()
+            .filter(|(k, r)| r.gone_since.is_some() && which(k))
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut out = Vec::new();
+        for key in chosen {
+            if let Some(r) = services.remove(&key) {
+                let names: Vec<String> = r.listeners.iter().map(|l| l.name().to_owned()).collect();
+                for l in &r.listeners {
+                    let _ = self.proxy.remove_listener(l.name());
+                }
+                info!(service = %key, "service taken down: listeners released");
+                out.push((key, names));
+            }
+        }
+        out
+    }
+
     /// Whether some service waits for [`Gateway::release_gone`].
     pub fn has_gone(&self) -> bool {
         self.lock().values().any(|r| r.gone_since.is_some())

@@ -196,6 +196,11 @@ impl<E: Engine> Rotator<E> {
         &self.inner.gateway
     }
 
+    /// Whether a rotation of `key` runs now (its old and new containers may both exist).
+    pub fn is_rotating(&self, key: &ServiceKey) -> bool {
+        self.inner.queue.is_busy(key)
+    }
+
     /// The engine.
     pub fn engine(&self) -> &E {
         &self.inner.engine

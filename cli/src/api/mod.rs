@@ -5,6 +5,7 @@
 //! module (`proxy.rs`, `metrics.rs`) matches the rest of the path itself. A later module
 //! (rotations, services) is one more `mount` line in [`Router::new`].
 
+mod compose;
 mod metrics;
 mod peer;
 mod proxy;
@@ -128,6 +129,7 @@ impl Router {
             .mount("/v1/delivery", |s, r| Box::pin(rotations::delivery(s, r)))
             .mount("/v1/secrets", |s, r| Box::pin(secrets::handle(s, r)))
             .mount("/v1/vault", |s, r| Box::pin(vault::handle(s, r)))
+            .mount("/v1/compose", |s, r| Box::pin(compose::handle(s, r)))
     }
 
     /// Adds a module answering under `prefix`.
