@@ -375,3 +375,70 @@ impl Docker {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(p: &str, s: &str) -> ServiceKey {
+        ServiceKey {
+            project: p.into(),
+            service: s.into(),
+        }
+    }
+
+    #[test]
+    fn remembered_services_survive_a_reopen_and_are_forgotten_per_project() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = ComposeServices::open(dir.path());
+        c.remember(&key("shop", "web"));
+        c.remember(&key("shop", "db"));
+        c.remember(&key("blog", "web"));
+        c.remember(&key("", "plain"));
+        let again = ComposeServices::open(dir.path());
+        assert_eq!(
+            again.list(),
+            [key("blog", "web"), key("shop", "db"), key("shop", "web")]
+        );
+        assert_eq!(
+            again.forget_project("shop"),
+            [key("shop", "db"), key("shop", "web")]
+        );
+        assert_eq!(ComposeServices::open(dir.path()).list(), [key("blog", "web")]);
+        std::fs::write(dir.path().join("compose-services.json"), b"{").unwrap();
+        assert!(
+            ComposeServices::open(dir.path()).list().is_empty(),
+            "a damaged record starts empty"
+        );
+    }
+
+    #[test]
+    fn a_service_container_without_dso_refs_is_a_recreation_and_one_offs_are_not() {
+        let c = |name: &str, labels: &[(&str, &str)]| dso_rotator::Container {
+            id: name.into(),
+            name: name.into(),
+            image: String::new(),
+            image_id: String::new(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            running: true,
+            health: dso_rotator::engine::DockerHealth::None,
+            networks: Default::default(),
+            publishes_ports: false,
+            auto_remove: false,
+            mounts: Vec::new(),
+            process: Default::default(),
+        };
+        let svc = (labels::COMPOSE_SERVICE, "web");
+        let all = [
+            c("managed", &[svc, (LABEL_REFS, "{}")]),
+            c("plain", &[svc]),
+            c("oneoff", &[svc, ("com.docker.compose.oneoff", "True")]),
+            c("db", &[(labels::COMPOSE_SERVICE, "db")]),
+        ];
+        assert_eq!(without_override(&key("p", "web"), &all), ["plain"]);
+        assert!(without_override(&key("p", "db"), &all[..1]).is_empty());
+    }
+}

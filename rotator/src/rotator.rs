@@ -713,6 +713,58 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_project_taken_down_releases_its_ports_at_once_and_only_its_own() {
+        let f = Fake::default();
+        let shop = [
+            LABELS,
+            &[
+                ("com.docker.compose.project", "shop"),
+                ("com.docker.compose.service", "web"),
+            ],
+        ]
+        .concat();
+        let other = [
+            LABELS,
+            &[
+                ("com.docker.compose.project", "other"),
+                ("com.docker.compose.service", "web"),
+            ],
+        ]
+        .concat();
+        f.add("a", "shop-web-1", &shop, true);
+        f.add("b", "other-web-1", &other, true);
+        let (r, _dir) = rotator(f).await;
+        let key = |p: &str| ServiceKey {
+            project: p.into(),
+            service: "web".into(),
+        };
+        let addr = r.gateway().listeners(&key("shop"))[0].local_addr();
+        // Still running: not gone, nothing released.
+        assert!(
+            r.gateway()
+                .release_gone_now(|k| k.project == "shop")
+                .await
+                .is_empty()
+        );
+        r.engine().containers.lock().unwrap().clear();
+        r.reconcile().await.unwrap();
+        let released = r.gateway().release_gone_now(|k| k.project == "shop").await;
+        assert_eq!(released, [(key("shop"), vec!["shop/web:8080".to_owned()])]);
+        assert!(r.gateway().listeners(&key("shop")).is_empty());
+        assert_eq!(
+            r.gateway().listeners(&key("other")).len(),
+            1,
+            "another project keeps its grace"
+        );
+        assert!(r.gateway().proxy().listener("shop/web:8080").is_err());
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while std::net::TcpListener::bind(addr).is_err() {
+            assert!(std::time::Instant::now() < deadline, "port {addr} never released");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
     async fn rolling_runs_its_steps_in_order_and_swaps_the_route() {
         let f = Fake::default();
         f.add("blue", "web", LABELS, true);

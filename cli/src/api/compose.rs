@@ -112,13 +112,11 @@ async fn prepare_service(state: &State, req: &ApiRequest) -> Reply {
         project: body.project.clone(),
         service: body.service.clone(),
     };
-    let r = prepare_values(secrets, delivery, &key, &body).await;
-    let reply = match r {
-        Ok(reply) => reply,
-        Err(e) => return Err(e),
-    };
     // Compose runs next: with a rotation of the service in progress it would find two
-    // containers carrying the service's labels and remove one.
+    // containers carrying the service's labels and remove the newer one (the new
+    // container). Waiting first also keeps the rotation's end (which wipes the retired
+    // container's directory, possibly this service's instance directory) from wiping
+    // what is written here.
     let started = std::time::Instant::now();
     while d.rotator.is_rotating(&key) {
         if started.elapsed() > ROTATION_WAIT {
@@ -129,6 +127,7 @@ async fn prepare_service(state: &State, req: &ApiRequest) -> Reply {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let reply = prepare_values(secrets, delivery, &key, &body).await?;
     d.compose.remember(&key);
     json(StatusCode::OK, &reply)
 }

@@ -401,9 +401,9 @@ impl Drop for Project {
         for id in ids.lines() {
             let _ = StdCommand::new("docker").args(["rm", "-f", id]).output();
         }
-        for net in [format!("{}_default", self.name)] {
-            let _ = StdCommand::new("docker").args(["network", "rm", &net]).output();
-        }
+        let _ = StdCommand::new("docker")
+            .args(["network", "rm", &format!("{}_default", self.name)])
+            .output();
         let _ = StdCommand::new("umount").arg(&self.root).output();
     }
 }
@@ -527,13 +527,31 @@ async fn end_to_end(flavor: Flavor) {
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
         p.running(),
-        [first.clone()],
+        std::slice::from_ref(&first),
         "prepare's values are not delivered again\n{}",
         p.log()
     );
 
     // A change of the referenced value rotates the service; it serves the new value.
     p.set("shop/key", key2.as_bytes()).await;
+    // While both containers carry the service's labels, Compose's `up` would remove the
+    // newer one: prepare (so `dso up`) answers only once the rotation has ended.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while p.running().len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the rotation never started\n{}",
+            p.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (code, during) = p.prepare(Project::refs()).await;
+    assert_eq!(code, 200, "{during}");
+    assert_eq!(
+        docker(&["ps", "-aq", "--no-trunc", "--filter", &format!("id={first}")]),
+        "",
+        "prepare answered while the retired container still existed"
+    );
     let green = p.one_running(&first).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -550,7 +568,7 @@ async fn end_to_end(flavor: Flavor) {
     assert_eq!(get(&green, "/env/API_KEY").await.1, env1.as_bytes());
     // Wait for the rotation to end (the old container removed, green renamed).
     let deadline = Instant::now() + Duration::from_secs(30);
-    while docker(&["ps", "-aq", "--filter", &format!("id={first}")]) != "" {
+    while !docker(&["ps", "-aq", "--filter", &format!("id={first}")]).is_empty() {
         assert!(
             Instant::now() < deadline,
             "the retired container was never removed"
@@ -568,7 +586,7 @@ async fn end_to_end(flavor: Flavor) {
     let out = p.compose_ok(Some(&p.override_of(&again)), &["up", "-d"]);
     assert_eq!(
         p.running(),
-        [green.clone()],
+        std::slice::from_ref(&green),
         "up recreated the rotated service:\n{out}"
     );
     assert!(!out.contains("Recreat"), "{out}");
