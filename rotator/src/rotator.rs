@@ -211,6 +211,18 @@ impl<E: Engine> Rotator<E> {
     pub async fn reconcile(&self) -> Result<Scan, Error> {
         let scan = discovery::scan(&self.inner.engine, self.inner.cfg.scope.as_ref()).await?;
         let gw = &self.inner.gateway;
+        // A container of a rotating service's route that was removed (by hand, or by a
+        // `docker compose up` during the rotation) leaves the route at once.
+        let exists = |id: &str| {
+            scan.services
+                .values()
+                .any(|m| m.containers.iter().any(|c| c.id == id))
+        };
+        for key in gw.services() {
+            if self.inner.queue.is_busy(&key) {
+                gw.drop_missing(&key, exists).await;
+            }
+        }
         for m in scan.services.values() {
             if self.inner.queue.is_busy(&m.key) {
                 continue;
@@ -710,6 +722,76 @@ mod tests {
 
     fn calls(r: &Rotator<Fake>) -> Vec<String> {
         r.engine().calls.lock().unwrap().clone()
+    }
+
+    #[tokio::test]
+    async fn a_container_removed_during_a_rotation_leaves_the_route_at_once() {
+        let f = Fake::default();
+        f.add("blue", "web", LABELS, true);
+        let (r, _dir) = rotator(f).await;
+        let key = ServiceKey::of("web", &Default::default());
+        let rot = r.clone();
+        let task = tokio::spawn(async move {
+            rot.rotate(RotateRequest {
+                target: "web".into(),
+                hooks: Hooks {
+                    freeze_after: Some(Step::Swapped),
+                },
+                ..Default::default()
+            })
+            .await
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while r.gateway().members(&key).first().is_none_or(|m| m.id == "blue") {
+            assert!(std::time::Instant::now() < deadline, "never swapped");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let green = r.gateway().members(&key)[0].id.clone();
+        assert!(r.is_rotating(&key));
+        // Compose's `up` removes the newer of the two containers with the same labels.
+        r.engine().containers.lock().unwrap().remove(&green);
+        r.reconcile().await.unwrap();
+        assert!(
+            r.gateway().members(&key).is_empty(),
+            "the removed green left the route"
+        );
+        let l = &r.gateway().listeners(&key)[0];
+        assert!(l.snapshot().backends.is_empty(), "nothing is dialed");
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn a_restart_holding_while_blue_is_removed_keeps_its_hold() {
+        let f = Fake::default();
+        f.add("blue", "web", LABELS, true);
+        let (r, _dir) = rotator(f).await;
+        let key = ServiceKey::of("web", &Default::default());
+        let rot = r.clone();
+        let task = tokio::spawn(async move {
+            rot.rotate(RotateRequest {
+                target: "web".into(),
+                strategy: Some(Strategy::Restart),
+                hooks: Hooks {
+                    freeze_after: Some(Step::BlueRenamed),
+                },
+                ..Default::default()
+            })
+            .await
+        });
+        let l = r.gateway().listeners(&key)[0].clone();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !r.engine().names().iter().any(|(n, _)| n != "web") {
+            assert!(std::time::Instant::now() < deadline, "blue never renamed aside");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(l.snapshot().mode, "hold");
+        // The held blue removed by hand: the hold stays (nothing is dialed while it holds).
+        r.engine().containers.lock().unwrap().clear();
+        r.reconcile().await.unwrap();
+        let l = &r.gateway().listeners(&key)[0];
+        assert_eq!(l.snapshot().mode, "hold", "the hold survives the rescan");
+        task.abort();
     }
 
     #[tokio::test]
