@@ -129,8 +129,9 @@ async fn run(cfg: Config, args: &AgentArgs, socket: &Path, shutdown: Duration) -
     let stop_docker = CancellationToken::new();
     // Ends the retries of a Docker side still waiting for its engine when shutdown begins.
     let stop_docker_retry = CancellationToken::new();
-    // Delivery needs both sides: secrets to deliver and Docker to deliver them to.
-    let delivery = if docker_on && !cfg.secrets.secrets.is_empty() {
+    // Delivery needs both sides: secrets to deliver (configured `secrets:`, or providers
+    // that containers' `dso.refs` labels and `dso up` name) and Docker to deliver them to.
+    let delivery = if docker_on && (!cfg.secrets.secrets.is_empty() || !cfg.secrets.providers.is_empty()) {
         Some(crate::delivery::open(&cfg.agent.delivery, &cfg.secrets)?)
     } else {
         None

@@ -191,6 +191,11 @@ impl Deliverer {
             if consumed.is_empty() {
                 continue;
             }
+            if !self.delivery.declared(c).is_empty() {
+                // A `dso up` service: a later container of it without the label (a plain
+                // `docker compose up`) is reported (`Docker::recreated_without_override`).
+                self.docker.compose.remember(&m.key);
+            }
             let id = format!("{SERVICE_CONSUMER}{}", m.key);
             seen.push(id.clone());
             let mut pairs = Vec::new();
@@ -264,6 +269,16 @@ impl Deliverer {
             }
             keep
         });
+    }
+
+    /// The delivery store and planner.
+    pub fn delivery(&self) -> &Arc<Delivery> {
+        &self.delivery
+    }
+
+    /// The watcher consumer of a service.
+    pub fn consumer_of(service: &ServiceKey) -> String {
+        format!("{SERVICE_CONSUMER}{service}")
     }
 
     /// Whether a consumer id is a service's.

@@ -10,15 +10,19 @@
 //! step as it happens, and the [`DockerSlot`] that holds it: an agent whose engine does not
 //! answer serves its listeners and API anyway and starts the Docker side once it does.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use dso_proxy::Proxy;
+use dso_rotator::delivery::declared::LABEL_REFS;
 use dso_rotator::journal::Step;
-use dso_rotator::{Config, DockerEngine, Engine, Progress, RotateRequest, RotationReport, Rotator, Strategy};
+use dso_rotator::labels;
+use dso_rotator::{
+    Config, DockerEngine, Engine, Progress, RotateRequest, RotationReport, Rotator, ServiceKey, Strategy,
+};
 use serde::Serialize;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -294,6 +298,8 @@ pub struct Docker {
     running: tokio_util::task::TaskTracker,
     /// The agent's event bus.
     events: Bus,
+    /// Compose services the agent delivered declared references (`dso.refs`) to.
+    pub compose: ComposeServices,
 }
 
 /// A rotation request as the API shows it.
@@ -347,6 +353,7 @@ impl Docker {
             );
         }
         let delivery = delivery.map(|(d, _)| d);
+        let compose = ComposeServices::open(&state_dir);
         let mut cfg = Config::new(&state_dir);
         cfg.scope = scope;
         cfg.delivery = delivery;
@@ -385,6 +392,7 @@ impl Docker {
             seq: Default::default(),
             running: tokio_util::task::TaskTracker::new(),
             events,
+            compose,
         }))
     }
 
@@ -671,6 +679,163 @@ async fn follow_engine_events(
     }
 }
 
+/// A remembered Compose service whose container now lacks dso's override: recreated by a
+/// plain `docker compose up` (no `dso.refs` label, so no secrets).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Recreated {
+    /// The service.
+    pub service: ServiceKey,
+    /// Its containers without the `dso.refs` label (names).
+    pub containers: Vec<String>,
+    /// What is wrong and the fix, one line.
+    pub message: String,
+}
+
+/// The Compose services the agent delivered declared references to (`POST
+/// /v1/compose/prepare`, or a scan seeing a container with `dso.refs`), persisted in
+/// `STATE/compose-services.json` so that an agent restart does not forget them. Forgotten
+/// at `POST /v1/compose/down` of their project.
+#[derive(Debug)]
+pub struct ComposeServices {
+    file: PathBuf,
+    set: Mutex<BTreeSet<ServiceKey>>,
+}
+
+#[derive(Debug, Serialize, serde::Deserialize)]
+struct ComposeFile {
+    format: u32,
+    services: Vec<String>,
+}
+
+impl ComposeServices {
+    /// The record in `state_dir` (empty when absent; an unreadable one is logged and
+    /// starts empty).
+    pub fn open(state_dir: &std::path::Path) -> ComposeServices {
+        let file = state_dir.join("compose-services.json");
+        let set = match std::fs::read(&file) {
+            Ok(bytes) => match serde_json::from_slice::<ComposeFile>(&bytes) {
+                Ok(f) => f
+                    .services
+                    .iter()
+                    .filter_map(|s| s.split_once('/'))
+                    .map(|(p, s)| ServiceKey {
+                        project: p.to_owned(),
+                        service: s.to_owned(),
+                    })
+                    .collect(),
+                Err(e) => {
+                    warn!(file = %file.display(), error = %e, "cannot read the remembered Compose services; starting with none");
+                    BTreeSet::new()
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeSet::new(),
+            Err(e) => {
+                warn!(file = %file.display(), error = %e, "cannot read the remembered Compose services; starting with none");
+                BTreeSet::new()
+            }
+        };
+        ComposeServices {
+            file,
+            set: Mutex::new(set),
+        }
+    }
+
+    /// Remembers a service (written at once when it is new).
+    pub fn remember(&self, key: &ServiceKey) {
+        if key.project.is_empty() {
+            return;
+        }
+        let mut set = self.lock();
+        if set.insert(key.clone()) {
+            self.save(&set);
+        }
+    }
+
+    /// Forgets every service of `project`; returns them.
+    pub fn forget_project(&self, project: &str) -> Vec<ServiceKey> {
+        let mut set = self.lock();
+        let gone: Vec<ServiceKey> = set.iter().filter(|k| k.project == project).cloned().collect();
+        if !gone.is_empty() {
+            set.retain(|k| k.project != project);
+            self.save(&set);
+        }
+        gone
+    }
+
+    /// The remembered services.
+    pub fn list(&self) -> Vec<ServiceKey> {
+        self.lock().iter().cloned().collect()
+    }
+
+    fn save(&self, set: &BTreeSet<ServiceKey>) {
+        let f = ComposeFile {
+            format: 1,
+            services: set.iter().map(ToString::to_string).collect(),
+        };
+        let bytes = serde_json::to_vec_pretty(&f).expect("the record serializes");
+        let tmp = self.file.with_extension("json.tmp");
+        let r = std::fs::write(&tmp, &bytes).and_then(|()| std::fs::rename(&tmp, &self.file));
+        if let Err(e) = r {
+            warn!(file = %self.file.display(), error = %e, "cannot record the Compose services; an agent restart forgets them");
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeSet<ServiceKey>> {
+        self.set.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The containers of `key` among `containers` (one project's) that lack the `dso.refs`
+/// label: what a plain `docker compose up` of a `dso up` project creates. One-off
+/// containers (`docker compose run`) are not the service.
+pub fn without_override(key: &ServiceKey, containers: &[dso_rotator::Container]) -> Vec<String> {
+    containers
+        .iter()
+        .filter(|c| c.labels.get(labels::COMPOSE_SERVICE) == Some(&key.service))
+        .filter(|c| {
+            c.labels
+                .get("com.docker.compose.oneoff")
+                .is_none_or(|v| !v.eq_ignore_ascii_case("true"))
+        })
+        .filter(|c| !c.labels.contains_key(LABEL_REFS))
+        .map(|c| c.name.clone())
+        .collect()
+}
+
+impl Docker {
+    /// The remembered Compose services whose containers were recreated without dso's
+    /// override (a plain `docker compose up`): they run without their secrets. For
+    /// `GET /v1/services`, `GET /v1/compose/services`, `dso status` and `dso doctor`.
+    pub async fn recreated_without_override(&self) -> Result<Vec<Recreated>, dso_rotator::EngineError> {
+        let remembered = self.compose.list();
+        let mut projects: Vec<&str> = remembered.iter().map(|k| k.project.as_str()).collect();
+        projects.dedup();
+        let mut out = Vec::new();
+        for p in projects {
+            let containers = self
+                .rotator
+                .engine()
+                .list_labeled(labels::COMPOSE_PROJECT, p)
+                .await?;
+            for key in remembered.iter().filter(|k| k.project == p) {
+                let names = without_override(key, &containers);
+                if names.is_empty() {
+                    continue;
+                }
+                out.push(Recreated {
+                    service: key.clone(),
+                    message: format!(
+                        "service {key} was recreated without dso's override (a plain `docker compose up`?): container {} has no dso.refs label, so it runs without its secrets and dso does not manage it; run `dso up` in the project directory",
+                        names.join(", ")
+                    ),
+                    containers: names,
+                });
+            }
+        }
+        Ok(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -709,5 +874,67 @@ mod tests {
         slot.lock().as_mut().unwrap().retry_at = Instant::now();
         assert!(slot.describe_waiting().ends_with("retrying now (attempt 4)"));
         assert!(slot.ready().is_none());
+    }
+
+    fn key(p: &str, s: &str) -> ServiceKey {
+        ServiceKey {
+            project: p.into(),
+            service: s.into(),
+        }
+    }
+
+    #[test]
+    fn remembered_services_survive_a_reopen_and_are_forgotten_per_project() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = ComposeServices::open(dir.path());
+        c.remember(&key("shop", "web"));
+        c.remember(&key("shop", "db"));
+        c.remember(&key("blog", "web"));
+        c.remember(&key("", "plain"));
+        let again = ComposeServices::open(dir.path());
+        assert_eq!(
+            again.list(),
+            [key("blog", "web"), key("shop", "db"), key("shop", "web")]
+        );
+        assert_eq!(
+            again.forget_project("shop"),
+            [key("shop", "db"), key("shop", "web")]
+        );
+        assert_eq!(ComposeServices::open(dir.path()).list(), [key("blog", "web")]);
+        std::fs::write(dir.path().join("compose-services.json"), b"{").unwrap();
+        assert!(
+            ComposeServices::open(dir.path()).list().is_empty(),
+            "a damaged record starts empty"
+        );
+    }
+
+    #[test]
+    fn a_service_container_without_dso_refs_is_a_recreation_and_one_offs_are_not() {
+        let c = |name: &str, labels: &[(&str, &str)]| dso_rotator::Container {
+            id: name.into(),
+            name: name.into(),
+            image: String::new(),
+            image_id: String::new(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            running: true,
+            health: dso_rotator::engine::DockerHealth::None,
+            networks: Default::default(),
+            publishes_ports: false,
+            auto_remove: false,
+            mounts: Vec::new(),
+            process: Default::default(),
+        };
+        let svc = (labels::COMPOSE_SERVICE, "web");
+        let all = [
+            c("managed", &[svc, (LABEL_REFS, "{}")]),
+            c("plain", &[svc]),
+            c("oneoff", &[svc, ("com.docker.compose.oneoff", "True")]),
+            c("db", &[(labels::COMPOSE_SERVICE, "db")]),
+        ];
+        assert_eq!(without_override(&key("p", "web"), &all), ["plain"]);
+        assert!(without_override(&key("p", "db"), &all[..1]).is_empty());
     }
 }

@@ -48,6 +48,9 @@ pub struct Secrets {
     providers_of: BTreeMap<String, Vec<String>>,
     /// The agent's event bus (`secret.changed`, `provider.down`, `provider.up`).
     events: crate::events::Bus,
+    /// Every configured provider (the same connections the watcher polls through), for
+    /// one-off reads ([`Secrets::read_now`]).
+    providers: HashMap<String, Arc<dyn Provider>>,
 }
 
 /// A configured secret as the API shows it (no value).
@@ -162,6 +165,10 @@ impl Secrets {
             ..WatchSettings::default()
         };
         let dir = state_dir.join("secrets");
+        let own: HashMap<String, Arc<dyn Provider>> = providers
+            .iter()
+            .map(|(k, p)| (k.clone(), Arc::clone(p)))
+            .collect();
         let (watcher, mut events) = Watcher::start(items, providers, settings, &dir, stop)
             .with_context(|| format!("starting the secret watcher on state directory {}", dir.display()))?;
         let seen: Arc<Mutex<BTreeMap<String, SecretSeen>>> = Arc::default();
@@ -190,6 +197,7 @@ impl Secrets {
             secrets,
             deliverer: std::sync::OnceLock::new(),
             events: bus,
+            providers: own,
         });
         let this = Arc::clone(&secrets);
         tokio::spawn(async move {
@@ -214,6 +222,38 @@ impl Secrets {
     /// Delivery, when it runs.
     pub fn deliverer(&self) -> Option<&Arc<crate::delivery::Deliverer>> {
         self.deliverer.get()
+    }
+
+    /// Every configured provider instance and its kind.
+    pub fn provider_kinds(&self) -> BTreeMap<String, ProviderKind> {
+        self.providers
+            .iter()
+            .map(|(n, p)| (n.clone(), p.kind()))
+            .collect()
+    }
+
+    /// Reads `reference`'s current value once, with the calls the watcher makes on a
+    /// change (`version`, then `fetch` of that version, then the field selected), counted
+    /// in `dso_secrets_provider_calls_total` like every call. Errors name the provider and
+    /// the reference, never a value.
+    pub async fn read_now(&self, reference: &Reference) -> Result<(SecretValue, Version), SecretError> {
+        let Some(p) = self.providers.get(&reference.provider) else {
+            let mut known: Vec<&str> = self.providers.keys().map(String::as_str).collect();
+            known.sort_unstable();
+            return Err(SecretError::Config {
+                provider: reference.provider.clone(),
+                detail: format!(
+                    "reference {:?} names a provider the agent's config does not define (known: {}); add it under providers:",
+                    reference.raw,
+                    known.join(", ")
+                ),
+            });
+        };
+        // As the watcher probes an object: providers read the object whole, whatever the
+        // field; the field is selected after.
+        let version = p.version(reference).await?;
+        let whole = p.fetch(reference, &version).await?;
+        Ok((reference.select(&whole)?, version))
     }
 
     /// The watcher.

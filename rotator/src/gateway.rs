@@ -306,6 +306,74 @@ impl Gateway {
         expired
     }
 
+    /// Takes out of the service's route every member for which `exists` is false (its
+    /// container was removed, e.g. by a `docker compose up` run during a rotation, which
+    /// removes the newer of two containers with the service's labels). Used for services
+    /// whose rotation owns the route: their route is otherwise left to the rotation, and
+    /// must still never dial a removed container's address. With no member left the route
+    /// is cleared (new connections are closed at once). A listener that holds (a `restart`
+    /// rotation between blue's removal and green's swap) is left alone: nothing is dialed
+    /// while it holds. Returns the members taken out.
+    pub async fn drop_missing(&self, key: &ServiceKey, exists: impl Fn(&str) -> bool) -> Vec<Member> {
+        let _one = self.installing.lock().await;
+        let found = self.lock().get(key).and_then(|r| {
+            let (gone, rest): (Vec<Member>, Vec<Member>) =
+                r.members.iter().cloned().partition(|m| !exists(&m.id));
+            (!gone.is_empty()).then(|| (gone, rest, r.ports.clone(), r.listeners.clone()))
+        });
+        let Some((gone, rest, ports, mut listeners)) = found else {
+            return Vec::new();
+        };
+        if listeners.iter().any(|l| l.snapshot().mode == "hold") {
+            // A `restart` rotation holds new connections while blue is stopped and removed:
+            // nothing is dialed, and it swaps to green or resumes itself.
+            return Vec::new();
+        }
+        tracing::warn!(service = %key, removed = ?gone.iter().map(|m| short(&m.id)).collect::<Vec<_>>(), "a container of the route was removed during a rotation; taken out of the route");
+        for (p, l) in ports.iter().zip(listeners.iter_mut()) {
+            match self.route(l, &rest, p.container, Duration::ZERO).await {
+                Ok(new) => *l = new,
+                Err(e) => {
+                    tracing::warn!(service = %key, error = %e, "cannot take a removed container out of the route")
+                }
+            }
+        }
+        if let Some(r) = self.lock().get_mut(key) {
+            r.listeners = listeners;
+            r.members = rest;
+        }
+        gone
+    }
+
+    /// Releases at once, without the grace, the listeners of the gone services `which`
+    /// selects (`dso down`: the project's containers were removed on purpose). A service
+    /// with a container left is not gone and keeps its listeners. Returns the services
+    /// released with their listener names.
+    pub async fn release_gone_now(
+        &self,
+        which: impl Fn(&ServiceKey) -> bool,
+    ) -> Vec<(ServiceKey, Vec<String>)> {
+        let _one = self.installing.lock().await;
+        let mut services = self.lock();
+        let chosen: Vec<ServiceKey> = services
+            .iter()
+            .filter(|(k, r)| r.gone_since.is_some() && which(k))
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut out = Vec::new();
+        for key in chosen {
+            if let Some(r) = services.remove(&key) {
+                let names: Vec<String> = r.listeners.iter().map(|l| l.name().to_owned()).collect();
+                for l in &r.listeners {
+                    let _ = self.proxy.remove_listener(l.name());
+                }
+                info!(service = %key, "service taken down: listeners released");
+                out.push((key, names));
+            }
+        }
+        out
+    }
+
     /// Whether some service waits for [`Gateway::release_gone`].
     pub fn has_gone(&self) -> bool {
         self.lock().values().any(|r| r.gone_since.is_some())

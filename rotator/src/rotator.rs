@@ -203,6 +203,11 @@ impl<E: Engine> Rotator<E> {
         &self.inner.gateway
     }
 
+    /// Whether a rotation of `key` runs now (its old and new containers may both exist).
+    pub fn is_rotating(&self, key: &ServiceKey) -> bool {
+        self.inner.queue.is_busy(key)
+    }
+
     /// The engine.
     pub fn engine(&self) -> &E {
         &self.inner.engine
@@ -213,6 +218,18 @@ impl<E: Engine> Rotator<E> {
     pub async fn reconcile(&self) -> Result<Scan, Error> {
         let scan = discovery::scan(&self.inner.engine, self.inner.cfg.scope.as_ref()).await?;
         let gw = &self.inner.gateway;
+        // A container of a rotating service's route that was removed (by hand, or by a
+        // `docker compose up` during the rotation) leaves the route at once.
+        let exists = |id: &str| {
+            scan.services
+                .values()
+                .any(|m| m.containers.iter().any(|c| c.id == id))
+        };
+        for key in gw.services() {
+            if self.inner.queue.is_busy(&key) {
+                gw.drop_missing(&key, exists).await;
+            }
+        }
         for m in scan.services.values() {
             if self.inner.queue.is_busy(&m.key) {
                 continue;
@@ -725,6 +742,128 @@ mod tests {
 
     fn calls(r: &Rotator<Fake>) -> Vec<String> {
         r.engine().calls.lock().unwrap().clone()
+    }
+
+    #[tokio::test]
+    async fn a_container_removed_during_a_rotation_leaves_the_route_at_once() {
+        let f = Fake::default();
+        f.add("blue", "web", LABELS, true);
+        let (r, _dir) = rotator(f).await;
+        let key = ServiceKey::of("web", &Default::default());
+        let rot = r.clone();
+        let task = tokio::spawn(async move {
+            rot.rotate(RotateRequest {
+                target: "web".into(),
+                hooks: Hooks {
+                    freeze_after: Some(Step::Swapped),
+                },
+                ..Default::default()
+            })
+            .await
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while r.gateway().members(&key).first().is_none_or(|m| m.id == "blue") {
+            assert!(std::time::Instant::now() < deadline, "never swapped");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let green = r.gateway().members(&key)[0].id.clone();
+        assert!(r.is_rotating(&key));
+        // Compose's `up` removes the newer of the two containers with the same labels.
+        r.engine().containers.lock().unwrap().remove(&green);
+        r.reconcile().await.unwrap();
+        assert!(
+            r.gateway().members(&key).is_empty(),
+            "the removed green left the route"
+        );
+        let l = &r.gateway().listeners(&key)[0];
+        assert!(l.snapshot().backends.is_empty(), "nothing is dialed");
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn a_restart_holding_while_blue_is_removed_keeps_its_hold() {
+        let f = Fake::default();
+        f.add("blue", "web", LABELS, true);
+        let (r, _dir) = rotator(f).await;
+        let key = ServiceKey::of("web", &Default::default());
+        let rot = r.clone();
+        let task = tokio::spawn(async move {
+            rot.rotate(RotateRequest {
+                target: "web".into(),
+                strategy: Some(Strategy::Restart),
+                hooks: Hooks {
+                    freeze_after: Some(Step::BlueRenamed),
+                },
+                ..Default::default()
+            })
+            .await
+        });
+        let l = r.gateway().listeners(&key)[0].clone();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !r.engine().names().iter().any(|(n, _)| n != "web") {
+            assert!(std::time::Instant::now() < deadline, "blue never renamed aside");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(l.snapshot().mode, "hold");
+        // The held blue removed by hand: the hold stays (nothing is dialed while it holds).
+        r.engine().containers.lock().unwrap().clear();
+        r.reconcile().await.unwrap();
+        let l = &r.gateway().listeners(&key)[0];
+        assert_eq!(l.snapshot().mode, "hold", "the hold survives the rescan");
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn a_project_taken_down_releases_its_ports_at_once_and_only_its_own() {
+        let f = Fake::default();
+        let shop = [
+            LABELS,
+            &[
+                ("com.docker.compose.project", "shop"),
+                ("com.docker.compose.service", "web"),
+            ],
+        ]
+        .concat();
+        let other = [
+            LABELS,
+            &[
+                ("com.docker.compose.project", "other"),
+                ("com.docker.compose.service", "web"),
+            ],
+        ]
+        .concat();
+        f.add("a", "shop-web-1", &shop, true);
+        f.add("b", "other-web-1", &other, true);
+        let (r, _dir) = rotator(f).await;
+        let key = |p: &str| ServiceKey {
+            project: p.into(),
+            service: "web".into(),
+        };
+        let addr = r.gateway().listeners(&key("shop"))[0].local_addr();
+        // Still running: not gone, nothing released.
+        assert!(
+            r.gateway()
+                .release_gone_now(|k| k.project == "shop")
+                .await
+                .is_empty()
+        );
+        r.engine().containers.lock().unwrap().clear();
+        r.reconcile().await.unwrap();
+        let released = r.gateway().release_gone_now(|k| k.project == "shop").await;
+        assert_eq!(released, [(key("shop"), vec!["shop/web:8080".to_owned()])]);
+        assert!(r.gateway().listeners(&key("shop")).is_empty());
+        assert_eq!(
+            r.gateway().listeners(&key("other")).len(),
+            1,
+            "another project keeps its grace"
+        );
+        assert!(r.gateway().proxy().listener("shop/web:8080").is_err());
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while std::net::TcpListener::bind(addr).is_err() {
+            assert!(std::time::Instant::now() < deadline, "port {addr} never released");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     #[tokio::test]

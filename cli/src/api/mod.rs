@@ -31,6 +31,7 @@
 //! decoded segments after the prefix, the query and the whole body; `None` answers the
 //! router's 404.
 
+mod compose;
 pub mod events;
 pub mod health;
 pub mod http;
@@ -130,6 +131,7 @@ pub fn router() -> axum::Router<State> {
             get(vault::get).put(vault::set).delete(vault::delete),
         )
         // Old-style modules: `.merge(legacy("/v1/PREFIX", |s, r| Box::pin(module::handle(s, r))))`.
+        .merge(legacy("/v1/compose", |s, r| Box::pin(compose::handle(s, r))))
         .fallback(no_endpoint)
         .method_not_allowed_fallback(no_endpoint)
         // The body is read and limited by `dispatch` already.
@@ -310,7 +312,6 @@ pub type Handler = fn(State, ApiRequest) -> ReplyFuture;
 
 /// Mounts an old-style module `handler` at `prefix` and below (every method), for
 /// `.merge(...)` into [`router`]. `prefix` starts with `/` and does not end with one.
-#[allow(dead_code)] // The lead mounts late modules through it.
 pub fn legacy(prefix: &'static str, handler: Handler) -> axum::Router<State> {
     let call = move |axum::extract::State(state): axum::extract::State<State>,
                      method: Method,

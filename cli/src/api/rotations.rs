@@ -61,7 +61,31 @@ pub async fn get(With(state): With<State>, p: Params) -> Reply {
 pub async fn services(With(state): With<State>) -> Reply {
     let d = docker(&state)?;
     match d.rotator.status().await {
-        Ok(s) => json(StatusCode::OK, &s),
+        Ok(mut s) => {
+            // `dso up` services recreated by a plain `docker compose up`: shown with the fix.
+            match d.recreated_without_override().await {
+                Ok(recreated) => {
+                    for r in recreated {
+                        match s.iter_mut().find(|x| x.service == r.service) {
+                            Some(x) => x.error = Some(r.message),
+                            None => s.push(dso_rotator::ServiceStatus {
+                                service: r.service,
+                                strategy: dso_rotator::Strategy::Auto,
+                                ports: Vec::new(),
+                                containers: r.containers,
+                                rotating: false,
+                                last: None,
+                                error: Some(r.message),
+                            }),
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot check for Compose services recreated without dso's override")
+                }
+            }
+            json(StatusCode::OK, &s)
+        }
         Err(e) => Err(ApiError {
             status: StatusCode::BAD_GATEWAY,
             message: e.to_string(),
