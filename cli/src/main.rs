@@ -47,6 +47,9 @@ fn main() -> ExitCode {
         Command::Status(s) => cmd::rotate::status(s, cmd::socket_path(cli.socket)),
         Command::Init(i) => cmd::init::run(i),
         Command::Secret(s) => cmd::secret::run(s, cmd::socket_path(cli.socket)),
+        Command::Up(a) => cmd::up::up(a, cli.socket),
+        Command::Down(a) => cmd::up::down(a, cli.socket),
+        Command::Compose(c) => cmd::up::compose(c, cli.socket),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -7,6 +7,7 @@ pub mod proxy;
 pub mod rotate;
 pub mod secret;
 mod table;
+pub mod up;
 
 use std::path::PathBuf;
 
