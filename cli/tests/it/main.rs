@@ -3,6 +3,7 @@
 
 mod agent;
 mod api;
+mod compose;
 mod config;
 mod delivery;
 mod harness;
