@@ -211,6 +211,7 @@ fn run_compose(
 /// on the default socket. A socket named with --socket/DSO_SOCKET that does not answer is
 /// an error (the user asked for that agent).
 async fn mode(args: &UpArgs, socket: Option<PathBuf>) -> anyhow::Result<Mode> {
+    let socket = args.socket.clone().or(socket);
     let explicit = socket.is_some();
     let path = super::socket_path(socket);
     if args.local {

@@ -33,6 +33,8 @@ pub struct UpArgs {
     pub launcher: Option<PathBuf>,
     /// `--secrets-root DIR` (local mode): the tmpfs directory of the secret files.
     pub secrets_root: Option<PathBuf>,
+    /// `--socket PATH` written after `up` (dso's global option, taken here too).
+    pub socket: Option<PathBuf>,
     /// Everything else, for Compose's subcommand (`-d`, `--build`, service names...).
     pub rest: Vec<String>,
 }
@@ -69,6 +71,7 @@ impl UpArgs {
                 "--compose" => a.compose = Some(value(flag)?),
                 "--launcher" => a.launcher = Some(value(flag)?.into()),
                 "--secrets-root" => a.secrets_root = Some(value(flag)?.into()),
+                "--socket" => a.socket = Some(value(flag)?.into()),
                 "--local" if inline.is_none() => a.local = true,
                 _ => {
                     if let Some(f) = arg
