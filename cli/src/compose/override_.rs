@@ -28,6 +28,9 @@ pub struct Change {
     pub remove_env: Vec<String>,
     /// Variables to set (`dsofile://`: the file's path).
     pub set_env: BTreeMap<String, String>,
+    /// The service's whole environment afterwards, `$`-escaped (v2 replaces it with
+    /// `!override`: `!reset` of one key does not remove a `KEY=VALUE` list item).
+    pub environment: BTreeMap<String, Option<String>>,
     /// Read-only binds `(source, target)`.
     pub binds: Vec<(String, String)>,
     /// Entrypoint, when the launcher wraps it.
@@ -49,6 +52,7 @@ impl Change {
             remove_ports: svc.has_ports,
             remove_env: Vec::new(),
             set_env: BTreeMap::new(),
+            environment: svc.environment.clone(),
             binds: Vec::new(),
             entrypoint: None,
             command: None,
@@ -58,6 +62,12 @@ impl Change {
             c.remove_env = r.remove_env.clone();
             c.remove_env.sort();
             c.set_env = r.environment.clone();
+            for k in &c.remove_env {
+                c.environment.remove(k);
+            }
+            for (k, v) in &c.set_env {
+                c.environment.insert(k.clone(), Some(escape(v)));
+            }
             for b in &r.binds {
                 let spec = b.strip_suffix(":ro").unwrap_or(b);
                 let Some((source, target)) = spec.rsplit_once(':') else {
@@ -103,12 +113,26 @@ pub fn v2_override(project: &str, changes: &[Change]) -> String {
             y.push_str("    ports: !reset []\n");
         }
         if !c.remove_env.is_empty() || !c.set_env.is_empty() {
-            y.push_str("    environment:\n");
-            for k in &c.remove_env {
-                let _ = writeln!(y, "      {}: !reset null", q(k));
+            if c.environment.is_empty() {
+                y.push_str("    environment: !reset {}\n");
+            } else {
+                y.push_str("    environment: !override\n");
             }
-            for (k, v) in &c.set_env {
-                let _ = writeln!(y, "      {}: {}", q(k), q(v));
+            for (k, v) in &c.environment {
+                match v {
+                    // Already escaped: as Compose printed it, or escaped above.
+                    Some(v) => {
+                        let _ = writeln!(
+                            y,
+                            "      {}: {}",
+                            q(k),
+                            serde_json::to_string(v).expect("strings serialize")
+                        );
+                    }
+                    None => {
+                        let _ = writeln!(y, "      {}: null", q(k));
+                    }
+                }
             }
         }
         if !c.binds.is_empty() {
@@ -239,6 +263,10 @@ mod tests {
             remove_ports: true,
             remove_env: vec!["A".into()],
             set_env: BTreeMap::from([("F".into(), "/run/secrets/F".into())]),
+            environment: BTreeMap::from([
+                ("F".into(), Some("/run/secrets/F".into())),
+                ("P".into(), Some("x$$y".into())),
+            ]),
             binds: vec![("/run/dso/secrets/compose-1/env".into(), "/run/dso/env".into())],
             entrypoint: Some(vec!["/run/dso/init".into(), "--".into(), "/app".into()]),
             command: Some(vec!["--x".into()]),
@@ -249,10 +277,16 @@ mod tests {
     fn the_v2_override_resets_ports_and_variables_and_escapes_dollars() {
         let y = v2_override("shop", &[change()]);
         assert!(y.contains("    ports: !reset []\n"), "{y}");
-        assert!(y.contains("      \"A\": !reset null\n"), "{y}");
+        assert!(y.contains("    environment: !override\n"), "{y}");
+        assert!(!y.contains("\"A\""), "{y}");
+        assert!(
+            y.contains("      \"P\": \"x$$y\"\n"),
+            "the model's escaping is kept: {y}"
+        );
         assert!(y.contains(r#"a$$b"#), "{y}");
         assert!(y.contains(r#"read_only: true"#), "{y}");
-        let parsed: serde_yaml::Value = serde_yaml::from_str(&y.replace("!reset ", "")).unwrap();
+        let parsed: serde_yaml::Value =
+            serde_yaml::from_str(&y.replace("!reset ", "").replace("!override", "")).unwrap();
         assert!(parsed["services"]["web"]["entrypoint"].is_sequence());
         assert_eq!(y, v2_override("shop", &[change()]), "byte-stable");
     }

@@ -116,13 +116,16 @@ pub struct ServiceView {
     pub entrypoint: Option<Vec<String>>,
     /// The service's command, when set.
     pub command: Option<Vec<String>>,
+    /// `environment:` as printed (`$`-escaped), `None` for a variable without a value.
+    pub environment: BTreeMap<String, Option<String>>,
 }
 
 impl ServiceView {
     /// Reads service `name` of the printed model.
     pub fn read(name: &str, svc: &Value) -> anyhow::Result<ServiceView> {
         let mut refs = Vec::new();
-        for (var, value) in environment(svc) {
+        let env = environment(svc);
+        for (var, value) in env.clone() {
             if let Some(v) = value
                 && let Some(r) =
                     parse_reference(&var, &unescape(&v)).with_context(|| format!("service {name}"))?
@@ -163,6 +166,7 @@ impl ServiceView {
             user: svc.get("user").and_then(scalar).map(|u| unescape(&u)),
             entrypoint: words(svc.get("entrypoint")),
             command: words(svc.get("command")),
+            environment: env.into_iter().collect(),
         })
     }
 

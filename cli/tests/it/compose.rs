@@ -237,6 +237,18 @@ impl Drop for Proj {
             .stderr(Stdio::null())
             .output();
         let _ = nix::mount::umount2(&self.root, nix::mount::MntFlags::MNT_DETACH);
+        // Images a test built (`build:` without `image:`), v2 and v1 names.
+        let _ = Command::new("docker")
+            .args([
+                "image",
+                "rm",
+                "-f",
+                &format!("{}-web", self.name),
+                &format!("{}_web", self.name),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .output();
     }
 }
 
@@ -364,7 +376,7 @@ fn files_and_dotenv(compose: &'static str) {
     );
     p.write(
         "extra.yaml",
-        "services:\n  web:\n    environment:\n      KEY: \"dso://${APP}/key\"\n  other:\n    image: IMAGE\n",
+        "services:\n  web:\n    environment:\n      - \"KEY=dso://${APP}/key\"\n      - ONLY_HERE=x\n  other:\n    image: IMAGE\n",
     );
     p.up(&["-f", "base.yaml", "-f", "extra.yaml"]);
     assert_eq!(
@@ -372,6 +384,12 @@ fn files_and_dotenv(compose: &'static str) {
         Some(&b"hello from .env"[..])
     );
     assert_eq!(p.env_of("web", "KEY").as_deref(), Some(&b"from-the-vault"[..]));
+    assert_eq!(p.env_of("web", "ONLY_HERE").as_deref(), Some(&b"x"[..]));
+    let env = p.inspect(&p.container("web"))["Config"]["Env"].to_string();
+    assert!(
+        !env.contains("KEY="),
+        "a KEY=dso:// list item is removed too: {env}"
+    );
     // The service without references is left to Compose as written.
     let other = p.inspect(&p.container("other"));
     assert!(other["Config"]["Labels"].get("dso.reloader").is_none());
@@ -692,4 +710,23 @@ fn v2_agent_mode_prepares_through_the_agent_and_down_releases_the_port() {
 #[ignore = "needs the agent's POST /v1/compose/prepare and /v1/compose/down (compose-agent's part of issue 11); remove once merged"]
 fn v1_agent_mode_prepares_through_the_agent_and_down_releases_the_port() {
     agent_mode("v1");
+}
+
+#[test]
+fn v2_a_missing_image_is_built_before_its_facts_are_read() {
+    let p = Proj::new("build", "v2");
+    p.set("app/key", b"built");
+    p.write("Dockerfile", "FROM IMAGE\n");
+    p.write(
+        "compose.yaml",
+        "services:\n  web:\n    build: .\n    environment:\n      KEY: dso://app/key\n",
+    );
+    let o = p.up(&[]);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("running compose build web"),
+        "{}",
+        text(&o)
+    );
+    // The launcher wraps the image's own entrypoint, read after the build.
+    assert_eq!(p.env_of("web", "KEY").as_deref(), Some(&b"built"[..]));
 }
