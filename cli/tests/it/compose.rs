@@ -504,6 +504,17 @@ fn bad_inputs_are_refused_before_anything_is_created() {
         "{err}"
     );
     assert!(p.containers().is_empty());
+    let o = p.run(
+        "up",
+        &["--compose", "/nonexistent/compose", "-p", &p.name, "-d"],
+        &[],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("--compose /nonexistent/compose"),
+        "{err}"
+    );
+    assert!(p.containers().is_empty());
 }
 
 /// An agent with `--docker`, scoped to one project (`dso.test.run=NAME`), reading the
