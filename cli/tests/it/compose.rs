@@ -741,3 +741,38 @@ fn v2_a_missing_image_is_built_before_its_facts_are_read() {
     // The launcher wraps the image's own entrypoint, read after the build.
     assert_eq!(p.env_of("web", "KEY").as_deref(), Some(&b"built"[..]));
 }
+
+#[test]
+fn docker_dso_up_d_works_as_the_docker_cli_plugin() {
+    let p = Proj::new("plugin", "v2");
+    p.set("app/key", b"via-plugin");
+    p.write(
+        "compose.yaml",
+        "services:\n  web:\n    image: IMAGE\n    environment:\n      KEY: dso://app/key\n",
+    );
+    // A Docker config of its own whose cli-plugins hold docker-dso and Compose v2.
+    let cfg = p.path().join("docker-config");
+    std::fs::create_dir_all(cfg.join("cli-plugins")).unwrap();
+    std::os::unix::fs::symlink(DSO, cfg.join("cli-plugins/docker-dso")).unwrap();
+    let home = std::env::var("HOME").unwrap();
+    let compose = Path::new(&home).join(".docker/cli-plugins/docker-compose");
+    let compose = if compose.exists() {
+        compose
+    } else {
+        PathBuf::from("/usr/libexec/docker/cli-plugins/docker-compose")
+    };
+    std::os::unix::fs::symlink(&compose, cfg.join("cli-plugins/docker-compose")).unwrap();
+    let mut args = vec!["dso".to_owned()];
+    args.extend(p.compose_args("up", &["-p", &p.name, "-d"]));
+    let o = Command::new("docker")
+        .args(&args)
+        .current_dir(p.path())
+        .env("DOCKER_CONFIG", &cfg)
+        .env_remove("DSO_SOCKET")
+        .env("DSO_VAULT_FILE", p.path().join("v/vault.enc"))
+        .env("DSO_MASTER_KEY_FILE", p.path().join("v/master.key"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "docker dso up -d: {}", text(&o));
+    assert_eq!(p.env_of("web", "KEY").as_deref(), Some(&b"via-plugin"[..]));
+}
