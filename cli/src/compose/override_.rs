@@ -113,6 +113,9 @@ pub fn v2_override(project: &str, changes: &[Change]) -> String {
             y.push_str("    ports: !reset []\n");
         }
         if !c.remove_env.is_empty() || !c.set_env.is_empty() {
+            // Compose v2 applies `env_file:` after merging the files; its variables are
+            // in the printed environment already, so the files are dropped with it.
+            y.push_str("    env_file: !reset []\n");
             if c.environment.is_empty() {
                 y.push_str("    environment: !reset {}\n");
             } else {

@@ -370,9 +370,10 @@ fn files_and_dotenv(compose: &'static str) {
     let p = Proj::new("files", compose);
     p.set("shop/key", b"from-the-vault");
     p.write(".env", "APP=shop\nGREETING=hello from .env\n");
+    p.write("app.env", "FILEKEY=dso://shop/key\nFILEPLAIN=p\n");
     p.write(
         "base.yaml",
-        "services:\n  web:\n    image: IMAGE\n    environment:\n      GREETING: \"${GREETING}\"\n",
+        "services:\n  web:\n    image: IMAGE\n    env_file: app.env\n    environment:\n      GREETING: \"${GREETING}\"\n",
     );
     p.write(
         "extra.yaml",
@@ -390,6 +391,13 @@ fn files_and_dotenv(compose: &'static str) {
         !env.contains("KEY="),
         "a KEY=dso:// list item is removed too: {env}"
     );
+    assert_eq!(
+        p.env_of("web", "FILEKEY").as_deref(),
+        Some(&b"from-the-vault"[..]),
+        "env_file references"
+    );
+    assert_eq!(p.env_of("web", "FILEPLAIN").as_deref(), Some(&b"p"[..]));
+    assert!(env.contains("FILEPLAIN=p"), "{env}");
     // The service without references is left to Compose as written.
     let other = p.inspect(&p.container("other"));
     assert!(other["Config"]["Labels"].get("dso.reloader").is_none());
