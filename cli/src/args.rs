@@ -137,6 +137,40 @@ automatic reconnect). Every kind and its fields: docs/api.md.",
   dso doctor --config ./dso.yaml --json | jq '.checks[] | select(.status != \"ok\")'"
     )]
     Doctor(crate::cmd::doctor::DoctorArgs),
+    /// Start a Compose project whose environment holds dso:// and dsofile:// references.
+    #[command(
+        long_about = "Run Compose's `up` for a project whose services' `environment:` values \
+are references: `dso://REF` (the variable holds the value, set by dso's launcher: never in \
+`docker inspect`), `dsofile://REF` (the variable holds the path of a RAM-only file, mode 0400), \
+`dso+NAME://REF` / `dsofile+NAME://REF` for provider NAME (default: `local`, else the agent's \
+only provider). Each managed service (references, or the label dso.reloader: \"true\") gets \
+an override given to Compose on stdin: its ports move to dso.host_ports (the agent's proxy \
+owns them, bind IPs kept), the secret directories are bind-mounted, dso.* labels set. No \
+value is written to a file on disk or passed in argv.\n\n\
+Project options as Compose's: -f FILE (several), -p NAME, --project-directory DIR, \
+--env-file FILE, --profile NAME; COMPOSE_FILE, COMPOSE_PROJECT_NAME and .env are honoured. \
+dso's own: --compose v1|v2|PATH (default: detect, v2 first), --local (no agent: resolve from \
+the local vault, write the files to a tmpfs here), --launcher PATH and --secrets-root DIR \
+(local mode). Every other argument goes to Compose's `up` (-d, --build, services...). \
+Running it again with unchanged inputs recreates nothing. See docs/compose.md.",
+        after_long_help = "Examples:\n  dso up -d\n  docker dso up -d --build web\n  \
+dso up -f compose.yaml -f compose.prod.yaml -p shop -d\n  dso up --local -d\n  \
+dso up --compose v1 -d",
+        disable_help_flag = false
+    )]
+    Up(crate::cmd::up::ComposeArgs),
+    /// Stop a project started with `dso up`; release its ports and wipe its secret files.
+    #[command(
+        long_about = "Run Compose's `down` for the project (same project options as `dso up`; \
+other arguments such as -v go to Compose), then ask the agent to remove the project's \
+listeners and wipe its secret directories (`POST /v1/compose/down`), or, in local mode, wipe \
+them here.",
+        after_long_help = "Examples:\n  dso down\n  dso down -p shop -v\n  dso down --local"
+    )]
+    Down(crate::cmd::up::ComposeArgs),
+    /// `dso compose up|down`: the same as `dso up` / `dso down`.
+    #[command(subcommand)]
+    Compose(crate::cmd::up::ComposeCommand),
 }
 
 /// `dso agent` options.

@@ -63,6 +63,9 @@ fn main() -> ExitCode {
         Command::Version(v) => cmd::version::run(v),
         Command::Watch(w) => cmd::watch::run(w, cmd::socket_path(cli.socket)),
         Command::Doctor(d) => cmd::doctor::run(d, cli.socket),
+        Command::Up(a) => cmd::up::up(a, cli.socket),
+        Command::Down(a) => cmd::up::down(a, cli.socket),
+        Command::Compose(c) => cmd::up::compose(c, cli.socket),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

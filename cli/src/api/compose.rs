@@ -50,9 +50,9 @@ fn conflict(message: impl Into<String>) -> ApiError {
 
 fn docker(state: &State) -> Result<Arc<Docker>, ApiError> {
     state.docker.get().map_err(|e| match e {
-        crate::docker::Unavailable::Off => {
-            conflict("the agent runs without Docker (--no-docker); restart it without that flag to use `dso up`")
-        }
+        crate::docker::Unavailable::Off => conflict(
+            "the agent runs without Docker (--no-docker); restart it without that flag to use `dso up`",
+        ),
         waiting @ crate::docker::Unavailable::Waiting(_) => ApiError {
             status: StatusCode::SERVICE_UNAVAILABLE,
             message: waiting.to_string(),

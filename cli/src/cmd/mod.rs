@@ -10,6 +10,7 @@ pub mod secret;
 pub mod setup;
 pub mod system;
 mod table;
+pub mod up;
 pub mod version;
 pub mod watch;
 

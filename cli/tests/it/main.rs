@@ -3,6 +3,7 @@
 
 mod agent;
 mod api;
+mod compose;
 mod compose_agent;
 mod config;
 mod delivery;
