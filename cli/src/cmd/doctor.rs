@@ -577,8 +577,83 @@ async fn socket_checks(ctx: &Context) -> Vec<Check> {
     } else {
         out.push(socket_mode_check(ctx, path, &meta));
     }
-    out.push(agent_check(path, &start_fix).await);
+    let agent = agent_check(path, &start_fix).await;
+    let docker_ready = agent.status == Status::Ok && agent.found.contains("docker: ready");
+    out.push(agent);
+    if docker_ready {
+        out.push(compose_services_check(path).await);
+    }
     out
+}
+
+/// The `dso up` services the agent follows: any that a plain `docker compose up` recreated
+/// without dso's override (so without its secrets) fails, with the fix the agent gives.
+async fn compose_services_check(path: &Path) -> Check {
+    const NAME: &str = "compose services";
+    let answer = match tokio::net::UnixStream::connect(path).await {
+        Ok(stream) => http_get(stream, "/v1/compose/services").await,
+        Err(e) => Err(e.to_string()),
+    };
+    let list = match answer {
+        Ok((s, body)) if s.is_success() => {
+            match serde_json::from_slice::<serde_json::Value>(&body)
+                .map(|v| v["services"].as_array().cloned())
+            {
+                Ok(Some(l)) => l,
+                Ok(None) => {
+                    return check(
+                        NAME,
+                        Status::Warn,
+                        "GET /v1/compose/services: no services list",
+                        "",
+                    );
+                }
+                Err(e) => {
+                    return check(
+                        NAME,
+                        Status::Warn,
+                        format!("GET /v1/compose/services: not JSON: {e}"),
+                        "",
+                    );
+                }
+            }
+        }
+        Ok((s, _)) => {
+            return check(
+                NAME,
+                Status::Warn,
+                format!("GET /v1/compose/services: HTTP {s}"),
+                "",
+            );
+        }
+        Err(e) => return check(NAME, Status::Warn, format!("GET /v1/compose/services: {e}"), ""),
+    };
+    let broken: Vec<&serde_json::Value> = list
+        .iter()
+        .filter(|s| s["state"] == "recreated_without_override")
+        .collect();
+    if broken.is_empty() {
+        return check(
+            NAME,
+            Status::Ok,
+            format!(
+                "{} service(s) started by `dso up`, each with dso's override",
+                list.len()
+            ),
+            "",
+        );
+    }
+    let names: Vec<&str> = broken.iter().filter_map(|s| s["service"].as_str()).collect();
+    let fixes: Vec<&str> = broken.iter().filter_map(|s| s["message"].as_str()).collect();
+    check(
+        NAME,
+        Status::Fail,
+        format!(
+            "recreated by a plain `docker compose up`, without their secrets: {}",
+            names.join(", ")
+        ),
+        fixes.join("; "),
+    )
 }
 
 fn socket_mode_check(ctx: &Context, path: &Path, meta: &std::fs::Metadata) -> Check {

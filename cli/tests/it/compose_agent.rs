@@ -618,6 +618,27 @@ async fn end_to_end(flavor: Flavor) {
     }
     let (_, cs) = p.api("GET", "/v1/compose/services", "").await;
     assert_eq!(cs["services"][0]["state"], "recreated_without_override", "{cs}");
+    // `dso doctor` fails on it, naming the service and the fix.
+    let agent = p.agent();
+    let doctor = Command::new(DSO)
+        .arg("--socket")
+        .arg(&agent.socket)
+        .args(["doctor", "--json", "--config"])
+        .arg(agent.dir.path().join("dso.yaml"))
+        .output()
+        .await
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&doctor.stdout).unwrap();
+    let compose = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "compose services")
+        .unwrap_or_else(|| panic!("no compose services check: {report:#}"))
+        .clone();
+    assert_eq!(compose["status"], "fail", "{compose}");
+    assert!(compose["fix"].as_str().unwrap().contains("dso up"), "{compose}");
+    assert_eq!(doctor.status.code(), Some(1), "{report:#}");
     // The agent remembers across a restart.
     p.stop_agent().await;
     p.start_agent().await;
