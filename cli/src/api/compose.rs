@@ -51,7 +51,7 @@ fn conflict(message: impl Into<String>) -> ApiError {
 fn docker(state: &State) -> Result<Arc<Docker>, ApiError> {
     state.docker.get().map_err(|e| match e {
         crate::docker::Unavailable::Off => conflict(
-            "the agent runs without Docker (--no-docker); restart it without that flag to use `dso up`",
+            "the agent runs without Docker (--no-docker); restart it without that flag, or with `dso agent --docker`, to use `dso up`",
         ),
         waiting @ crate::docker::Unavailable::Waiting(_) => ApiError {
             status: StatusCode::SERVICE_UNAVAILABLE,

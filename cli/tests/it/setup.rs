@@ -515,9 +515,15 @@ async fn docker_runs_the_plugin_with_its_global_options() {
         .next()
         .unwrap()
         .lines()
+        // A command's line is indented by two spaces; a wrapped description by more.
+        .filter_map(|l| l.strip_prefix("  ").filter(|r| !r.starts_with(' ')))
         .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
         .collect();
     assert!(commands.len() >= 10, "{commands:?}");
+    assert!(
+        commands.iter().all(|c| c != "events"),
+        "a wrapped description read as a command: {commands:?}"
+    );
     for help in [&["dso", "--help"][..], &["help", "dso"]] {
         let out = docker(help).await;
         assert!(out.status.success(), "docker {help:?}: {}", stderr(&out));
