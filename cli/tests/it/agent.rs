@@ -3,7 +3,7 @@
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::time::Duration;
 
-use crate::harness::{Agent, Conn, DSO, Echo, listener_yaml, poll, stderr};
+use crate::harness::{Agent, Conn, DSO, Echo, docker, listener_yaml, poll, stderr};
 
 async fn exit_code(agent: &mut Agent) -> Option<i32> {
     tokio::time::timeout(Duration::from_secs(20), agent.child.wait())
@@ -381,22 +381,6 @@ async fn a_state_directory_writable_by_others_or_of_another_user_is_refused() {
     }
 }
 
-/// Runs `docker ARGS` (the real engine at /var/run/docker.sock) and returns its stdout;
-/// fails the test (never skips) when Docker is missing.
-fn docker_cli(args: &[&str]) -> String {
-    let out = std::process::Command::new("docker")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run docker ({e}): run `bash .ci/services.sh docker` first"));
-    assert!(
-        out.status.success(),
-        "docker {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
 /// A network and one managed container labelled with a run scope; removed on drop.
 struct ScopedService {
     run: String,
@@ -414,8 +398,8 @@ impl ScopedService {
         };
         let label = format!("dso.test.run={}", s.run);
         let network = format!("{}_default", s.run);
-        docker_cli(&["network", "create", "--label", &label, &network]);
-        docker_cli(&[
+        docker(&["network", "create", "--label", &label, &network]);
+        docker(&[
             "run",
             "-d",
             "--name",
@@ -441,7 +425,7 @@ impl ScopedService {
 impl Drop for ScopedService {
     fn drop(&mut self) {
         let filter = format!("label=dso.test.run={}", self.run);
-        let ids = docker_cli(&["ps", "-aq", "--filter", &filter]);
+        let ids = docker(&["ps", "-aq", "--filter", &filter]);
         for id in ids.lines() {
             let _ = std::process::Command::new("docker")
                 .args(["rm", "-f", id])

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::harness::DSO;
+use crate::harness::{DSO, docker};
 
 fn image() -> String {
     std::env::var("DSO_TESTSRV_IMAGE").unwrap_or_else(|_| "dso-testsrv:test".to_owned())
@@ -23,20 +23,6 @@ fn launcher() -> String {
     std::env::var("DSO_INIT_BIN").unwrap_or_else(|_| {
         panic!("DSO_INIT_BIN is not set: export DSO_INIT_BIN=$(bash .ci/build-test-image.sh --init-path)")
     })
-}
-
-fn docker(args: &[&str]) -> String {
-    let out = Command::new("docker")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run docker ({e})"));
-    assert!(
-        out.status.success(),
-        "docker {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 fn text(o: &Output) -> String {

@@ -17,21 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::process::Command;
 
-use crate::harness::{Agent, DSO, http, stderr};
-
-fn docker(args: &[&str]) -> String {
-    let out = StdCommand::new("docker")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run docker ({e})"));
-    assert!(
-        out.status.success(),
-        "docker {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
+use crate::harness::{Agent, DSO, docker, http, stderr};
 
 fn launcher() -> String {
     std::env::var("DSO_INIT_BIN").unwrap_or_else(|_| {
@@ -133,18 +119,7 @@ proxy:\n  listeners: []\n",
             .spawn()
             .unwrap();
         let mut agent = Agent { dir, socket, child };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while http(&agent.socket, "GET", "/v1/health", "").await.is_err() {
-            if let Ok(Some(status)) = agent.child.try_wait() {
-                panic!("the agent exited with {status} at start:\n{}", agent.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the agent did not answer:\n{}",
-                agent.log()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        agent.wait_started(Duration::from_secs(30)).await;
         self.agent = Some(agent);
     }
 

@@ -12,13 +12,12 @@ use std::process::{Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 
-use crate::harness::{Agent, DSO, stderr};
+use crate::harness::{Agent, DSO, docker, stderr};
 
 const FIRST: &[u8] = b"events-first-value-Hq2!x";
 const SECOND: &[u8] = b"events second $value \"q\"\nand its second line";
@@ -154,18 +153,7 @@ impl Watch {
 }
 
 fn assert_clean(what: &str, text: &str) {
-    for value in [FIRST, SECOND] {
-        let raw = String::from_utf8_lossy(value);
-        let b64 = base64::engine::general_purpose::STANDARD.encode(value);
-        assert!(!text.contains(raw.as_ref()), "{what} holds a value:\n{text}");
-        assert!(
-            !text.contains(b64.trim_end_matches('=')),
-            "{what} holds a value in base64"
-        );
-        for line in raw.lines().filter(|l| l.len() >= 8) {
-            assert!(!text.contains(line), "{what} holds a line of a value:\n{text}");
-        }
-    }
+    crate::harness::assert_no_value(what, text, &[FIRST, SECOND]);
 }
 
 #[tokio::test]
@@ -256,20 +244,6 @@ secrets:\n  - name: app\n    provider: local\n    mappings:\n      DB_PASSWORD: 
         "{}",
         stderr(&gone)
     );
-}
-
-fn docker(args: &[&str]) -> String {
-    let out = std::process::Command::new("docker")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run docker ({e}): run `bash .ci/services.sh docker` first"));
-    assert!(
-        out.status.success(),
-        "docker {}: {} (Docker must run; image: `bash .ci/build-test-image.sh`)",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 /// A network and one managed rolling container, removed with everything of the run on drop.

@@ -291,3 +291,56 @@ pub async fn http(socket: &Path, method: &str, path: &str, body: &str) -> std::i
         .unwrap_or_default();
     Ok((status, body))
 }
+
+/// Runs `docker ARGS` against the real engine and returns its trimmed stdout; fails the
+/// test (never skips) when Docker is missing or the command fails, with Docker's error.
+pub fn docker(args: &[&str]) -> String {
+    let out = std::process::Command::new("docker")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run docker ({e}): run `bash .ci/services.sh docker` first"));
+    assert!(
+        out.status.success(),
+        "docker {}: {} (Docker must run: `bash .ci/services.sh docker`; image: `bash .ci/build-test-image.sh`)",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Fails when `text` holds any of `values`: raw, in base64, or any line of 8 bytes or more
+/// (the message names `what`, never the text, which would hold the value).
+pub fn assert_no_value(what: &str, text: &str, values: &[&[u8]]) {
+    use base64::Engine as _;
+    for value in values {
+        let raw = String::from_utf8_lossy(value);
+        let b64 = base64::engine::general_purpose::STANDARD.encode(value);
+        assert!(!text.contains(raw.as_ref()), "{what} holds a value");
+        assert!(
+            !text.contains(b64.trim_end_matches('=')),
+            "{what} holds a value in base64"
+        );
+        for line in raw.lines().filter(|l| l.len() >= 8) {
+            assert!(!text.contains(line), "{what} holds a line of a value");
+        }
+    }
+}
+
+impl Agent {
+    /// Waits until a just spawned agent answers `/v1/health`; fails with its log when it
+    /// exits first or does not answer `within`.
+    pub async fn wait_started(&mut self, within: std::time::Duration) {
+        let deadline = std::time::Instant::now() + within;
+        while http(&self.socket, "GET", "/v1/health", "").await.is_err() {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("the agent exited with {status} at start:\n{}", self.log());
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the agent did not answer within {within:?}:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+}

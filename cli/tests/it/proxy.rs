@@ -1,6 +1,6 @@
 //! `dso proxy status|swap|pause|resume` against a running agent.
 
-use crate::harness::{Agent, Conn, Echo, dso_with_socket, listener_yaml, poll, stderr, stdout};
+use crate::harness::{Agent, Conn, Echo, docker, dso_with_socket, listener_yaml, poll, stderr, stdout};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_table_and_json_show_the_real_listener() {
@@ -223,21 +223,6 @@ async fn agent_not_running_names_the_socket_and_how_to_start() {
         "{}",
         stderr(&out)
     );
-}
-
-/// Runs `docker ARGS`, failing the test with Docker's error.
-fn docker(args: &[&str]) -> String {
-    let out = std::process::Command::new("docker")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run docker ({e})"));
-    assert!(
-        out.status.success(),
-        "docker {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 /// Removes every container and the network of a test run on drop.

@@ -10,21 +10,7 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpStream;
 
-use crate::harness::{Agent, DSO, http, stderr, stdout};
-
-fn docker(args: &[&str]) -> String {
-    let out = StdCommand::new("docker")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run docker ({e}): run `bash .ci/services.sh docker` first"));
-    assert!(
-        out.status.success(),
-        "docker {}: {} (Docker must run: `bash .ci/services.sh docker`; image: `bash .ci/build-test-image.sh`)",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
+use crate::harness::{Agent, DSO, docker, http, stderr, stdout};
 
 /// A network and one managed container, removed (with anything else of the run) on drop.
 struct Project {
