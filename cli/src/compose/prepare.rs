@@ -106,6 +106,14 @@ pub fn prepare(
     let label = req.refs.to_label();
     let c = planned_container(req, &label);
     let instance = instance_for(&req.project, &req.service);
+    // Native env values would go into the reply and the Compose model: refused, so that a
+    // value never leaves the store on this path.
+    if let Some(secret) = delivery.native_env_secret(&c) {
+        return Err(DeliveryError::NativeBeforeCreate {
+            service: format!("{}/{}", req.project, req.service),
+            secret,
+        });
+    }
     let Some(p) = delivery.plan(&c, Some(bundle), &instance)? else {
         return Ok(PrepareReply::default());
     };
@@ -121,6 +129,7 @@ pub fn prepare(
         binds: p.overrides.add_binds,
         entrypoint,
         command,
+        // Paths only: the `dsofile://` variables and `env_pointers` (native values were refused).
         environment: req
             .refs
             .files
@@ -139,6 +148,66 @@ mod tests {
     use dso_rotator::delivery::declared::DeclaredRef;
     use dso_rotator::delivery::{DeliveryConfig, store::StoreOptions};
     use dso_secrets::SecretValue;
+
+    #[test]
+    fn a_native_env_secret_targeting_the_service_is_refused_and_nothing_is_written() {
+        use dso_secrets::config::{EnvMode, InjectSpec, RotationSpec, SecretSpec, Targets};
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        let native = SecretSpec {
+            name: "db".into(),
+            provider: "local".into(),
+            mappings: vec![(
+                "DB_PASSWORD".into(),
+                dso_secrets::Reference::parse(dso_secrets::ProviderKind::Local, "local", "shop/db").unwrap(),
+            )],
+            targets: Targets {
+                services: vec!["web".into()],
+                ..Targets::default()
+            },
+            inject: InjectSpec::Env {
+                env_mode: EnvMode::Native,
+            },
+            rotation: RotationSpec::default(),
+        };
+        let d = Delivery::new(DeliveryConfig {
+            root: root.clone(),
+            store: StoreOptions {
+                mount: true,
+                size_bytes: 8 << 20,
+            },
+            launcher: None,
+            secrets: vec![native],
+            providers: BTreeMap::from([("local".to_owned(), dso_secrets::ProviderKind::Local)]),
+        })
+        .expect("tests run as root: the store mounts its tmpfs");
+        let req = PrepareRequest {
+            project: "shop".into(),
+            service: "web".into(),
+            image: "app:1".into(),
+            user: String::new(),
+            entrypoint: vec!["/app".into()],
+            cmd: Vec::new(),
+            refs: Declared::default(),
+        };
+        let bundle = Bundle::new(
+            vec![(
+                "db".into(),
+                "DB_PASSWORD".into(),
+                SecretValue::from_slice(b"s3cr3t-native"),
+            )],
+            Vec::new(),
+        );
+        let e = prepare(&d, &req, &bundle).unwrap_err().to_string();
+        let written = d.store().exists(&instance_for("shop", "web"));
+        let _ = nix::mount::umount2(&root, nix::mount::MntFlags::MNT_DETACH);
+        assert!(
+            e.contains("shop/web") && e.contains("db") && e.contains("env_mode"),
+            "{e}"
+        );
+        assert!(!e.contains("s3cr3t-native"));
+        assert!(!written, "nothing is written for a refused service");
+    }
 
     #[test]
     fn a_service_gets_its_files_binds_and_launcher_under_a_stable_instance() {

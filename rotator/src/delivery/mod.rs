@@ -171,6 +171,17 @@ pub enum DeliveryError {
         /// Mapping key.
         key: String,
     },
+    /// A secret injected as native env for a container planned before it exists (`dso
+    /// up`): its values would travel in the Compose model and the API answer.
+    #[error(
+        "service {service}: secret {secret} uses inject.env_mode: native, which `dso up` does not deliver (the value would travel through the Compose model); use inject.type: file or env_mode: launcher for it"
+    )]
+    NativeBeforeCreate {
+        /// `project/service`.
+        service: String,
+        /// The secret's name.
+        secret: String,
+    },
     /// The archive of a group could not be built (remote engines).
     #[error("container {container}: {message}")]
     Archive {
@@ -404,14 +415,22 @@ impl Delivery {
     /// Whether any consumed secret of `c` is injected as native env (its values live in
     /// `Config.Env`, so only a new container takes new ones).
     pub fn has_native_env(&self, c: &Container) -> bool {
-        self.consumed(c).iter().any(|s| {
-            matches!(
-                s.inject,
-                InjectSpec::Env {
-                    env_mode: EnvMode::Native
-                }
-            )
-        })
+        self.native_env_secret(c).is_some()
+    }
+
+    /// The first consumed secret of `c` injected as native env.
+    pub fn native_env_secret(&self, c: &Container) -> Option<String> {
+        self.consumed(c)
+            .into_iter()
+            .find(|s| {
+                matches!(
+                    s.inject,
+                    InjectSpec::Env {
+                        env_mode: EnvMode::Native
+                    }
+                )
+            })
+            .map(|s| s.name)
     }
 
     fn layout(&self, c: &Container, secrets: &[SecretSpec]) -> Result<Layout, DeliveryError> {
