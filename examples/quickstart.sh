@@ -80,9 +80,11 @@ echo
 step "8/8 changing the secret while a client keeps requesting web"
 # The client: one request at a time on a new connection each, for at most 90 s; it stops
 # 2 s after it first sees the new value. Prints a JSON summary on its last line.
-python3 - "$old" "$new" >"$DSO_QS_DIR/client.out" <<'PY' &
-import json, sys, time, urllib.request
-old, new = sys.argv[1], sys.argv[2]
+# The values reach the helpers through their environment (readable by root and this user
+# only), never through argv, which every user of the host sees in `ps`.
+QS_OLD=$old QS_NEW=$new python3 - >"$DSO_QS_DIR/client.out" <<'PY' &
+import json, os, time, urllib.request
+old, new = os.environ["QS_OLD"], os.environ["QS_NEW"]
 url = "http://127.0.0.1:18080/file?path=/run/secrets/API_KEY_FILE"
 made = failed = 0
 first_new = None
@@ -120,16 +122,18 @@ for _ in $(seq 300); do
     sleep 0.2
 done
 
-python3 - "$summary" "$set_at" "$before" "$after" "$worker_before" "$worker_after" <<'PY'
-import json, sys
-s = json.loads(sys.argv[1]); set_at = float(sys.argv[2])
+QS_SUMMARY=$summary QS_SET_AT=$set_at QS_BEFORE=$before QS_AFTER=$after \
+QS_WORKER_BEFORE=$worker_before QS_WORKER_AFTER=$worker_after python3 - <<'PY'
+import json, os
+e = os.environ
+s = json.loads(e["QS_SUMMARY"]); set_at = float(e["QS_SET_AT"])
 took = (s["first_new"] - set_at) if s["first_new"] else None
 print(f"requests made:      {s['made']}")
 print(f"requests failed:    {s['failed']}" + (f"  {s['errors']}" if s["errors"] else ""))
-print(f"web served before:  {sys.argv[3]}")
-print(f"web serves after:   {sys.argv[4]}")
-print(f"worker env before:  {sys.argv[5]}")
-print(f"worker env after:   {sys.argv[6]}")
+print(f"web served before:  {e['QS_BEFORE']}")
+print(f"web serves after:   {e['QS_AFTER']}")
+print(f"worker env before:  {e['QS_WORKER_BEFORE']}")
+print(f"worker env after:   {e['QS_WORKER_AFTER']}")
 print("rotation took:      " + (f"{took:.2f} s from `dso secret set` to the first request answered with the new value" if took is not None else "the new value was not served within 90 s"))
 PY
 "$DSO" status
