@@ -681,8 +681,13 @@ async fn calls_changes_errors_and_health_are_counted_per_provider_instance() {
     let stats = watcher.provider_stats();
     assert_eq!(stats.keys().collect::<Vec<_>>(), ["a", "b"]);
     let (sa, sb) = (&stats["a"], &stats["b"]);
-    // `a`: one poll and one fetch, both fine; the first version seen is not a change.
-    assert_eq!(sa.calls_ok(Call::Version), 1);
+    // `a`: its polls (one, or two when the jittered second one falls within the 5 s) and
+    // one fetch, all fine; the first version seen is not a change.
+    assert!(
+        (1..=2).contains(&sa.calls_ok(Call::Version)),
+        "{}",
+        sa.calls_ok(Call::Version)
+    );
     assert_eq!(sa.calls_ok(Call::Fetch), 1);
     assert_eq!(sa.calls_failed(Call::Version) + sa.calls_failed(Call::Fetch), 0);
     assert_eq!(sa.version_changes(), 0);
