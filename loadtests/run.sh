@@ -16,6 +16,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 source "$LT_ROOT/scenarios.sh"
+source "$LT_ROOT/sockmap.sh"
 
 all=(bluegreen_pg bluegreen_mariadb restart_hold throughput pgbench_s connrate memory)
 scenarios=("$@")

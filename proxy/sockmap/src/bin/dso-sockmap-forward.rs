@@ -5,13 +5,18 @@
 //! `dso-sockmap-forward LISTEN BACKEND` forwards; `dso-sockmap-forward --probe` prints
 //! `available` or `not available: <reason>` (exit 1).
 
-use std::io::Read;
+use std::io::{ErrorKind, Read};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use dso_sockmap::{FastPath, Joined};
+
+/// Reads of a leg that returned EAGAIN (spurious wake-ups), printed every 10 s when
+/// changed.
+static WAKEUPS: AtomicU64 = AtomicU64::new(0);
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -37,6 +42,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    thread::spawn(|| {
+        let mut last = 0;
+        loop {
+            thread::sleep(Duration::from_secs(10));
+            let now = WAKEUPS.load(Ordering::Relaxed);
+            if now != last {
+                eprintln!("spurious wake-ups so far: {now}");
+                last = now;
+            }
+        }
+    });
     for client in listener.incoming() {
         let Ok(client) = client else { continue };
         let backend = backend.clone();
@@ -66,7 +82,17 @@ fn serve(fast: &FastPath, client: TcpStream, backend: &str) -> Result<(), Box<dy
 /// is in `to`'s send queue (bounded: 10 s).
 fn half(j: &Joined<'_>, a: &TcpStream, b: &TcpStream, mut from: &TcpStream, to: &TcpStream) {
     let mut buf = [0u8; 4096];
-    match from.read(&mut buf) {
+    // A blocking read on a leg in the map returns EAGAIN whenever redirected data wakes it
+    // (tcp_bpf_recvmsg): read again. Counted, to show what that costs.
+    let r = loop {
+        match from.read(&mut buf) {
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {
+                WAKEUPS.fetch_add(1, Ordering::Relaxed);
+            }
+            r => break r,
+        }
+    };
+    match r {
         Ok(0) => {
             let end = Instant::now() + Duration::from_secs(10);
             while !j.moved(a, b).is_ok_and(|m| m.settled()) && Instant::now() < end {

@@ -353,3 +353,50 @@ fn without_permission_the_reason_is_reported() {
     assert!(text.starts_with("sockmap fast path not available: "), "{text}");
     eprintln!("{text}");
 }
+
+/// What happens without that wait: a half-close passed on as soon as end of stream is read
+/// puts the FIN ahead of the bytes still in the redirect queue, and the server gets a
+/// truncated stream that looks complete.
+#[test]
+fn a_half_close_before_settled_truncates_the_stream() {
+    let f = fast();
+    let c = conn();
+    let j = f.join(&c.pa, &c.pb).unwrap();
+    let total = 16 << 20;
+    let payload = data(total, 21);
+    let mut w = c.client.try_clone().unwrap();
+    let p2 = payload.clone();
+    let writer = thread::spawn(move || {
+        w.write_all(&p2).unwrap();
+        w.shutdown(Shutdown::Write).unwrap();
+    });
+    // The server does not read yet: everything waits in the kernel when the FIN arrives.
+    let mut pa = c.pa.try_clone().unwrap();
+    pa.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut wakeups = 0;
+    loop {
+        match pa.read(&mut [0u8; 16]) {
+            Ok(0) => break,
+            Ok(n) => panic!("user space read {n} redirected bytes"),
+            // A blocking read on a leg in the map returns EAGAIN each time redirected data
+            // wakes it (tcp_bpf_recvmsg), long before its timeout.
+            Err(e) if e.kind() == ErrorKind::WouldBlock && wakeups < 100_000 => wakeups += 1,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    eprintln!("{wakeups} EAGAIN returns from a blocking read before end of stream");
+    let at_eof = j.moved(&c.pa, &c.pb).unwrap();
+    c.pb.shutdown(Shutdown::Write).unwrap();
+    writer.join().unwrap();
+    let mut got = Vec::new();
+    let mut server = c.server.try_clone().unwrap();
+    server.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    server.read_to_end(&mut got).unwrap();
+    eprintln!(
+        "at end of stream {at_eof:?}; the server got {} of {total} bytes and then end of stream",
+        got.len()
+    );
+    assert!(!at_eof.settled());
+    assert!(got.len() < total, "the server got every byte");
+    assert!(got[..] == payload[..got.len()], "what arrived is a prefix");
+}
