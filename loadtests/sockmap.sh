@@ -6,8 +6,8 @@
 # Per target and round: pgbench -S, 16 clients, 2 threads, a fixed transaction count
 # (LT_SM_TX per client, default 2000). CPU is read as jiffies (1/100 s) before and after:
 #   proxy_ms     utime+stime of the proxy process (every thread);
-#   kworker_ms   utime+stime of every kworker thread (the fast path's redirect queue is
-#                drained by a kworker: sk_psock_backlog);
+#   kworker_ms   utime+stime of the kworker threads, per thread between two snapshots
+#                (the fast path's redirect queue is drained by a kworker: sk_psock_backlog);
 #   postgres_ms  the postmaster's cutime+cstime (its backends, reaped after the run);
 #   pgbench_ms   pgbench's user+sys (/usr/bin/time);
 #   softirq_ms   the whole machine's softirq time (/proc/stat; this kernel accounts it
@@ -24,16 +24,18 @@ lt_sm_jiffies() {
     awk -v all="${2:-}" '{ sub(/^.*\) /, ""); t = $12 + $13; if (all == "all") t += $14 + $15; print t }' "/proc/$1/stat"
 }
 
-# utime+stime of every kworker thread that exists now, in jiffies (threads that ended
-# between two readings are lost: the figure is a lower bound).
-lt_sm_kworkers() {
-    local f sum=0 t
+# Writes "tid jiffies" (utime+stime) of every kworker thread that exists now to file $1.
+lt_sm_kworkers_snap() {
+    local f
     for f in /proc/[0-9]*/task/[0-9]*/stat; do
-        [[ $(cat "${f%stat}comm" 2>/dev/null) == kworker* ]] || continue
-        t=$(awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "$f" 2>/dev/null) || continue
-        sum=$((sum + ${t:-0}))
-    done
-    echo "$sum"
+        awk '$2 ~ /^\(kworker/ { sub(/^.*\) /, ""); split(FILENAME, p, "/"); print p[5], $12 + $13 }' "$f" 2>/dev/null || true
+    done >"$1"
+}
+
+# kworker jiffies between two snapshots: the delta of each thread in both, plus the whole
+# time of threads that appeared (threads that ended in between are lost: a lower bound).
+lt_sm_kworkers_delta() {
+    awk 'NR == FNR { a[$1] = $2; next } { d += $2 - (($1 in a) ? a[$1] : 0) } END { print d + 0 }' "$1" "$2"
 }
 
 # "busy softirq" jiffies of the whole machine.
@@ -73,7 +75,7 @@ sc_sockmap() {
             local p0=0 p1=0 k0 k1 g0 g1 m0 s0 m1 s1 load
             load=$(cut -d' ' -f1 /proc/loadavg)
             [[ -n ${!pidv} ]] && p0=$(lt_sm_jiffies "${!pidv}")
-            k0=$(lt_sm_kworkers)
+            lt_sm_kworkers_snap "$LT_SCRATCH/kw0"
             g0=$(lt_sm_jiffies "$master" all)
             read -r m0 s0 < <(lt_sm_machine)
             local rc=0
@@ -83,7 +85,8 @@ sc_sockmap() {
             read -r m1 s1 < <(lt_sm_machine)
             sleep 0.5
             [[ -n ${!pidv} ]] && p1=$(lt_sm_jiffies "${!pidv}")
-            k1=$(lt_sm_kworkers)
+            lt_sm_kworkers_snap "$LT_SCRATCH/kw1"
+            k0=0 k1=$(lt_sm_kworkers_delta "$LT_SCRATCH/kw0" "$LT_SCRATCH/kw1")
             g1=$(lt_sm_jiffies "$master" all)
             local tps failed aborted lat pgb
             read -r tps failed aborted lat < <(lt_pgbench_figures "$out")

@@ -272,3 +272,65 @@ pub(crate) fn set_rcvlowat(sock: &impl AsFd, value: libc::c_int) -> io::Result<(
         Ok(())
     }
 }
+
+/// A new epoll instance (close-on-exec).
+pub(crate) fn epoll_create() -> io::Result<OwnedFd> {
+    // SAFETY: no pointer arguments; a non-negative result is a new descriptor we own.
+    let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    owned(libc::c_long::from(fd))
+}
+
+/// Registers `sock` in `epoll` for `events`, with `token` given back by `epoll_wait`.
+pub(crate) fn epoll_add(epoll: &OwnedFd, sock: &impl AsFd, events: u32, token: u64) -> io::Result<()> {
+    let mut ev = libc::epoll_event { events, u64: token };
+    // SAFETY: `ev` is a live local; both descriptors are open for the call.
+    let r = unsafe {
+        libc::epoll_ctl(
+            epoll.as_raw_fd(),
+            libc::EPOLL_CTL_ADD,
+            sock.as_fd().as_raw_fd(),
+            &mut ev,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Removes `sock` from `epoll`.
+pub(crate) fn epoll_del(epoll: &OwnedFd, sock: &impl AsFd) -> io::Result<()> {
+    let mut ev = libc::epoll_event { events: 0, u64: 0 };
+    // SAFETY: as for `epoll_add`.
+    let r = unsafe {
+        libc::epoll_ctl(
+            epoll.as_raw_fd(),
+            libc::EPOLL_CTL_DEL,
+            sock.as_fd().as_raw_fd(),
+            &mut ev,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Waits for events (at most `out.len()`, `timeout_ms` -1 = forever); returns
+/// `(events, token)` pairs written into `out`.
+pub(crate) fn epoll_wait(epoll: &OwnedFd, out: &mut [(u32, u64)], timeout_ms: i32) -> io::Result<usize> {
+    let mut evs = vec![libc::epoll_event { events: 0, u64: 0 }; out.len()];
+    let max = libc::c_int::try_from(evs.len()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `evs` has room for `max` events and lives across the call.
+    let n = unsafe { libc::epoll_wait(epoll.as_raw_fd(), evs.as_mut_ptr(), max, timeout_ms) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let n = usize::try_from(n).unwrap_or(0);
+    for (o, e) in out.iter_mut().zip(&evs[..n]) {
+        *o = (e.events, e.u64);
+    }
+    Ok(n)
+}
