@@ -1,6 +1,9 @@
 //! The stream-verdict program, written as raw eBPF instructions (no clang, no ELF).
 //!
 //! For every chunk of bytes a socket in the `socks` map receives, the program:
+//! 0. passes an empty chunk (a bare FIN) to the socket itself: redirected, the peer's
+//!    send of zero bytes counts as a hard error in the kernel (`sk_psock_backlog`), which
+//!    sets `EPIPE` on the healthy peer leg and stops its redirects;
 //! 1. takes the socket's cookie (`bpf_get_socket_cookie`) and looks it up in `peers`
 //!    (cookie -> `{ peer cookie, bytes }`); no entry: `SK_PASS` (the bytes stay with the
 //!    socket, for user space);
@@ -58,31 +61,33 @@ fn ld_map(dst: u8, map: &OwnedFd) -> [u64; 2] {
 /// `targets` (sockhash keyed by cookie).
 pub(crate) fn verdict(peers: &OwnedFd, targets: &OwnedFd) -> Vec<u64> {
     let (r0, r1, r2, r3, r4, r6, r7, r10) = (0, 1, 2, 3, 4, 6, 7, 10);
-    let mut p = Vec::with_capacity(26);
+    let mut p = Vec::with_capacity(28);
     p.push(insn(MOV64_X, r6, r1, 0, 0)); // 0: r6 = ctx
-    p.push(insn(CALL, 0, 0, 0, GET_SOCKET_COOKIE)); // 1: r0 = cookie(ctx)
-    p.push(insn(STX_DW, r10, r0, -8, 0)); // 2: stack[-8] = cookie
-    p.extend(ld_map(r1, peers)); // 3-4: r1 = peers
-    p.push(insn(MOV64_X, r2, r10, 0, 0)); // 5
-    p.push(insn(ADD64_K, r2, 0, 0, -8)); // 6: r2 = &stack[-8]
-    p.push(insn(CALL, 0, 0, 0, MAP_LOOKUP_ELEM)); // 7: r0 = peers[cookie]
-    p.push(insn(JEQ_K, r0, 0, 15, 0)); // 8: none -> 24 (pass)
-    p.push(insn(MOV64_X, r7, r0, 0, 0)); // 9: r7 = entry
-    p.push(insn(LDX_DW, r1, r7, 0, 0)); // 10: r1 = entry.peer
-    p.push(insn(STX_DW, r10, r1, -16, 0)); // 11: stack[-16] = peer
-    p.push(insn(MOV64_X, r1, r6, 0, 0)); // 12: r1 = ctx
-    p.extend(ld_map(r2, targets)); // 13-14: r2 = targets
-    p.push(insn(MOV64_X, r3, r10, 0, 0)); // 15
-    p.push(insn(ADD64_K, r3, 0, 0, -16)); // 16: r3 = &stack[-16]
-    p.push(insn(MOV64_K, r4, 0, 0, 0)); // 17: flags = 0 (peer's egress)
-    p.push(insn(CALL, 0, 0, 0, SK_REDIRECT_HASH)); // 18
-    p.push(insn(JNE_K, r0, 0, 4, SK_PASS)); // 19: refused -> 24 (pass, no redirect)
-    p.push(insn(LDX_W, r1, r6, 0, 0)); // 20: r1 = skb->len (offset 0)
-    p.push(insn(ATOMIC_DW, r7, r1, 8, 0)); // 21: lock entry.bytes += r1
-    p.push(insn(MOV64_K, r0, 0, 0, SK_PASS)); // 22
-    p.push(insn(EXIT, 0, 0, 0, 0)); // 23
-    p.push(insn(MOV64_K, r0, 0, 0, SK_PASS)); // 24: pass
+    p.push(insn(LDX_W, r2, r6, 0, 0)); // 1: r2 = skb->len
+    p.push(insn(JEQ_K, r2, 0, 23, 0)); // 2: empty (a bare FIN) -> 26 (pass)
+    p.push(insn(CALL, 0, 0, 0, GET_SOCKET_COOKIE)); // 3: r0 = cookie(ctx)
+    p.push(insn(STX_DW, r10, r0, -8, 0)); // 4: stack[-8] = cookie
+    p.extend(ld_map(r1, peers)); // 5-6: r1 = peers
+    p.push(insn(MOV64_X, r2, r10, 0, 0)); // 7
+    p.push(insn(ADD64_K, r2, 0, 0, -8)); // 8: r2 = &stack[-8]
+    p.push(insn(CALL, 0, 0, 0, MAP_LOOKUP_ELEM)); // 9: r0 = peers[cookie]
+    p.push(insn(JEQ_K, r0, 0, 15, 0)); // 10: none -> 26 (pass)
+    p.push(insn(MOV64_X, r7, r0, 0, 0)); // 11: r7 = entry
+    p.push(insn(LDX_DW, r1, r7, 0, 0)); // 12: r1 = entry.peer
+    p.push(insn(STX_DW, r10, r1, -16, 0)); // 13: stack[-16] = peer
+    p.push(insn(MOV64_X, r1, r6, 0, 0)); // 14: r1 = ctx
+    p.extend(ld_map(r2, targets)); // 15-16: r2 = targets
+    p.push(insn(MOV64_X, r3, r10, 0, 0)); // 17
+    p.push(insn(ADD64_K, r3, 0, 0, -16)); // 18: r3 = &stack[-16]
+    p.push(insn(MOV64_K, r4, 0, 0, 0)); // 19: flags = 0 (peer's egress)
+    p.push(insn(CALL, 0, 0, 0, SK_REDIRECT_HASH)); // 20
+    p.push(insn(JNE_K, r0, 0, 4, SK_PASS)); // 21: refused -> 26 (pass, no redirect)
+    p.push(insn(LDX_W, r1, r6, 0, 0)); // 22: r1 = skb->len (offset 0)
+    p.push(insn(ATOMIC_DW, r7, r1, 8, 0)); // 23: lock entry.bytes += r1
+    p.push(insn(MOV64_K, r0, 0, 0, SK_PASS)); // 24
     p.push(insn(EXIT, 0, 0, 0, 0)); // 25
+    p.push(insn(MOV64_K, r0, 0, 0, SK_PASS)); // 26: pass
+    p.push(insn(EXIT, 0, 0, 0, 0)); // 27
     p
 }
 

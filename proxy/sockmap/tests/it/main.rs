@@ -400,3 +400,65 @@ fn a_half_close_before_settled_truncates_the_stream() {
     assert!(got.len() < total, "the server got every byte");
     assert!(got[..] == payload[..got.len()], "what arrived is a prefix");
 }
+
+/// The end-of-stream watch sleeps through the bytes the kernel moves (interest only in
+/// `EPOLLRDHUP`: 100 round trips, no event) and wakes for the FIN, then for a reset with
+/// `error`.
+#[test]
+fn the_end_watch_wakes_for_fin_and_reset_only() {
+    let f = fast();
+    let mut c = conn();
+    let j = f.join(&c.pa, &c.pb).unwrap();
+    let w = dso_sockmap::EndWatch::new().unwrap();
+    w.add(&c.pa, 10).unwrap();
+    w.add(&c.pb, 11).unwrap();
+    for i in 0..100u32 {
+        let q = data(100, i);
+        c.client.write_all(&q).unwrap();
+        assert_eq!(
+            read_exact_timeout(&mut c.server, q.len(), Duration::from_secs(5)),
+            q
+        );
+        c.server.write_all(&q).unwrap();
+        assert_eq!(
+            read_exact_timeout(&mut c.client, q.len(), Duration::from_secs(5)),
+            q
+        );
+    }
+    assert_eq!(
+        w.wait(Some(Duration::ZERO)).unwrap(),
+        vec![],
+        "woken by redirected bytes"
+    );
+    c.client.shutdown(Shutdown::Write).unwrap();
+    let ends = w.wait(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(
+        ends,
+        vec![dso_sockmap::End {
+            token: 10,
+            error: false
+        }]
+    );
+    // The FIN is not redirected (the program passes empty chunks): redirected, the
+    // kernel's zero-byte send set EPIPE on the server's healthy leg (seen before the fix).
+    assert!(
+        c.pb.take_error().unwrap().is_none(),
+        "the server's leg got an error from the client's FIN"
+    );
+    assert!(wait_settled(&j, &c, Duration::from_secs(2)).settled());
+    // A reset from the server: SO_LINGER 0 then close.
+    let server = socket2::Socket::from(c.server);
+    server.set_linger(Some(Duration::ZERO)).unwrap();
+    drop(server);
+    let ends = w.wait(Some(Duration::from_secs(5))).unwrap();
+    // The client's leg may be reported again (edge-triggered epoll reports a socket anew
+    // at each wake-up of its queue while its condition holds): handling must be idempotent.
+    assert!(
+        ends.contains(&dso_sockmap::End {
+            token: 11,
+            error: true
+        }),
+        "{ends:?}"
+    );
+    assert!(ends.iter().all(|e| e.token == 11 || e.token == 10), "{ends:?}");
+}
