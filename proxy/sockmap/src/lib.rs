@@ -198,8 +198,10 @@ impl Moved {
     /// Whether every redirected byte has reached the other socket's send queue: only then
     /// may a side be half-closed (its FIN would otherwise overtake bytes still in the
     /// redirect queue, which the kernel then drops).
+    /// `>=`, not `==`: once the proxy has passed a FIN on to a leg, that FIN counts one in
+    /// its `into_*` (a sequence number, acked like a byte).
     pub fn settled(&self) -> bool {
-        self.into_b == self.a_to_b && self.into_a == self.b_to_a
+        self.into_b >= self.a_to_b && self.into_a >= self.b_to_a
     }
 }
 

@@ -163,6 +163,8 @@ fn half_close_is_seen_by_user_space_and_passed_on() {
     assert_eq!(c.pb.read(&mut buf).unwrap(), 0);
     let m = wait_settled(&j, &c, Duration::from_secs(2));
     assert_eq!((m.a_to_b, m.b_to_a), (q.len() as u64, r.len() as u64));
+    // The FIN passed on to the server's leg counts one there; still settled.
+    assert!(m.settled() && m.into_b == q.len() as u64 + 1, "{m:?}");
     c.pa.shutdown(Shutdown::Write).unwrap();
     let mut rest = Vec::new();
     c.client.read_to_end(&mut rest).unwrap();
