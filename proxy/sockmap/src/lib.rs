@@ -13,8 +13,9 @@
 //! backpressure and byte counts is measured by `tests/it` and written down in
 //! docs/proxy.md ("Sockmap fast path: evaluation").
 //!
-//! Linux only; root or `CAP_BPF` + `CAP_NET_ADMIN`. Without them [`FastPath::new`] fails
-//! with [`Error::Unavailable`] and the caller keeps its user-space path.
+//! Linux only; root (by the kernel's rules `CAP_BPF` with `CAP_NET_ADMIN`; only root was
+//! tried). Without the permission [`FastPath::new`] fails with [`Error::Unavailable`] and
+//! the caller keeps its user-space path.
 
 #[cfg(target_os = "linux")]
 mod prog;

@@ -1,9 +1,9 @@
 //! The stream-verdict program, written as raw eBPF instructions (no clang, no ELF).
 //!
 //! For every chunk of bytes a socket in the `socks` map receives, the program:
-//! 0. passes an empty chunk (a bare FIN) to the socket itself: redirected, the peer's
-//!    send of zero bytes counts as a hard error in the kernel (`sk_psock_backlog`), which
-//!    sets `EPIPE` on the healthy peer leg and stops its redirects;
+//! 0. passes an empty chunk (a bare FIN) to the socket itself: redirected, it left `EPIPE`
+//!    and `EPOLLERR` on the healthy peer leg (observed; by the kernel's code the peer's
+//!    zero-byte send is a hard error in `sk_psock_backlog`, which also stops its redirects);
 //! 1. takes the socket's cookie (`bpf_get_socket_cookie`) and looks it up in `peers`
 //!    (cookie -> `{ peer cookie, bytes }`); no entry: `SK_PASS` (the bytes stay with the
 //!    socket, for user space);
