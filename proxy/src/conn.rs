@@ -17,6 +17,23 @@ use crate::route::{BackendState, Generation, GenerationGuard, Mode, Route};
 use crate::socket;
 use crate::stats::Counters;
 
+/// Serves a socket just accepted (not yet registered with any runtime) on the runtime that
+/// polls this future: registers it, then [`serve`]s it.
+pub(crate) async fn start(
+    shared: Arc<Shared>,
+    client: std::net::TcpStream,
+    peer: SocketAddr,
+    permits: (Option<OwnedSemaphorePermit>, Option<OwnedSemaphorePermit>),
+) {
+    match TcpStream::from_std(client) {
+        Ok(client) => serve(shared, client, peer, permits).await,
+        Err(e) => {
+            Counters::add(&shared.counters.failed, 1);
+            warn!(listener = %shared.cfg.name, peer = %peer, error = %e, "cannot register an accepted connection; closing it");
+        }
+    }
+}
+
 /// Serves one accepted client until both sides are done. The permits are the connection
 /// limit slots it occupies; they are released when it returns.
 pub(crate) async fn serve(

@@ -27,6 +27,7 @@ mod socket;
 #[cfg(target_os = "linux")]
 mod splice;
 mod stats;
+mod worker;
 
 pub use config::{ListenerConfig, ProxyConfig};
 #[doc(hidden)]
