@@ -22,7 +22,9 @@ fn bench(c: &mut Criterion) {
     let _enter = rt.enter();
     let (_proxy, listener) = dso_benches::proxy(vec![Backend::new(SocketAddr::from(([127, 0, 0, 1], 1)))]);
     let took = Duration::from_micros(120);
-    g.bench_function("one_thread", |b| b.iter(|| black_box(accept_path_once(&listener, took))));
+    g.bench_function("one_thread", |b| {
+        b.iter(|| black_box(accept_path_once(&listener, took)))
+    });
 
     let stop = Arc::new(AtomicBool::new(false));
     let other = {

@@ -15,7 +15,13 @@ use tokio::time::Instant;
 /// connection.
 const STEP: Duration = Duration::from_secs(5);
 
-pub async fn run(target: SocketAddr, connections: usize, count: u64, size: usize, label: &str) -> anyhow::Result<()> {
+pub async fn run(
+    target: SocketAddr,
+    connections: usize,
+    count: u64,
+    size: usize,
+    label: &str,
+) -> anyhow::Result<()> {
     let started = Instant::now();
     let workers: Vec<_> = (0..connections)
         .map(|_| tokio::spawn(worker(target, count, size)))
