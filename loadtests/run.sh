@@ -37,6 +37,7 @@ lt_build
     echo "- load average at start: $(cut -d' ' -f1-3 /proc/loadavg) (other engineers' builds share the 2 cores)"
     echo "- versions: $(haproxy -v | head -1 | cut -d' ' -f1-3), $(iperf3 --version | head -1 | cut -d' ' -f1-2), $("$PG_BIN/postgres" --version), $(mariadbd --version | cut -d' ' -f2-4), $(sysbench --version)"
     echo "- command: \`LT_SECS=$LT_SECS LT_BG_SECS=$LT_BG_SECS LT_ROUNDS=$LT_ROUNDS LT_IDLE=$LT_IDLE LT_CPU_TX=$LT_CPU_TX LT_CPU_RT=$LT_CPU_RT LT_CPU_CONN_SECS=$LT_CPU_CONN_SECS bash loadtests/run.sh ${scenarios[*]}\`"
+    [[ -n "${LT_DSO_B:-}" ]] && echo "- second dso build (target dso_b): \`LT_DSO_B=$LT_DSO_B\`"
     echo "- started: $(date -u +%FT%TZ)"
     echo
     echo "Raw figures: \`results.csv\`; tables: \`summary.md\`; tool outputs: \`logs/\`."
