@@ -76,3 +76,47 @@ fn start() -> Option<Workers> {
 fn cores() -> usize {
     std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)
 }
+
+#[cfg(test)]
+mod tests {
+    /// Under a multi-thread runtime connections go to the named worker threads, in turn;
+    /// under a current-thread runtime (the paused-clock tests) they stay where they are.
+    #[test]
+    fn workers_serve_only_multi_thread_runtimes_and_take_turns() {
+        let current = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        assert!(current.block_on(async { super::pick().is_none() }));
+        if std::env::var_os("DSO_PROXY_WORKERS").is_some() {
+            eprintln!("DSO_PROXY_WORKERS is set: the default worker set is not checked");
+            return;
+        }
+        let multi = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let names = multi.block_on(async {
+            let mut names = Vec::new();
+            // Eight in a row: other tests of this binary may take turns in between.
+            for _ in 0..8 {
+                let worker = super::pick().expect("a worker under a multi-thread runtime");
+                let name = worker
+                    .spawn(async { std::thread::current().name().map(str::to_owned) })
+                    .await
+                    .unwrap();
+                names.push(name.unwrap_or_default());
+            }
+            names
+        });
+        assert!(names.iter().all(|n| n.starts_with("dso-proxy-")), "{names:?}");
+        let distinct: std::collections::BTreeSet<_> = names.iter().collect();
+        if super::cores() > 1 {
+            assert!(
+                distinct.len() > 1,
+                "eight connections in a row went to one worker: {names:?}"
+            );
+        }
+    }
+}
