@@ -245,6 +245,7 @@ CFG
 lt_socat() {
     socat "TCP-LISTEN:$1,bind=127.0.0.1,reuseaddr,fork" "TCP:$2" >/dev/null 2>&1 &
     LT_PIDS+=($!)
+    SOCAT_PID=$!
     lt_wait_port "$1"
 }
 
@@ -354,4 +355,16 @@ lt_swap_loop() {
         sleep "$period"
         if ((i % 2)); then lt_ctl "$name" swap "$b" "$drain" >/dev/null; else lt_ctl "$name" swap "$a" "$drain" >/dev/null; fi
     done
+}
+
+# CPU time of process $1 in clock ticks (getconf CLK_TCK per second): utime + stime of all
+# its threads, plus cutime + cstime of the children it has reaped (socat forks one child
+# per connection). Fields counted after the ")" that ends the command name.
+lt_cpu_ticks() {
+    sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13 + $14 + $15}'
+}
+
+# The 1-minute load average.
+lt_load1() {
+    cut -d' ' -f1 /proc/loadavg
 }

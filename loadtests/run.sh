@@ -4,7 +4,7 @@
 #   bash loadtests/run.sh [SCENARIO...]
 #
 # SCENARIO is any of: bluegreen_pg bluegreen_mariadb restart_hold throughput pgbench_s
-# connrate memory (default: all, in that order). It installs what is missing (Debian
+# connrate memory cpu_rt (default: all, in that order). It installs what is missing (Debian
 # packages), builds dso-load in release mode, starts private PostgreSQL/MariaDB/iperf3/
 # HAProxy/socat instances on loopback ports in a scratch directory, runs the scenarios,
 # stops everything it started and writes loadtests/runs/<date>-<host>/ (README.md with the
@@ -18,7 +18,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 source "$LT_ROOT/scenarios.sh"
 source "$LT_ROOT/sockmap.sh"
 
-all=(bluegreen_pg bluegreen_mariadb restart_hold throughput pgbench_s connrate memory)
+all=(bluegreen_pg bluegreen_mariadb restart_hold throughput pgbench_s connrate memory cpu_rt)
 scenarios=("$@")
 ((${#scenarios[@]})) || scenarios=("${all[@]}")
 
@@ -37,7 +37,8 @@ lt_build
     echo "- machine: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(free -g | awk '/Mem:/ {print $2}') GiB, kernel $(uname -r), $(. /etc/os-release && echo "$PRETTY_NAME")"
     echo "- load average at start: $(cut -d' ' -f1-3 /proc/loadavg) (other engineers' builds share the 2 cores)"
     echo "- versions: $(haproxy -v | head -1 | cut -d' ' -f1-3), $(iperf3 --version | head -1 | cut -d' ' -f1-2), $("$PG_BIN/postgres" --version), $(mariadbd --version | cut -d' ' -f2-4), $(sysbench --version)"
-    echo "- command: \`LT_SECS=$LT_SECS LT_BG_SECS=$LT_BG_SECS LT_ROUNDS=$LT_ROUNDS LT_IDLE=$LT_IDLE bash loadtests/run.sh ${scenarios[*]}\`"
+    echo "- command: \`LT_SECS=$LT_SECS LT_BG_SECS=$LT_BG_SECS LT_ROUNDS=$LT_ROUNDS LT_IDLE=$LT_IDLE LT_CPU_TX=$LT_CPU_TX LT_CPU_RT=$LT_CPU_RT LT_CPU_CONN_SECS=$LT_CPU_CONN_SECS bash loadtests/run.sh ${scenarios[*]}\`"
+    [[ -n "${LT_DSO_B:-}" ]] && echo "- second dso build (target dso_b): \`LT_DSO_B=$LT_DSO_B\`"
     echo "- started: $(date -u +%FT%TZ)"
     echo
     echo "Raw figures: \`results.csv\`; tables: \`summary.md\`; tool outputs: \`logs/\`."

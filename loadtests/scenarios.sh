@@ -216,10 +216,21 @@ lt_targets() {
     lt_haproxy "$T_haproxy" "$1" "${2:-4096}"
     T_socat=$(lt_port)
     lt_socat "$T_socat" "$1"
+    # A second dso build side by side (before/after comparisons in one run): LT_DSO_B.
+    if [[ -n "${LT_DSO_B:-}" ]]; then
+        T_dso_b=$(lt_port)
+        DSO_BIN=$LT_DSO_B lt_dso cmpb "$T_dso_b" "$1" >/dev/null
+    fi
+}
+
+# The targets of the side-by-side scenarios, in the order they run each round.
+lt_target_names() {
+    echo direct dso ${LT_DSO_B:+dso_b} haproxy socat
 }
 
 lt_targets_stop() {
     lt_dso_stop cmp
+    [[ -n "${LT_DSO_B:-}" ]] && DSO_BIN=$LT_DSO_B lt_dso_stop cmpb
     kill "$HAPROXY_PID" 2>/dev/null || true
     lt_socat_stop
 }
@@ -346,4 +357,144 @@ sc_memory() {
         if [[ $t == dso ]]; then lt_dso_stop mem; else kill "$HAPROXY_PID"; wait "$HAPROXY_PID" 2>/dev/null || true; fi
         sleep 2
     done
+}
+
+# 7. CPU per round trip and per connection (issue 13): the proxy's own CPU time from
+# /proc/PID/stat (all threads; socat's reaped children included) over a fixed amount of
+# work, for dso, HAProxy and socat side by side, rounds interleaved, and direct for the
+# throughput ratios. Workloads: pgbench -S (16 clients, LT_CPU_TX transactions each),
+# `dso-load pingpong` (16 persistent connections, LT_CPU_RT round trips of 64 bytes each,
+# to `dso-load echo`), `dso-load connrate` (connect, 1-byte echo, close; LT_CPU_CONN_SECS).
+# Then, unless LT_STRACE=0, system calls per pgbench transaction from `strace -c -f` on dso
+# and HAProxy (LT_STRACE_TX transactions per client, 16 clients). Every figure row carries
+# the 1-minute load average taken just before it (metric load1). With LT_DSO_B=PATH a
+# second dso binary runs as target dso_b in the same rounds (before/after comparisons).
+: "${LT_CPU_TX:=2000}"
+: "${LT_CPU_RT:=2000}"
+: "${LT_CPU_CONN_SECS:=4}"
+: "${LT_STRACE:=1}"
+: "${LT_STRACE_TX:=500}"
+sc_cpu_rt() {
+    lt_setup_pg
+    local hz r t
+    hz=$(getconf CLK_TCK)
+    # Which process does the forwarding for each target (direct: none).
+    lt_cpu_pid() {
+        case $1 in
+        dso) echo "$DSO_PID_cmp" ;;
+        dso_b) echo "$DSO_PID_cmpb" ;;
+        haproxy) echo "$HAPROXY_PID" ;;
+        socat) echo "$SOCAT_PID" ;;
+        *) echo "" ;;
+        esac
+    }
+    # Milliseconds of CPU between two tick readings.
+    lt_ticks_ms() { python3 -c "print(round(($2 - $1) * 1000 / $hz, 1))"; }
+
+    lt_targets "127.0.0.1:$PG_A"
+    for ((r = 1; r <= LT_ROUNDS; r++)); do
+        for t in $(lt_target_names); do
+            local port="T_$t" pid c0=0 c1=0 rc=0 load
+            pid=$(lt_cpu_pid "$t")
+            load=$(lt_load1)
+            [[ -n $pid ]] && c0=$(lt_cpu_ticks "$pid")
+            lt_pgbench "${!port}" -S -c 16 -j 2 -t "$LT_CPU_TX" -n >"$LT_OUT/logs/cpu_S_${t}_r$r.txt" 2>&1 || rc=$?
+            # socat's children are reaped (and their time added) after their connections end.
+            [[ $t == socat ]] && sleep 1
+            [[ -n $pid ]] && c1=$(lt_cpu_ticks "$pid")
+            local tps tx
+            read -r tps _ _ _ < <(lt_pgbench_figures "$LT_OUT/logs/cpu_S_${t}_r$r.txt")
+            tx=$(awk -F'[:/ ]+' '/number of transactions actually processed/ {print $6}' "$LT_OUT/logs/cpu_S_${t}_r$r.txt")
+            lt_row cpu_rt_pgbench_S "$t" "$r" load1 "$load"
+            lt_row cpu_rt_pgbench_S "$t" "$r" pgbench_exit "$rc"
+            lt_row cpu_rt_pgbench_S "$t" "$r" tx "${tx:-0}"
+            lt_row cpu_rt_pgbench_S "$t" "$r" tps "$tps"
+            if [[ -n $pid ]]; then
+                local ms
+                ms=$(lt_ticks_ms "$c0" "$c1")
+                lt_row cpu_rt_pgbench_S "$t" "$r" cpu_ms "$ms"
+                lt_row cpu_rt_pgbench_S "$t" "$r" cpu_ms_per_1k_tx "$(python3 -c "print(round($ms * 1000 / max(${tx:-0}, 1), 2))")"
+                lt_log "cpu_rt pgbench -S round $r $t: $tx tx, $tps tps, ${ms} ms CPU (load $load)"
+            else
+                lt_log "cpu_rt pgbench -S round $r $t: $tx tx, $tps tps (load $load)"
+            fi
+        done
+    done
+    if ((LT_STRACE)) && command -v strace >/dev/null; then
+        for t in dso ${LT_DSO_B:+dso_b} haproxy; do
+            local port="T_$t" pid out="$LT_OUT/logs/strace-$t.txt" st rc=0
+            pid=$(lt_cpu_pid "$t")
+            strace -c -f -q -p "$pid" -o "$out" &
+            st=$!
+            sleep 1
+            lt_pgbench "${!port}" -S -c 16 -j 2 -t "$LT_STRACE_TX" -n >"$LT_OUT/logs/strace_S_$t.txt" 2>&1 || rc=$?
+            kill -INT "$st" 2>/dev/null || true
+            wait "$st" 2>/dev/null || true
+            local tx
+            tx=$(awk -F'[:/ ]+' '/number of transactions actually processed/ {print $6}' "$LT_OUT/logs/strace_S_$t.txt")
+            lt_row cpu_rt_strace "$t" 1 tx "${tx:-0}"
+            lt_row cpu_rt_strace "$t" 1 pgbench_exit "$rc"
+            # `calls` is the 4th column of strace -c's table; the name is the last.
+            awk -v tx="${tx:-0}" '$1 ~ /^[0-9.]+$/ && NF >= 5 && $NF != "total" {printf "%s %.3f\n", $NF, $4 / (tx > 0 ? tx : 1)}
+                $NF == "total" {printf "total %.3f\n", $4 / (tx > 0 ? tx : 1)}' "$out" |
+                while read -r call per; do lt_row cpu_rt_strace "$t" 1 "syscalls_per_tx_$call" "$per"; done
+            lt_log "cpu_rt strace $t: $(awk '$NF == "total" {print $4}' "$out") system calls for $tx transactions"
+        done
+    fi
+    lt_targets_stop
+
+    local echo
+    echo=$(lt_port)
+    "$DSO_LOAD" echo --listen "127.0.0.1:$echo" --max-seconds 1800 &
+    LT_PIDS+=($!)
+    lt_wait_port "$echo"
+    lt_targets "127.0.0.1:$echo"
+    for ((r = 1; r <= LT_ROUNDS; r++)); do
+        for t in $(lt_target_names); do
+            local port="T_$t" pid c0=0 c1=0 line load
+            pid=$(lt_cpu_pid "$t")
+            load=$(lt_load1)
+            [[ -n $pid ]] && c0=$(lt_cpu_ticks "$pid")
+            line=$("$DSO_LOAD" pingpong --target "127.0.0.1:${!port}" --connections 16 --count "$LT_CPU_RT" --size 64 --label "$t")
+            [[ $t == socat ]] && sleep 1
+            [[ -n $pid ]] && c1=$(lt_cpu_ticks "$pid")
+            local n errors rate p50 p99
+            IFS=, read -r _ n errors _ rate p50 p99 <<<"$line"
+            lt_row cpu_rt_pingpong "$t" "$r" load1 "$load"
+            lt_row cpu_rt_pingpong "$t" "$r" round_trips "$n"
+            lt_row cpu_rt_pingpong "$t" "$r" errors "$errors"
+            lt_row cpu_rt_pingpong "$t" "$r" round_trips_per_s "$rate"
+            lt_row cpu_rt_pingpong "$t" "$r" rt_p50_us "$p50"
+            lt_row cpu_rt_pingpong "$t" "$r" rt_p99_us "$p99"
+            if [[ -n $pid ]]; then
+                local ms
+                ms=$(lt_ticks_ms "$c0" "$c1")
+                lt_row cpu_rt_pingpong "$t" "$r" cpu_ms "$ms"
+                lt_row cpu_rt_pingpong "$t" "$r" cpu_us_per_rt "$(python3 -c "print(round($ms * 1000 / max($n, 1), 2))")"
+            fi
+            lt_log "cpu_rt pingpong round $r: $line; ${c0}..${c1} ticks (load $load)"
+
+            load=$(lt_load1)
+            [[ -n $pid ]] && c0=$(lt_cpu_ticks "$pid")
+            line=$("$DSO_LOAD" connrate --target "127.0.0.1:${!port}" --seconds "$LT_CPU_CONN_SECS" --concurrency 16 --label "$t")
+            [[ $t == socat ]] && sleep 1
+            [[ -n $pid ]] && c1=$(lt_cpu_ticks "$pid")
+            local ok c50 c99
+            IFS=, read -r _ ok errors _ rate c50 c99 p50 p99 <<<"$line"
+            lt_row cpu_rt_connrate "$t" "$r" load1 "$load"
+            lt_row cpu_rt_connrate "$t" "$r" conns "$ok"
+            lt_row cpu_rt_connrate "$t" "$r" errors "$errors"
+            lt_row cpu_rt_connrate "$t" "$r" conns_per_s "$rate"
+            if [[ -n $pid ]]; then
+                local ms
+                ms=$(lt_ticks_ms "$c0" "$c1")
+                lt_row cpu_rt_connrate "$t" "$r" cpu_ms "$ms"
+                lt_row cpu_rt_connrate "$t" "$r" cpu_us_per_conn "$(python3 -c "print(round($ms * 1000 / max($ok, 1), 2))")"
+            fi
+            lt_log "cpu_rt connrate round $r: $line; ${c0}..${c1} ticks (load $load)"
+            # Let TIME_WAIT and socat's children settle before the next target.
+            sleep 1
+        done
+    done
+    lt_targets_stop
 }

@@ -3,7 +3,10 @@
 #   1. pgbench -C -S (a new connection per transaction, 8 clients) for 26 s through a dso
 #      listener swapped between two PostgreSQL instances every 2 s (12 swaps, 5 s drain);
 #   2. restart with hold: pause the listener, restart PostgreSQL (smart stop, start), resume,
-#      under the same kind of load.
+#      under the same kind of load;
+#   3. the CPU-per-round-trip scenario (issue 13) in short: one round of 1,600 pgbench -S
+#      transactions, 3,200 echo round trips and 1 s of connect/echo/close through direct,
+#      dso, HAProxy and socat (no strace).
 # Exits non-zero on any failed transaction, aborted client, connection error or too few
 # swaps; never on timing. Runs the real `dso agent` (debug build CI already made; DSO_BIN
 # overrides) steered by `dso proxy swap/pause/resume`.
@@ -39,6 +42,18 @@ check() { # check SCENARIO METRIC OP VALUE
     fi
 }
 
+# checkt SCENARIO TARGET METRIC OP VALUE: as check, for one target's row.
+checkt() {
+    local v
+    v=$(awk -F, -v s="$1" -v t="$2" -v m="$3" '$1 == s && $2 == t && $4 == m {print $5}' "$LT_CSV" | tail -1)
+    if [[ -z "$v" ]] || ! python3 -c "import sys; sys.exit(0 if float('$v') $4 float('$5') else 1)"; then
+        echo "smoke: FAIL $1 $2 $3 = '${v}' (want $4 $5)" >&2
+        fail=1
+    else
+        echo "smoke: ok   $1 $2 $3 = $v" >&2
+    fi
+}
+
 lt_setup_pg
 p=$(lt_port)
 lt_dso smoke "$p" "127.0.0.1:$PG_A" --drain-ms 5000
@@ -57,6 +72,8 @@ lt_dso_stop smoke
 
 sc_restart_hold 16
 
+LT_ROUNDS=1 LT_CPU_TX=100 LT_CPU_RT=200 LT_CPU_CONN_SECS=1 LT_STRACE=0 sc_cpu_rt
+
 check smoke_bluegreen pgbench_exit == 0
 check smoke_bluegreen swaps '>=' 10
 check smoke_bluegreen failed_tx == 0
@@ -69,8 +86,16 @@ check restart_hold failed_tx == 0
 check restart_hold aborted_clients == 0
 check restart_hold tx_logged '>' 0
 check restart_hold tx_logged_failed == 0
+for t in direct dso haproxy socat; do
+    checkt cpu_rt_pgbench_S "$t" pgbench_exit == 0
+    checkt cpu_rt_pgbench_S "$t" tx == 1600
+    checkt cpu_rt_pingpong "$t" errors == 0
+    checkt cpu_rt_pingpong "$t" round_trips == 3200
+    checkt cpu_rt_connrate "$t" errors == 0
+    checkt cpu_rt_connrate "$t" conns '>' 0
+done
 
-echo "smoke: figures (not judged): $(grep -E 'tps|p99|pause_to_resume' "$LT_CSV" | tr '\n' ' ')" >&2
+echo "smoke: figures (not judged): $(grep -E 'tps|p99|pause_to_resume|cpu_' "$LT_CSV" | tr '\n' ' ')" >&2
 if ((fail)); then
     echo "smoke: pgbench output follows" >&2
     tail -n 30 "$LT_OUT"/logs/*.txt >&2 || true

@@ -8,7 +8,7 @@ import statistics
 import sys
 from collections import defaultdict
 
-TARGETS = ["direct", "dso", "haproxy", "socat"]
+TARGETS = ["direct", "dso", "dso_b", "haproxy", "socat"]
 
 
 def num(v):
@@ -143,6 +143,8 @@ def main():
         if "dso" in per and "haproxy" in per and per["dso"] == per["dso"]:
             verdicts.append(("memory per idle connection <= HAProxy", per["haproxy"] / per["dso"] if per["dso"] else float("inf"), 1.0))
 
+    cpu_rt(rows, out, section)
+
     if verdicts:
         section("Targets (issue 3)")
         out.append("| target | measured | met |")
@@ -152,6 +154,58 @@ def main():
             shown = f"{fmt(value)}x" if "memory" not in name else f"HAProxy/dso = {fmt(value)}"
             out.append(f"| {name} | {shown} | {met} |")
     print("\n".join(out).lstrip())
+
+
+def cpu_rt(rows, out, section):
+    """Scenario 7 (issue 13): CPU per round trip and per connection, dso against HAProxy."""
+    work = [
+        ("cpu_rt_pgbench_S", "cpu_ms_per_1k_tx", "CPU ms per 1,000 pgbench -S transactions", "tps", "tps"),
+        ("cpu_rt_pingpong", "cpu_us_per_rt", "CPU µs per 64-byte round trip (pingpong)", "round_trips_per_s", "round trips/s"),
+        ("cpu_rt_connrate", "cpu_us_per_conn", "CPU µs per connection (connect, 1-byte echo, close)", "conns_per_s", "conn/s"),
+    ]
+    if not any(w[0] in rows for w in work):
+        return
+    section("CPU per round trip and per connection (issue 13)")
+    out.append("| workload | target | CPU per op, per round | rate per round | load average per round |")
+    out.append("|---|---|---|---|---|")
+    for scenario, cpu, what, rate, unit in work:
+        cpus = per_round(rows, scenario, cpu)
+        rates = per_round(rows, scenario, rate)
+        loads = per_round(rows, scenario, "load1")
+        for t in TARGETS:
+            if t not in rates:
+                continue
+            c = ", ".join(fmt(x) for x in cpus.get(t, [])) or "—"
+            out.append(f"| {what} | {t} | {c} | {', '.join(fmt(x, 0) for x in rates[t])} {unit} | "
+                       f"{', '.join(fmt(x) for x in loads.get(t, []))} |")
+    out.append("\n| ratio, per round (mean) | pgbench -S | pingpong | connrate |")
+    out.append("|---|---|---|---|")
+    for label, metric_of, a, b in [
+        ("dso / HAProxy CPU per op", lambda w: w[1], "dso", "haproxy"),
+        ("dso / socat CPU per op", lambda w: w[1], "dso", "socat"),
+        ("dso / dso_b CPU per op", lambda w: w[1], "dso", "dso_b"),
+        ("dso_b / HAProxy CPU per op", lambda w: w[1], "dso_b", "haproxy"),
+        ("dso / HAProxy rate", lambda w: w[3], "dso", "haproxy"),
+        ("dso / direct rate", lambda w: w[3], "dso", "direct"),
+        ("HAProxy / direct rate", lambda w: w[3], "haproxy", "direct"),
+    ]:
+        cells = []
+        for w in work:
+            v = per_round(rows, w[0], metric_of(w))
+            r = [x / y if y else float("nan") for x, y in zip(v.get(a, []), v.get(b, []))]
+            cells.append(f"{', '.join(fmt(x) for x in r)} ({fmt(statistics.mean(r)) if r else '—'})")
+        if all(c.startswith(" (") for c in cells):
+            continue
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    if "cpu_rt_strace" in rows:
+        out.append("\nSystem calls per pgbench -S transaction (`strace -c -f` on the proxy):\n")
+        out.append("| target | transactions | total | per call |")
+        out.append("|---|---|---|---|")
+        for (t, _), m in sorted(rows["cpu_rt_strace"].items()):
+            calls = sorted(((k[len("syscalls_per_tx_"):], num(v)) for k, v in m.items()
+                            if k.startswith("syscalls_per_tx_") and k != "syscalls_per_tx_total"), key=lambda kv: -kv[1])
+            shown = ", ".join(f"{k} {fmt(v)}" for k, v in calls if v >= 0.01)
+            out.append(f"| {t} | {m.get('tx')} | {m.get('syscalls_per_tx_total')} | {shown} |")
 
 
 if __name__ == "__main__":

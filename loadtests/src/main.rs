@@ -5,6 +5,7 @@
 //!   every event is logged with its wall-clock time (to split latencies into swap windows).
 //! - `echo`: a loopback echo server, the backend of the connection-rate and memory tests.
 //! - `connrate`: short-lived connections per second with connect and first-byte latency.
+//! - `pingpong`: small round trips on persistent connections, a fixed number of them.
 //! - `idle`: opens N proxied connections, checks each end to end, then keeps them idle.
 //!
 //! Every command is bounded in time and touches loopback only; the scripts stop what they
@@ -14,6 +15,7 @@ mod connrate;
 mod control;
 mod echo;
 mod idle;
+mod pingpong;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -81,6 +83,25 @@ enum Cmd {
         #[arg(long, default_value = "target")]
         label: String,
     },
+    /// Persistent connections, each making `count` round trips of `size` bytes to an echo
+    /// server (through the target), one at a time.
+    Pingpong {
+        /// Where to connect.
+        #[arg(long)]
+        target: SocketAddr,
+        /// Parallel connections.
+        #[arg(long, default_value_t = 16)]
+        connections: usize,
+        /// Round trips per connection.
+        #[arg(long, default_value_t = 1000)]
+        count: u64,
+        /// Bytes sent (and echoed) per round trip.
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        /// Label for the CSV line printed at the end.
+        #[arg(long, default_value = "target")]
+        label: String,
+    },
     /// Open `count` connections, check each echoes one byte, keep them idle.
     Idle {
         /// Where to connect.
@@ -126,6 +147,13 @@ fn main() -> anyhow::Result<()> {
             concurrency,
             label,
         } => runtime(2)?.block_on(connrate::run(target, seconds, concurrency, &label)),
+        Cmd::Pingpong {
+            target,
+            connections,
+            count,
+            size,
+            label,
+        } => runtime(2)?.block_on(pingpong::run(target, connections, count, size, &label)),
         Cmd::Idle {
             target,
             count,

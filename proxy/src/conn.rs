@@ -12,10 +12,27 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::forward::{self, Ended};
-use crate::listener::Shared;
-use crate::route::{BackendState, GenerationGuard, Mode};
+use crate::listener::{Listener, Shared};
+use crate::route::{BackendState, Generation, GenerationGuard, Mode, Route};
 use crate::socket;
 use crate::stats::Counters;
+
+/// Serves a socket just accepted (not yet registered with any runtime) on the runtime that
+/// polls this future: registers it, then [`serve`]s it.
+pub(crate) async fn start(
+    shared: Arc<Shared>,
+    client: std::net::TcpStream,
+    peer: SocketAddr,
+    permits: (Option<OwnedSemaphorePermit>, Option<OwnedSemaphorePermit>),
+) {
+    match TcpStream::from_std(client) {
+        Ok(client) => serve(shared, client, peer, permits).await,
+        Err(e) => {
+            Counters::add(&shared.counters.failed, 1);
+            warn!(listener = %shared.cfg.name, peer = %peer, error = %e, "cannot register an accepted connection; closing it");
+        }
+    }
+}
 
 /// Serves one accepted client until both sides are done. The permits are the connection
 /// limit slots it occupies; they are released when it returns.
@@ -194,19 +211,14 @@ async fn route(shared: &Shared, peer: SocketAddr) -> Routed {
         drop(held.take());
 
         let generation = &route.generation;
-        let guard = generation.enter();
-        // Re-check after counting ourselves in: either a drain of this generation sees us,
-        // or we see the route that replaced it (see GenerationGuard).
-        {
-            let now = shared.route.load();
-            if !Arc::ptr_eq(&now.generation, generation) || matches!(now.mode, Mode::Hold(_)) {
-                continue;
+        let (guard, backend) = match enter(shared, &route) {
+            Entered::Ready(guard, backend) => (guard, backend),
+            Entered::Changed => continue,
+            Entered::NoBackend => {
+                Counters::add(&c.failed, 1);
+                warn!(listener = %cfg.name, peer = %peer, generation = generation.id, "route has no backend; closing connection");
+                return Routed::Failed;
             }
-        }
-        let Some(backend) = generation.pick().cloned() else {
-            Counters::add(&c.failed, 1);
-            warn!(listener = %cfg.name, peer = %peer, generation = generation.id, "route has no backend; closing connection");
-            return Routed::Failed;
         };
         let start = *started.get_or_insert_with(Instant::now);
         let addr = backend.backend.addr;
@@ -232,11 +244,7 @@ async fn route(shared: &Shared, peer: SocketAddr) -> Routed {
                 if let Err(e) = socket::set_keepalive(&server, cfg.keepalive) {
                     debug!(listener = %cfg.name, backend = %addr, error = %e, "cannot set backend socket options");
                 }
-                let took = start.elapsed();
-                shared.connect.record(took);
-                backend.connect.record(took);
-                Counters::add(&backend.counters.accepted, 1);
-                generation.count_accepted();
+                connected(shared, &backend, generation, start.elapsed());
                 return Routed::Ready(guard, backend, server);
             }
             Err(e) => {
@@ -268,6 +276,66 @@ async fn route(shared: &Shared, peer: SocketAddr) -> Routed {
                 }
             }
         }
+    }
+}
+
+/// Where counting a connection into its route's generation ended.
+enum Entered {
+    /// Counted in (the guard) with the backend to dial.
+    Ready(GenerationGuard, Arc<BackendState>),
+    /// The route changed between the load and the count: look again.
+    Changed,
+    /// The generation has no backend.
+    NoBackend,
+}
+
+/// Takes the generation guard of `route` (just loaded, forwarding), re-checks the route and
+/// picks a backend: the part of the accept path between the route load and the dial.
+fn enter(shared: &Shared, route: &Arc<Route>) -> Entered {
+    let generation = &route.generation;
+    let guard = generation.enter();
+    // Re-check after counting ourselves in: either a drain of this generation sees us,
+    // or we see the route that replaced it (see GenerationGuard).
+    {
+        let now = shared.route.load();
+        if !Arc::ptr_eq(&now.generation, generation) || matches!(now.mode, Mode::Hold(_)) {
+            return Entered::Changed;
+        }
+    }
+    match generation.pick() {
+        Some(backend) => Entered::Ready(guard, Arc::clone(backend)),
+        None => Entered::NoBackend,
+    }
+}
+
+/// Counts a connection the backend accepted after `took` (retries included).
+fn connected(shared: &Shared, backend: &BackendState, generation: &Generation, took: Duration) {
+    shared.connect.record(took);
+    backend.connect.record(took);
+    Counters::add(&backend.counters.accepted, 1);
+    generation.count_accepted();
+}
+
+/// The accept path of one connection without its sockets, for the `accept_path` benchmark:
+/// the accept count, the route load, the generation guard and re-check, the backend pick,
+/// the connect-latency and accepted counters, the active gauges, and the guard's release.
+/// The same functions the connection path calls, in the same order. Returns whether a
+/// backend was found.
+#[doc(hidden)]
+pub fn accept_path_once(listener: &Listener, took: Duration) -> bool {
+    let shared = &*listener.0;
+    Counters::add(&shared.counters.accepted, 1);
+    let route = shared.route.load_full();
+    if !matches!(route.mode, Mode::Forward) {
+        return false;
+    }
+    match enter(shared, &route) {
+        Entered::Ready(guard, backend) => {
+            connected(shared, &backend, guard.generation(), took);
+            let _active = Gauge::new(&shared.counters.active, &backend.counters.active);
+            true
+        }
+        Entered::Changed | Entered::NoBackend => false,
     }
 }
 

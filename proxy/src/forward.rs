@@ -18,9 +18,13 @@
 use std::cell::RefCell;
 use std::future::Future;
 use std::io;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::pin::{Pin, pin};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
+
+use futures_util::task::AtomicWaker;
 
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -84,16 +88,73 @@ async fn forward(
 ) -> Ended {
     let last = AtomicU64::new(0);
     let epoch = Instant::now();
-    // The branch futures are built inside `select!` (not bound to locals first), so each
-    // is stored once.
-    tokio::select! {
-        r = both_ways(shared, backend, client, server, &last, epoch) => match r {
+    let mut data = pin!(both_ways(shared, backend, client, server, &last, epoch));
+    // What can close the connection from outside. Its futures wait on cancellation tokens
+    // shared by every connection of the generation or the listener, and each poll of one
+    // takes two mutexes all those connections share; so they are polled only when one of
+    // their own wakers fired, never on the wake-ups the data brings (see `Closers`).
+    let mut closers = pin!(async {
+        tokio::select! {
+            () = forced(generation, jitter) => Ended::Forced,
+            () = shared.kill.cancelled() => Ended::Killed,
+            () = idle(shared.cfg.idle_timeout, &last, epoch) => Ended::Idle,
+        }
+    });
+    let woken = Closers::new();
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(why) = woken.poll(cx, closers.as_mut()) {
+            return Poll::Ready(why);
+        }
+        data.as_mut().poll(cx).map(|r| match r {
             Ok(()) => Ended::Done,
             Err(e) => Ended::Broken(e),
-        },
-        () = forced(generation, jitter) => Ended::Forced,
-        () = shared.kill.cancelled() => Ended::Killed,
-        () = idle(shared.cfg.idle_timeout, &last, epoch) => Ended::Idle,
+        })
+    })
+    .await
+}
+
+/// The wake-up filter of a connection's closers: they are polled with a waker of their own,
+/// which notes that they asked to be polled and then wakes the connection's task. A wake-up
+/// for data therefore costs one atomic swap here instead of a poll of every closer.
+struct Closers(Arc<Woken>, Waker);
+
+#[derive(Default)]
+struct Woken {
+    /// Set when a closer's waker fired (and at the start: the first poll registers them).
+    flag: AtomicBool,
+    /// The connection task's waker, woken after `flag` is set.
+    task: AtomicWaker,
+}
+
+impl Wake for Woken {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.flag.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl Closers {
+    fn new() -> Closers {
+        let woken = Arc::new(Woken {
+            flag: AtomicBool::new(true),
+            task: AtomicWaker::new(),
+        });
+        let waker = Waker::from(Arc::clone(&woken));
+        Closers(woken, waker)
+    }
+
+    /// Polls `closers` if their waker fired since the last poll. The task's waker is
+    /// registered first, so a closer waking during this call is seen by the next poll.
+    fn poll<F: Future<Output = Ended>>(&self, cx: &mut Context<'_>, closers: Pin<&mut F>) -> Poll<Ended> {
+        self.0.task.register(cx.waker());
+        if !self.0.flag.swap(false, Ordering::Acquire) {
+            return Poll::Pending;
+        }
+        closers.poll(&mut Context::from_waker(&self.1))
     }
 }
 

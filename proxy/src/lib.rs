@@ -27,8 +27,11 @@ mod socket;
 #[cfg(target_os = "linux")]
 mod splice;
 mod stats;
+mod worker;
 
 pub use config::{ListenerConfig, ProxyConfig};
+#[doc(hidden)]
+pub use conn::accept_path_once;
 pub use error::Error;
 pub use listener::{
     DrainReport, DrainStatus, Listener, MAX_BACKENDS, MAX_WAIT, Swap, check_backends, routes_to_itself,

@@ -536,6 +536,21 @@ async fn expire_hold(shared: Arc<Shared>, hold: Arc<Hold>, cancelled: Cancellati
 async fn accept_loop(shared: Arc<Shared>, socket: TcpListener, global: Option<Arc<Semaphore>>) {
     let name = shared.cfg.name.clone();
     let mut last_warning = None;
+    // Accepted sockets are registered with the runtime that serves them (a worker's, see
+    // `worker.rs`), not with this one: the listener is polled through `AsyncFd` and
+    // accept(2) returns a socket no reactor knows yet.
+    // `AsyncFd::new` is deprecated because a type that merely borrows its descriptor could
+    // close it while registered; `std::net::TcpListener` owns its descriptor and is moved
+    // in, so it lives exactly as long as the registration (the safe alternative,
+    // `AsyncFd::register`, is an `unsafe fn`, and this crate forbids unsafe code).
+    #[allow(deprecated)]
+    let socket = match socket.into_std().and_then(tokio::io::unix::AsyncFd::new) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(listener = %name, error = %e, "cannot poll the listening socket; not accepting");
+            return;
+        }
+    };
     loop {
         // Past a limit the listener stops accepting: new connections wait in the kernel's
         // accept queue (up to the backlog) until a slot frees, instead of being refused.
@@ -547,7 +562,7 @@ async fn accept_loop(shared: Arc<Shared>, socket: TcpListener, global: Option<Ar
         };
         let accepted = tokio::select! {
             () = shared.stop.cancelled() => break,
-            r = socket.accept() => r,
+            r = crate::socket::accept(&socket) => r,
         };
         match accepted {
             Ok((stream, peer)) => {
@@ -558,9 +573,11 @@ async fn accept_loop(shared: Arc<Shared>, socket: TcpListener, global: Option<Ar
                 };
                 Counters::add(&shared.counters.accepted, 1);
                 let permits = (global_permit, local_permit);
-                shared
-                    .connections
-                    .spawn(conn::serve(Arc::clone(&shared), stream, peer, permits));
+                let serve = conn::start(Arc::clone(&shared), stream, peer, permits);
+                match crate::worker::pick() {
+                    Some(worker) => shared.connections.spawn_on(serve, worker),
+                    None => shared.connections.spawn(serve),
+                };
             }
             Err(e) if retry_at_once(&e) => {
                 debug!(listener = %name, error = %e, "accept: connection gone before it was accepted; retrying");

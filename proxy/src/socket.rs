@@ -28,6 +28,42 @@ pub(crate) fn listen(addr: SocketAddr, backlog: u32, keepalive: Option<Duration>
     TcpListener::from_std(socket.into())
 }
 
+/// Accepts one connection from a listening socket polled through `AsyncFd`. The socket
+/// returned is non-blocking and close-on-exec (accept4(2) sets both, no further system
+/// call) and not registered with any reactor yet.
+pub(crate) async fn accept(
+    listener: &tokio::io::unix::AsyncFd<std::net::TcpListener>,
+) -> io::Result<(std::net::TcpStream, SocketAddr)> {
+    loop {
+        let mut ready = listener.readable().await?;
+        match ready.try_io(|l| accept_nonblocking(l.get_ref())) {
+            Ok(r) => return r,
+            // Nothing to accept after all: readiness was cleared, wait again.
+            Err(_would_block) => continue,
+        }
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn accept_nonblocking(listener: &std::net::TcpListener) -> io::Result<(std::net::TcpStream, SocketAddr)> {
+    let (socket, addr) =
+        SockRef::from(listener).accept4(nix::libc::SOCK_NONBLOCK | nix::libc::SOCK_CLOEXEC)?;
+    let addr = addr.as_socket().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            "accepted a socket without an IP address",
+        )
+    })?;
+    Ok((socket.into(), addr))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn accept_nonblocking(listener: &std::net::TcpListener) -> io::Result<(std::net::TcpStream, SocketAddr)> {
+    let (stream, addr) = listener.accept()?;
+    stream.set_nonblocking(true)?;
+    Ok((stream, addr))
+}
+
 /// TCP keepalive for a dialed socket (which got TCP_NODELAY before connecting). Both legs
 /// of a connection have TCP_NODELAY, so the proxy adds no Nagle delay to small database
 /// packets, and the configured keepalive.
