@@ -381,7 +381,7 @@ impl Reloader {
         match config::load(&self.path) {
             Err(e) => {
                 report.result = Outcome::Failed;
-                report.error = Some(format!("{:#}", anyhow::Error::from(e)));
+                report.error = Some(chain(&e));
             }
             Ok(new) => {
                 let p = plan(&applied, &self.started, &new);
@@ -455,7 +455,7 @@ impl Reloader {
                         )
                     })
                     .unwrap_or_default();
-                return Err(format!("{:#}{holder}", anyhow::Error::from(e)));
+                return Err(format!("{}{holder}", chain(&e)));
             }
         }
         Ok(())
@@ -490,7 +490,7 @@ impl Reloader {
                     applied.insert(cfg.name.clone(), cfg);
                     todo.pop();
                 }
-                Err(e) => return fail(report, todo, format!("{:#}", anyhow::Error::from(e))),
+                Err(e) => return fail(report, todo, chain(&e)),
             }
         }
         for cfg in p.moved {
@@ -505,7 +505,7 @@ impl Reloader {
                     applied.insert(cfg.name.clone(), cfg);
                     todo.pop();
                 }
-                Err(e) => return fail(report, todo, format!("{:#}", anyhow::Error::from(e))),
+                Err(e) => return fail(report, todo, chain(&e)),
             }
         }
         for (name, backends) in p.swap {
@@ -525,7 +525,7 @@ impl Reloader {
                     }
                     todo.pop();
                 }
-                Err(e) => return fail(report, todo, format!("{:#}", anyhow::Error::from(e))),
+                Err(e) => return fail(report, todo, chain(&e)),
             }
         }
         for (cfg, keys) in p.update {
@@ -547,7 +547,7 @@ impl Reloader {
                     }
                     todo.pop();
                 }
-                Err(e) => return fail(report, todo, format!("{:#}", anyhow::Error::from(e))),
+                Err(e) => return fail(report, todo, chain(&e)),
             }
         }
         for name in p.remove {
@@ -560,7 +560,7 @@ impl Reloader {
                     applied.remove(&name);
                     todo.pop();
                 }
-                Err(e) => return fail(report, todo, format!("{:#}", anyhow::Error::from(e))),
+                Err(e) => return fail(report, todo, chain(&e)),
             }
         }
     }
@@ -594,6 +594,21 @@ impl Reloader {
     pub fn counts(&self) -> [(Outcome, u64); 3] {
         Outcome::ALL.map(|o| (o, self.counts[o as usize].load(Ordering::Relaxed)))
     }
+}
+
+/// An error and its causes on one line, like `{:#}`, without a cause that the text
+/// already holds (config errors quote serde's message, which is also their source).
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out = format!("{out}: {text}");
+        }
+        cause = c.source();
+    }
+    out
 }
 
 /// The steps of a plan, in the order they are applied, as the answer names them.
