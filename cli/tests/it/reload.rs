@@ -359,3 +359,31 @@ async fn keys_that_cannot_change_live_are_named_and_the_rest_is_applied() {
     let log = agent.log();
     assert!(log.contains("need an agent restart"), "{log}");
 }
+
+/// Providers and secrets are not reloaded live yet: a reload that adds a local-vault
+/// provider and a secret names both as needing a restart, applies the listener change
+/// next to them, and starts no secret side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn added_providers_and_secrets_are_named_as_needing_a_restart() {
+    let (e, other) = (Echo::start("e").await, Echo::start("other").await);
+    let agent = Agent::start(&entry("app", "127.0.0.1:0", &[e.addr], ""), &[]).await;
+    let v = agent.dir.path().display().to_string();
+    rewrite(
+        &agent,
+        &format!(
+            "{}providers:\n  vault:\n    type: local\n    vault_file: {v}/vault.enc\n    master_key_file: {v}/master.key\n\
+secrets:\n  - name: app\n    provider: vault\n    mappings: {{DB_PASSWORD: app/db_password}}\n",
+            file(&[entry("app", "127.0.0.1:0", &[other.addr], "")])
+        ),
+    );
+    let out = agent.dso(&["config", "reload"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("swapped  app to generation 2"), "{text}");
+    assert!(
+        text.contains("needs a restart (changed, not applied): providers[vault], secrets[app]"),
+        "{text}"
+    );
+    let (code, body) = http(&agent.socket, "GET", "/v1/secrets", "").await.unwrap();
+    assert_ne!(code, 200, "a secret side started: {body}");
+}
