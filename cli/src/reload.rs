@@ -107,8 +107,11 @@ pub struct Plan {
     pub restart: Vec<String>,
 }
 
+/// A listener setting's key and whether two entries agree on it.
+type Key = (&'static str, fn(&ListenerConfig, &ListenerConfig) -> bool);
+
 /// The listener settings a reload applies to new connections, with their keys.
-const LIVE_KEYS: &[(&str, fn(&ListenerConfig, &ListenerConfig) -> bool)] = &[
+const LIVE_KEYS: &[Key] = &[
     ("drain_timeout", |a, b| a.drain_timeout == b.drain_timeout),
     ("close_window", |a, b| a.close_window == b.close_window),
     ("hold_max", |a, b| a.hold_max == b.hold_max),
@@ -121,7 +124,7 @@ const LIVE_KEYS: &[(&str, fn(&ListenerConfig, &ListenerConfig) -> bool)] = &[
 
 /// Listener settings that belong to the listening socket: a change needs the socket made
 /// again, which the agent does at a restart (or when the listener moves).
-const SOCKET_KEYS: &[(&str, fn(&ListenerConfig, &ListenerConfig) -> bool)] = &[
+const SOCKET_KEYS: &[Key] = &[
     ("backlog", |a, b| a.backlog == b.backlog),
     ("keepalive", |a, b| a.keepalive == b.keepalive),
 ];
@@ -583,7 +586,11 @@ impl Reloader {
                     .publish("config.reloaded", serde_json::Value::Object(data));
             }
             Some(e) => {
-                warn!(file = %self.path.display(), trigger, result = report.result.as_str(), applied = %report.summary(), not_applied = ?report.not_applied, error = %e, "config reload failed; the agent keeps serving with the config in force");
+                let applied = match report.result {
+                    Outcome::Partial => report.summary(),
+                    _ => "nothing".to_owned(),
+                };
+                warn!(file = %self.path.display(), trigger, result = report.result.as_str(), applied = %applied, not_applied = ?report.not_applied, error = %e, "config reload failed; the agent keeps serving with the config in force");
                 self.events
                     .publish("config.reload_failed", serde_json::Value::Object(data));
             }
