@@ -387,3 +387,46 @@ secrets:\n  - name: app\n    provider: vault\n    mappings: {{DB_PASSWORD: app/d
     let (code, body) = http(&agent.socket, "GET", "/v1/secrets", "").await.unwrap();
     assert_ne!(code, 200, "a secret side started: {body}");
 }
+
+/// A removed listener's connections drain with its drain deadline: one still open when
+/// `drain_timeout` passes is closed, and counted as forced in the reload's log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_listener_closes_what_is_still_open_at_its_drain_deadline() {
+    let (e, other) = (Echo::start("e").await, Echo::start("other").await);
+    let settings = "      drain_timeout: 400ms\n      close_window: 0s\n";
+    let agent = Agent::start(
+        &[
+            entry("stay", "127.0.0.1:0", &[other.addr], ""),
+            entry("gone", "127.0.0.1:0", &[e.addr], settings),
+        ]
+        .concat(),
+        &[],
+    )
+    .await;
+    let mut open = TcpStream::connect(agent.addr("gone").await).await.unwrap();
+    let mut greeting = [0u8; 2];
+    open.read_exact(&mut greeting).await.unwrap();
+    assert_eq!(&greeting, b"e\n");
+    rewrite(&agent, &file(&[entry("stay", "127.0.0.1:0", &[other.addr], "")]));
+    let started = std::time::Instant::now();
+    let out = agent.dso(&["config", "reload"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut buf = [0u8; 8];
+    let n = tokio::time::timeout(Duration::from_secs(10), open.read(&mut buf))
+        .await
+        .expect("closed at the drain deadline")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "closed after {:?}, before its drain deadline",
+        started.elapsed()
+    );
+    poll(|| async { agent.log().contains("generation drained") }).await;
+    let log = agent.log();
+    let drained = log
+        .lines()
+        .find(|l| l.contains("generation drained") && l.contains("gone"))
+        .unwrap();
+    assert!(drained.contains("forced=1"), "{drained}");
+}
