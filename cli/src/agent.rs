@@ -70,6 +70,9 @@ async fn run(cfg: Config, args: &AgentArgs, socket: &Path, shutdown: Duration) -
     // Signal streams first, so a signal that arrives during start-up is not lost.
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    // SIGHUP reloads the config file (`reload.rs`); installed now, so that one arriving
+    // during start-up does not kill the agent (the default action) and is served once ready.
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
 
     api::vault::configure(&cfg);
     let events = crate::events::Bus::new();
@@ -78,12 +81,20 @@ async fn run(cfg: Config, args: &AgentArgs, socket: &Path, shutdown: Duration) -
     let stop_notify = CancellationToken::new();
     crate::notify::start(&cfg.agent.webhooks, &events, stop_notify.clone())?;
     let proxy = Proxy::new(cfg.proxy.clone());
+    // What a reload diffs against: the config as the agent starts from it.
+    let reload_base = cfg.clone();
     for l in cfg.listeners {
         let name = l.name.clone();
         proxy
             .add_listener(l)
             .with_context(|| format!("starting listener {name} from {}", path.display()))?;
     }
+    crate::reload::install(Arc::new(crate::reload::Reloader::new(
+        path,
+        proxy.clone(),
+        events.clone(),
+        reload_base,
+    )));
     let docker_on = args.manages_docker();
     // The state directory holds what root acts on later (journals, locks, versions): refuse
     // one that another user could plant a symlink in, before anything is written there.
@@ -201,9 +212,18 @@ async fn run(cfg: Config, args: &AgentArgs, socket: &Path, shutdown: Duration) -
         socket.display()
     )));
 
-    let first = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+    let first = loop {
+        tokio::select! {
+            _ = term.recv() => break "SIGTERM",
+            _ = int.recv() => break "SIGINT",
+            _ = hup.recv() => {
+                info!("SIGHUP: reloading the config file");
+                if let Some(r) = crate::reload::get() {
+                    // A task, so that a signal to stop is not kept waiting by a reload.
+                    tokio::spawn(async move { r.reload("SIGHUP").await });
+                }
+            }
+        }
     };
     info!(signal = first, deadline = ?shutdown, "shutting down gracefully; send the signal again to force");
     notify(&crate::sdnotify::stopping_message(&format!(

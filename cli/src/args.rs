@@ -243,6 +243,21 @@ prints the key and line at fault and exits with status 2.\n\n\
         #[arg(long)]
         check_providers: bool,
     },
+    /// Make the running agent read its config file again and apply the difference.
+    #[command(
+        long_about = "Ask the running agent to read the config file it was started with \
+again and apply the difference, as SIGHUP does: new listeners are bound, removed ones stop \
+accepting and drain, changed backends are swapped (the old connections drain), changed \
+listener settings apply to new connections. Listeners from Docker labels are not touched. \
+Keys that cannot change live are listed as needing a restart. An invalid file changes \
+nothing: the error names the key and the line, and the command exits with status 2.",
+        after_long_help = "Examples:\n  dso config reload\n  dso config reload --json"
+    )]
+    Reload {
+        /// Print the agent's whole answer as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `dso proxy ...`.

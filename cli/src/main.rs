@@ -22,6 +22,7 @@ mod events;
 mod logwriter;
 mod notify;
 mod plugin;
+mod reload;
 mod sdnotify;
 mod secrets;
 
@@ -51,7 +52,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse_from(argv);
     let result = match cli.command {
         Command::Agent(a) => agent::main(a, cli.socket),
-        Command::Config(c) => cmd::config::run(c),
+        Command::Config(c) => cmd::config::run(c, cli.socket),
         Command::Proxy(p) => cmd::proxy::run(p, cmd::socket_path(cli.socket)),
         Command::Debug(d) => cmd::debug::run(d),
         Command::Rotate(r) => cmd::rotate::rotate(r, cmd::socket_path(cli.socket)),

@@ -62,7 +62,7 @@ pub(crate) async fn serve(
     let c = &shared.counters;
     let b = &backend.counters;
     // Spread forced closes over the close window by a per-connection offset.
-    let jitter = spread(peer, shared.cfg.close_window);
+    let jitter = spread(peer, shared.settings().close_window);
     let ended = {
         let _active = Gauge::new(&c.active, &b.active);
         forward::run(&shared, &backend, generation, &client, &server, jitter).await
@@ -170,7 +170,7 @@ async fn close_cleanly(client: &TcpStream) {
 /// guard, dials, and retries on another backend (re-reading the route) while no byte has
 /// been forwarded and the budget allows.
 async fn route(shared: &Shared, peer: SocketAddr) -> Routed {
-    let cfg = &shared.cfg;
+    let cfg = shared.settings();
     let c = &shared.counters;
     let mut held: Option<Held<'_>> = None;
     let mut attempts = 0u32;

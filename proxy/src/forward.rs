@@ -97,7 +97,7 @@ async fn forward(
         tokio::select! {
             () = forced(generation, jitter) => Ended::Forced,
             () = shared.kill.cancelled() => Ended::Killed,
-            () = idle(shared.cfg.idle_timeout, &last, epoch) => Ended::Idle,
+            () = idle(shared.settings().idle_timeout, &last, epoch) => Ended::Idle,
         }
     });
     let woken = Closers::new();

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
@@ -75,7 +75,12 @@ pub enum DrainStatus {
 /// State shared by a listener's accept loop, its connections and its handles.
 #[derive(Debug)]
 pub(crate) struct Shared {
+    /// The settings the listener was started with; its name, address, backlog and
+    /// keepalive never change.
     pub cfg: ListenerConfig,
+    /// The settings in force for what starts from now on (connections, swaps, pauses):
+    /// `cfg` until [`Listener::update`] replaces them. Read through [`Shared::settings`].
+    live: ArcSwap<ListenerConfig>,
     pub bind: SocketAddr,
     pub route: ArcSwap<Route>,
     /// Bumped at every route store, so held connections wake up and look again.
@@ -96,8 +101,17 @@ pub(crate) struct Shared {
     pub stop: CancellationToken,
     /// Cancelled to close every connection at once (forced shutdown).
     pub kill: CancellationToken,
-    pub limit: Option<Arc<Semaphore>>,
+    /// The listener's connection limit (`max_connections`), replaced whole by
+    /// [`Listener::update`]; the accept loop loads it once per connection.
+    pub limit: ArcSwapOption<Semaphore>,
     pub connections: TaskTracker,
+}
+
+impl Shared {
+    /// The settings in force now (see `live`).
+    pub(crate) fn settings(&self) -> Arc<ListenerConfig> {
+        self.live.load_full()
+    }
 }
 
 /// A handle on a running listener. Cheap to clone; all handles address the same listener.
@@ -152,8 +166,9 @@ impl Listener {
             epoch,
             stop: parent.stop.child_token(),
             kill: parent.kill.child_token(),
-            limit: connection_limit(cfg.max_connections),
+            limit: ArcSwapOption::new(connection_limit(cfg.max_connections)),
             connections: parent.connections,
+            live: ArcSwap::from_pointee(cfg.clone()),
             cfg,
         });
         info!(listener = %shared.cfg.name, bind = %bind, backends = ?shared.cfg.backends.iter().map(|b| b.addr).collect::<Vec<_>>(), "listening");
@@ -171,11 +186,53 @@ impl Listener {
         self.0.bind
     }
 
-    /// The settings the listener was started with.
+    /// The settings the listener was started with (see [`Listener::settings`] for those
+    /// in force after an [`Listener::update`]).
     pub fn config(&self) -> &ListenerConfig {
         &self.0.cfg
     }
 
+    /// The settings in force now: those of [`Listener::config`] with what
+    /// [`Listener::update`] changed.
+    pub fn settings(&self) -> Arc<ListenerConfig> {
+        self.0.settings()
+    }
+
+    /// Applies `new`'s settings to what starts from now on: connections accepted after
+    /// this call (connect timeout, dial attempts and budget, idle timeout, close window,
+    /// the `max_connections` limit), the next swap (drain timeout) and the next pause
+    /// (hold maximum). Open connections keep the settings they started with.
+    ///
+    /// The name, address, backlog and keepalive belong to the socket and are kept from
+    /// [`Listener::config`]; backends change only through [`Listener::swap`]. A new
+    /// `max_connections` counts the connections accepted from now on: those open at the
+    /// update held a slot of the previous limit and are not counted against the new one.
+    /// Returns the settings now in force.
+    pub fn update(&self, new: &ListenerConfig) -> Arc<ListenerConfig> {
+        let control = self.lock_control();
+        let old = self.0.settings();
+        let cfg = &self.0.cfg;
+        let next = Arc::new(ListenerConfig {
+            name: cfg.name.clone(),
+            listen: cfg.listen,
+            backends: old.backends.clone(),
+            backlog: cfg.backlog,
+            keepalive: cfg.keepalive,
+            ..new.clone()
+        });
+        if next.max_connections != old.max_connections {
+            let previous = self.0.limit.swap(connection_limit(next.max_connections));
+            // The accept loop may be waiting for a slot of the previous limit: one more
+            // slot lets it take the connection it is about to accept and load the new one.
+            if let Some(sem) = previous {
+                sem.add_permits(1);
+            }
+        }
+        self.0.live.store(Arc::clone(&next));
+        drop(control);
+        info!(listener = %cfg.name, settings = ?next, "settings updated");
+        next
+    }
     /// The current generation number.
     pub fn generation(&self) -> u64 {
         self.0.route.load().generation.id
@@ -221,7 +278,7 @@ impl Listener {
         self.0.changed.send_replace(());
         drop(control);
 
-        let drain = drain.unwrap_or(self.0.cfg.drain_timeout);
+        let drain = drain.unwrap_or(self.0.settings().drain_timeout);
         retire(&self.0, old.generation.clone(), drain);
         info!(listener = %self.0.cfg.name, generation = id, previous = old.generation.id, drain = ?drain, "route swapped");
         Ok(Swap {
@@ -240,7 +297,7 @@ impl Listener {
     pub fn pause(&self, max: Option<Duration>) -> Duration {
         // The figure returned (and reported) is the one in force: longer holds are cut to
         // MAX_WAIT.
-        let max = max.unwrap_or(self.0.cfg.hold_max).min(MAX_WAIT);
+        let max = max.unwrap_or(self.0.settings().hold_max).min(MAX_WAIT);
         let mut control = self.lock_control();
         let now = Instant::now();
         let hold = Arc::new(Hold {
@@ -362,6 +419,21 @@ impl Listener {
         self.0.stop.cancel();
     }
 
+    /// Stops accepting and retires the current generation: its connections keep flowing
+    /// until they close or `drain` (default: the drain timeout in force) passes, then the
+    /// rest are closed over the close window, as after a swap.
+    pub(crate) fn stop_and_drain(&self, drain: Option<Duration>) -> u64 {
+        self.0.stop.cancel();
+        let drain = drain.unwrap_or(self.0.settings().drain_timeout);
+        let control = self.lock_control();
+        let current = self.0.route.load_full();
+        if !current.generation.is_retired() {
+            retire(&self.0, Arc::clone(&current.generation), drain);
+        }
+        drop(control);
+        current.generation.id
+    }
+
     fn lock_control(&self) -> MutexGuard<'_, Option<CancellationToken>> {
         lock(&self.0.control)
     }
@@ -476,12 +548,13 @@ async fn drain_generation(shared: Arc<Shared>, generation: Arc<Generation>, dead
         () = tokio::time::sleep_until(deadline) => {
             let left = generation.active();
             if left > 0 {
-                warn!(listener = %name, generation = generation.id, connections = left, window = ?shared.cfg.close_window, "drain deadline passed; closing remaining connections");
+                let window = shared.settings().close_window;
+                warn!(listener = %name, generation = generation.id, connections = left, window = ?window, "drain deadline passed; closing remaining connections");
                 generation.force.cancel();
                 // Closing is spread over the window. A generation is reported drained only
                 // when it is empty: a connection still dialing gives up at `force` and
                 // goes to the current route, so this ends promptly.
-                let bound = shared.cfg.close_window.min(MAX_WAIT) + Duration::from_secs(5);
+                let bound = window.min(MAX_WAIT) + Duration::from_secs(5);
                 if tokio::time::timeout(bound, generation.wait_empty()).await.is_err() {
                     warn!(listener = %name, generation = generation.id, connections = generation.active(), "connections still open after the drain deadline; waiting for them");
                     generation.wait_empty().await;
@@ -557,7 +630,7 @@ async fn accept_loop(shared: Arc<Shared>, socket: TcpListener, global: Option<Ar
         // The listener's own slot is taken before accept(); the global one only after,
         // so a listener with nothing to accept never holds a slot another listener needs
         // (with L listeners a global limit of N would otherwise serve only N - (L - 1)).
-        let Some(local_permit) = acquire(&shared.limit, &shared.stop).await else {
+        let Some(local_permit) = acquire(&shared.limit.load_full(), &shared.stop).await else {
             break;
         };
         let accepted = tokio::select! {

@@ -100,6 +100,68 @@ impl Proxy {
         }
     }
 
+    /// Removes a listener as a config reload does: it stops accepting (its socket closes
+    /// once the accept loop has ended) and its open connections drain: they keep flowing
+    /// until they close or `drain` (default: the listener's drain timeout) passes, then
+    /// the rest are closed over its close window. Returns the generation that drains.
+    pub fn retire_listener(&self, name: &str, drain: Option<Duration>) -> Result<u64, Error> {
+        let removed = self
+            .inner
+            .listeners
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+        match removed {
+            Some(l) => {
+                let generation = l.stop_and_drain(drain);
+                info!(listener = %name, generation, "listener removed; its connections drain");
+                Ok(generation)
+            }
+            None => Err(self.unknown(name)),
+        }
+    }
+
+    /// Binds a new listener from `cfg` in place of the one of the same name (a reload that
+    /// moved it to another address): once the new socket is bound, the old listener is
+    /// retired as by [`Proxy::retire_listener`] with `drain`. When the bind fails,
+    /// nothing changed.
+    pub fn replace_listener(&self, cfg: ListenerConfig, drain: Option<Duration>) -> Result<Listener, Error> {
+        if self.inner.stop.is_cancelled() {
+            return Err(Error::ShuttingDown);
+        }
+        let mut listeners = self.inner.listeners.write().unwrap_or_else(|e| e.into_inner());
+        let Some(old) = listeners.get(&cfg.name).cloned() else {
+            drop(listeners);
+            return Err(self.unknown(&cfg.name));
+        };
+        let name = cfg.name.clone();
+        let listener = Listener::start(
+            cfg,
+            Parent {
+                stop: self.inner.stop.clone(),
+                kill: self.inner.kill.clone(),
+                global_limit: self.inner.global_limit.clone(),
+                connections: self.inner.connections.clone(),
+            },
+        )?;
+        listeners.insert(name.clone(), listener.clone());
+        drop(listeners);
+        let generation = old.stop_and_drain(drain);
+        info!(listener = %name, from = %old.local_addr(), to = %listener.local_addr(), drains = generation, "listener moved");
+        Ok(listener)
+    }
+
+    /// Checks that `cfg`'s address can be bound now, without binding it: the check a
+    /// config reload makes before it changes anything. A port that another process (or
+    /// another listener) holds fails with [`Error::Bind`].
+    pub fn check_bind(cfg: &ListenerConfig) -> Result<(), Error> {
+        crate::socket::probe(cfg.listen).map_err(|source| Error::Bind {
+            listener: cfg.name.clone(),
+            addr: cfg.listen,
+            source,
+        })
+    }
+
     /// The listener called `name`, or an error listing those that exist.
     pub fn listener(&self, name: &str) -> Result<Listener, Error> {
         self.inner

@@ -64,6 +64,18 @@ fn accept_nonblocking(listener: &std::net::TcpListener) -> io::Result<(std::net:
     Ok((stream, addr))
 }
 
+/// Whether `addr` can be bound now, as [`listen`] would bind it (SO_REUSEADDR, IPv6
+/// only): binds a socket without listening on it, then closes it. A config reload checks
+/// its new addresses with this before it changes anything.
+pub(crate) fn probe(addr: SocketAddr) -> io::Result<()> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.bind(&addr.into())
+}
+
 /// TCP keepalive for a dialed socket (which got TCP_NODELAY before connecting). Both legs
 /// of a connection have TCP_NODELAY, so the proxy adds no Nagle delay to small database
 /// packets, and the configured keepalive.

@@ -32,6 +32,7 @@
 //! router's 404.
 
 mod compose;
+mod config;
 pub mod events;
 pub mod health;
 pub mod http;
@@ -130,6 +131,7 @@ pub fn router() -> axum::Router<State> {
             "/v1/vault/secrets/{*name}",
             get(vault::get).put(vault::set).delete(vault::delete),
         )
+        .route("/v1/config/reload", post(config::reload))
         // Old-style modules: `.merge(legacy("/v1/PREFIX", |s, r| Box::pin(module::handle(s, r))))`.
         .merge(legacy("/v1/compose", |s, r| Box::pin(compose::handle(s, r))))
         .fallback(no_endpoint)

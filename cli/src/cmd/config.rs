@@ -1,4 +1,4 @@
-//! `dso config validate [--check-providers]`.
+//! `dso config validate [--check-providers]` and `dso config reload`.
 
 use std::time::Duration;
 
@@ -9,9 +9,10 @@ use crate::args::ConfigCommand;
 use crate::config::{self, Config};
 use crate::duration::format;
 
-/// Runs a `dso config` command.
-pub fn run(cmd: ConfigCommand) -> anyhow::Result<()> {
+/// Runs a `dso config` command (`socket`: the agent's, for `reload`).
+pub fn run(cmd: ConfigCommand, socket: Option<std::path::PathBuf>) -> anyhow::Result<()> {
     match cmd {
+        ConfigCommand::Reload { json } => reload(&super::socket_path(socket), json),
         ConfigCommand::Validate {
             file,
             check_providers,
@@ -38,6 +39,86 @@ pub fn run(cmd: ConfigCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+/// `dso config reload`: `POST /v1/config/reload`, then what changed, what needs a
+/// restart, or the error (the agent's answer carries what was applied and what not).
+fn reload(socket: &std::path::Path, as_json: bool) -> anyhow::Result<()> {
+    let client = crate::client::Client::new(socket);
+    let bytes = super::runtime()?.block_on(client.send_raw(
+        hyper::Method::POST,
+        "/v1/config/reload",
+        "application/json",
+        hyper::body::Bytes::new(),
+    ));
+    let answer: serde_json::Value = match bytes {
+        Ok(b) => serde_json::from_slice(&b)?,
+        Err(e) => return Err(e.context("reloading the agent's config")),
+    };
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+    } else {
+        print_reload(&answer);
+    }
+    Ok(())
+}
+
+fn print_reload(a: &serde_json::Value) {
+    let list = |key: &str, f: &dyn Fn(&serde_json::Value) -> String| -> Vec<String> {
+        a[key]
+            .as_array()
+            .map(|v| v.iter().map(f).collect())
+            .unwrap_or_default()
+    };
+    let name = |v: &serde_json::Value| v["name"].as_str().unwrap_or("").to_owned();
+    println!("reloaded {}", a["file"].as_str().unwrap_or(""));
+    for line in list("added", &|v| {
+        format!("  added    {} on {}", name(v), v["bind"].as_str().unwrap_or(""))
+    }) {
+        println!("{line}");
+    }
+    for line in list("moved", &|v| {
+        format!(
+            "  moved    {} from {} to {} (the old address's connections drain)",
+            name(v),
+            v["from"].as_str().unwrap_or(""),
+            v["to"].as_str().unwrap_or("")
+        )
+    }) {
+        println!("{line}");
+    }
+    for line in list("swapped", &|v| {
+        format!(
+            "  swapped  {} to generation {} (generation {} drains)",
+            name(v),
+            v["generation"],
+            v["previous"]
+        )
+    }) {
+        println!("{line}");
+    }
+    for line in list("updated", &|v| {
+        let keys: Vec<&str> = v["keys"]
+            .as_array()
+            .map(|k| k.iter().filter_map(|k| k.as_str()).collect())
+            .unwrap_or_default();
+        format!("  updated  {} ({}) for new connections", name(v), keys.join(", "))
+    }) {
+        println!("{line}");
+    }
+    for line in list("removed", &|v| {
+        format!("  removed  {} (generation {} drains)", name(v), v["generation"])
+    }) {
+        println!("{line}");
+    }
+    let unchanged = list("unchanged", &|v| v.as_str().unwrap_or("").to_owned());
+    if !unchanged.is_empty() {
+        println!("  unchanged {}", unchanged.join(", "));
+    }
+    let restart = list("restart_required", &|v| v.as_str().unwrap_or("").to_owned());
+    if !restart.is_empty() {
+        println!("  needs a restart (changed, not applied): {}", restart.join(", "));
     }
 }
 

@@ -129,6 +129,8 @@ impl WebhookSettings {
         "delivery.failed",
         "delivery.held",
         "docker.container",
+        "config.reloaded",
+        "config.reload_failed",
     ];
 }
 

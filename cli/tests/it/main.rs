@@ -13,6 +13,7 @@ mod harness;
 mod http;
 mod plugin;
 mod proxy;
+mod reload;
 mod rotate;
 mod secret;
 mod secrets;
