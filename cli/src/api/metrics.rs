@@ -125,6 +125,9 @@ pub fn render(state: &State) -> String {
     if let Some(docker) = &state.docker.ready() {
         registry.register_collector(Box::new(RotationsCollector(Arc::clone(docker))));
     }
+    if let Some(c) = crate::swarm::collector() {
+        registry.register_collector(c);
+    }
     let mut out = String::new();
     prometheus_client::encoding::prometheus_text::encode(&mut out, &registry)
         // Writing to a String cannot fail; a value can only if a u64 gauge passes i64::MAX,
