@@ -164,3 +164,54 @@ fn invalid(lines: &dyn Fn(&str) -> Option<usize>, key: &str, message: String) ->
         message,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Option<SwarmSettings>, String> {
+        crate::config::parse(text, |_| None)
+            .map(|c| c.swarm)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn absent_or_disabled_is_off_and_present_has_defaults() {
+        assert_eq!(parse("proxy:\n  listeners: []\n").unwrap(), None);
+        assert_eq!(parse("swarm:\n  enabled: false\n").unwrap(), None);
+        let s = parse("swarm: {}\n").unwrap().unwrap();
+        assert_eq!(s.driver, "dso");
+        assert!(s.rotate);
+        assert_eq!(s.scan_interval, DEFAULT_SCAN_INTERVAL);
+        assert!(s.policy.is_empty());
+    }
+
+    #[test]
+    fn rules_are_read_in_order() {
+        let s = parse(
+            "swarm:\n  driver: dso-test\n  rotate: false\n  scan_interval: 2s\n  policy:\n    - secrets: [db]\n      services: [api]\n    - secrets: [\"*\"]\n      service_labels:\n        team: pay\n",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!((s.driver.as_str(), s.rotate, s.scan_interval), ("dso-test", false, Duration::from_secs(2)));
+        assert_eq!(s.policy.len(), 2);
+        assert_eq!(s.policy[0].services, vec!["api".to_owned()]);
+        assert_eq!(s.policy[1].service_labels["team"], "pay");
+    }
+
+    #[test]
+    fn bad_values_name_the_key_and_the_line() {
+        let e = parse("swarm:\n  driver: ../x\n").unwrap_err();
+        assert!(e.contains("swarm.driver") && e.contains("line 2"), "{e}");
+        let e = parse("swarm:\n  scan_interval: 10ms\n").unwrap_err();
+        assert!(e.contains("swarm.scan_interval"), "{e}");
+        let e = parse("swarm:\n  policy:\n    - services: [api]\n").unwrap_err();
+        assert!(e.contains("swarm.policy[0].secrets"), "{e}");
+        let e = parse("swarm:\n  policy:\n    - secrets: [db]\n").unwrap_err();
+        assert!(e.contains("swarm.policy[0]") && e.contains("service_labels"), "{e}");
+        let e = parse("swarm:\n  policy:\n    - secrets: [\"\"]\n      services: [a]\n").unwrap_err();
+        assert!(e.contains("empty pattern"), "{e}");
+        let e = parse("swarm:\n  polcy: []\n").unwrap_err();
+        assert!(e.contains("polcy"), "{e}");
+    }
+}
