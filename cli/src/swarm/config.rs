@@ -193,7 +193,10 @@ mod tests {
         )
         .unwrap()
         .unwrap();
-        assert_eq!((s.driver.as_str(), s.rotate, s.scan_interval), ("dso-test", false, Duration::from_secs(2)));
+        assert_eq!(
+            (s.driver.as_str(), s.rotate, s.scan_interval),
+            ("dso-test", false, Duration::from_secs(2))
+        );
         assert_eq!(s.policy.len(), 2);
         assert_eq!(s.policy[0].services, vec!["api".to_owned()]);
         assert_eq!(s.policy[1].service_labels["team"], "pay");
@@ -208,7 +211,10 @@ mod tests {
         let e = parse("swarm:\n  policy:\n    - services: [api]\n").unwrap_err();
         assert!(e.contains("swarm.policy[0].secrets"), "{e}");
         let e = parse("swarm:\n  policy:\n    - secrets: [db]\n").unwrap_err();
-        assert!(e.contains("swarm.policy[0]") && e.contains("service_labels"), "{e}");
+        assert!(
+            e.contains("swarm.policy[0]") && e.contains("service_labels"),
+            "{e}"
+        );
         let e = parse("swarm:\n  policy:\n    - secrets: [\"\"]\n      services: [a]\n").unwrap_err();
         assert!(e.contains("empty pattern"), "{e}");
         let e = parse("swarm:\n  polcy: []\n").unwrap_err();

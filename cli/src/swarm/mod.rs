@@ -161,6 +161,10 @@ pub fn collector() -> Option<Box<dyn Collector>> {
         .map(|s| Box::new(StatsCollector(s)) as Box<dyn Collector>)
 }
 
+/// One counter family: name (without `_total`), help, and rows of (label key, label
+/// value, count); an empty key is a row without labels.
+type Family = (&'static str, &'static str, Vec<(&'static str, &'static str, u64)>);
+
 #[derive(Debug)]
 struct StatsCollector(&'static Stats);
 
@@ -168,7 +172,7 @@ impl Collector for StatsCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
         let s = self.0;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let families: [(&str, &str, Vec<(&str, &str, u64)>); 4] = [
+        let families: [Family; 4] = [
             (
                 "dso_swarm_secret_requests",
                 "GetSecret requests of the Swarm secret driver, by the access policy's decision.",
