@@ -141,6 +141,12 @@ impl Vault {
     }
 
     async fn agent(&self, driver: &str, policy: &str) -> Agent {
+        self.agent_with(driver, policy, "").await
+    }
+
+    /// [`Vault::agent`] with `extra` appended to the config (e.g. a `secrets:` list).
+    async fn agent_with(&self, driver: &str, policy: &str, extra: &str) -> Agent {
+        let extra = extra.to_owned();
         let v = self.dir.path().display().to_string();
         let driver = driver.to_owned();
         let policy = policy.to_owned();
@@ -152,7 +158,7 @@ impl Vault {
                     "version: v1.0.0\nproviders:\n  local:\n    type: local\n    vault_file: {v}/vault.enc\n    master_key_file: {v}/master.key\n\
 agent:\n  watch:\n    polling_interval: 1s\n    debounce: 0s\n  http:\n    listen: off\n\
 proxy:\n  listeners: []\n\
-swarm:\n  driver: {driver}\n  scan_interval: 1s\n  policy:\n{policy}"
+swarm:\n  driver: {driver}\n  scan_interval: 1s\n  policy:\n{policy}{extra}"
                 )
             },
             &["--state-dir", &state],
@@ -534,5 +540,169 @@ async fn swarm_driver_serves_rolls_on_a_change_with_replicas_serving_and_denies_
         agent.log()
     );
     assert!(!Path::new(&socket).exists(), "{socket} left behind");
+    drop(swarm);
+}
+
+/// Waits until a task of `service` failed with an error; returns the agent's log line
+/// about it (containing `needle` and the service's name).
+async fn failed_with(agent: &Agent, service: &str, needle: &str) -> String {
+    until(Duration::from_secs(60), "the task failing", agent, || {
+        tasks(service)
+            .iter()
+            .any(|(_, state, e)| state.starts_with("Failed") && e.contains("secret"))
+    })
+    .await;
+    assert!(
+        tasks(service)
+            .iter()
+            .all(|(_, state, _)| !state.starts_with("Running")),
+        "a task of {service} ran"
+    );
+    let log = agent.log();
+    log.lines()
+        .find(|l| l.contains(needle) && l.contains(service))
+        .unwrap_or_else(|| panic!("no log line with {needle:?} for {service}:\n{log}"))
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swarm_driver_maps_configured_secrets_keeps_stop_first_for_host_ports_and_refuses_bad_values() {
+    let swarm = Swarm::init("b");
+    let vault = Vault::new().await;
+    let t1: &[u8] = b"swarm-token-one-5c2e81";
+    let t2: &[u8] = b"swarm-token-two-0a7d3f";
+    vault.set(None, "app/token", t1).await;
+    let big = vec![b'x'; 600 * 1024];
+    vault.set(None, "app/big", &big).await;
+    let driver = swarm.name("drv");
+    let policy = format!("    - secrets: [\"*\"]\n      services: [\"{}*\"]\n", swarm.run);
+    let secrets = "secrets:\n  - name: tok\n    provider: local\n    mappings:\n      TOKEN: app/token\n";
+    let agent = vault.agent_with(&driver, &policy, secrets).await;
+    let label = format!("dso.test.swarm={}", swarm.run);
+
+    // dso.secret=NAME: a configured secrets[] entry. The service publishes a port in host
+    // mode (the engine picks the host port), so its update cannot be start-first.
+    let token = swarm.name("tok");
+    docker(&[
+        "secret",
+        "create",
+        "--driver",
+        &driver,
+        "--label",
+        "dso.secret=tok",
+        "--label",
+        &label,
+        &token,
+    ]);
+    let hostport = swarm.name("hostport");
+    docker(&[
+        "service",
+        "create",
+        "--detach",
+        "--no-resolve-image",
+        "--name",
+        &hostport,
+        "--label",
+        &label,
+        "--publish",
+        "mode=host,target=8081",
+        "--secret",
+        &format!("source={token},target=token"),
+        &image(),
+    ]);
+    all_read(&agent, &hostport, "token", 1, t1).await;
+    until(
+        Duration::from_secs(30),
+        "the swarm secret watched",
+        &agent,
+        || {
+            agent
+                .log()
+                .contains(&format!("its current version is the baseline secret={token}"))
+        },
+    )
+    .await;
+    vault.set(Some(&agent), "app/token", t2).await;
+    all_read(&agent, &hostport, "token", 1, t2).await;
+    let order = docker(&[
+        "service",
+        "inspect",
+        &hostport,
+        "--format",
+        "{{.Spec.UpdateConfig.Order}}",
+    ]);
+    assert_ne!(
+        order, "start-first",
+        "a host-mode port service was set to start-first"
+    );
+    let log = agent.log();
+    let updated = log
+        .lines()
+        .find(|l| l.contains("swarm service updated") && l.contains(&hostport))
+        .unwrap_or_else(|| panic!("no update line for {hostport}:\n{log}"));
+    assert!(updated.contains("in host mode"), "{updated}");
+    assert!(updated.contains(&format!("to={token}.v2")), "{updated}");
+
+    // No mapping label: the task fails and the log names the labels to add.
+    let unmapped = swarm.name("unmapped");
+    docker(&[
+        "secret", "create", "--driver", &driver, "--label", &label, &unmapped,
+    ]);
+    let svc = swarm.name("nolabel");
+    docker(&[
+        "service",
+        "create",
+        "--detach",
+        "--no-resolve-image",
+        "--name",
+        &svc,
+        "--label",
+        &label,
+        "--restart-max-attempts",
+        "1",
+        "--secret",
+        &unmapped,
+        &image(),
+    ]);
+    let line = failed_with(&agent, &svc, "no value can be given").await;
+    assert!(line.contains("has no dso.secret or dso.ref label"), "{line}");
+
+    // A value over Swarm's 500 KiB: an error naming the size and the limit, no value.
+    let large = swarm.name("big");
+    docker(&[
+        "secret",
+        "create",
+        "--driver",
+        &driver,
+        "--label",
+        "dso.ref=local://app/big",
+        "--label",
+        &label,
+        &large,
+    ]);
+    let svc = swarm.name("bigsvc");
+    docker(&[
+        "service",
+        "create",
+        "--detach",
+        "--no-resolve-image",
+        "--name",
+        &svc,
+        "--label",
+        &label,
+        "--restart-max-attempts",
+        "1",
+        "--secret",
+        &large,
+        &image(),
+    ]);
+    let line = failed_with(&agent, &svc, "no value can be given").await;
+    assert!(
+        line.contains("614400 bytes") && line.contains("500 KiB"),
+        "{line}"
+    );
+    assert!(metric(&agent, "dso_swarm_secret_read_errors_total").await >= 2);
+    assert_no_value("the agent's log", &agent.log(), &[t1, t2]);
+    drop(agent);
     drop(swarm);
 }
