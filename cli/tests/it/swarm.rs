@@ -527,8 +527,12 @@ async fn swarm_driver_serves_rolls_on_a_change_with_replicas_serving_and_denies_
         }
     }
     assert_no_value("argv of the processes", &argv, &[v1, v2]);
-    // SIGTERM: the agent closes and removes the driver's socket.
-    let mut agent = agent;
+    stop_agent(agent, &socket).await;
+    drop(swarm);
+}
+
+/// SIGTERM: the agent exits 0 and has closed and removed the driver's socket.
+async fn stop_agent(mut agent: Agent, socket: &str) {
     agent.signal("TERM");
     let status = tokio::time::timeout(Duration::from_secs(30), agent.child.wait())
         .await
@@ -539,8 +543,7 @@ async fn swarm_driver_serves_rolls_on_a_change_with_replicas_serving_and_denies_
         "the agent exited with {status}:\n{}",
         agent.log()
     );
-    assert!(!Path::new(&socket).exists(), "{socket} left behind");
-    drop(swarm);
+    assert!(!Path::new(socket).exists(), "{socket} left behind");
 }
 
 /// Waits until a task of `service` failed with an error; returns the agent's log line
@@ -703,6 +706,6 @@ async fn swarm_driver_maps_configured_secrets_keeps_stop_first_for_host_ports_an
     );
     assert!(metric(&agent, "dso_swarm_secret_read_errors_total").await >= 2);
     assert_no_value("the agent's log", &agent.log(), &[t1, t2]);
-    drop(agent);
+    stop_agent(agent, &format!("/run/docker/plugins/{driver}.sock")).await;
     drop(swarm);
 }
