@@ -154,6 +154,21 @@ async fn run(cfg: Config, args: &AgentArgs, socket: &Path, shutdown: Duration) -
         stop_secrets.clone(),
         events.clone(),
     )?;
+    // The Docker Swarm secret driver (`swarm:`, docs/swarm.md): its socket, its rotation.
+    let stop_swarm = CancellationToken::new();
+    let swarm = match &cfg.swarm {
+        Some(settings) => Some(
+            crate::swarm::start(
+                settings.clone(),
+                secrets.clone(),
+                &cfg.secrets,
+                events.clone(),
+                stop_swarm.clone(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
     let docker = if docker_on {
         // The delivery wiring follows the Docker side whenever it starts: at once when the
         // engine answers, or at the retry that finds it.
@@ -267,6 +282,10 @@ async fn run(cfg: Config, args: &AgentArgs, socket: &Path, shutdown: Duration) -
     stop_api.cancel();
     stop_docker.cancel();
     stop_secrets.cancel();
+    stop_swarm.cancel();
+    if let Some(d) = swarm {
+        d.stopped().await;
+    }
     let _ = api_task.await;
     if let Some(t) = http_task {
         let _ = t.await;

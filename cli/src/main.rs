@@ -25,6 +25,7 @@ mod plugin;
 mod reload;
 mod sdnotify;
 mod secrets;
+mod swarm;
 
 use std::process::ExitCode;
 

@@ -51,6 +51,9 @@ pub struct Secrets {
     /// Every configured provider (the same connections the watcher polls through), for
     /// one-off reads ([`Secrets::read_now`]).
     providers: HashMap<String, Arc<dyn Provider>>,
+    /// The Swarm secret driver's rotation, when it runs: where `swarm:` consumers'
+    /// snapshots go (their values dropped here).
+    swarm: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<crate::swarm::Change>>,
 }
 
 /// A configured secret as the API shows it (no value).
@@ -198,6 +201,7 @@ impl Secrets {
             deliverer: std::sync::OnceLock::new(),
             events: bus,
             providers: own,
+            swarm: std::sync::OnceLock::new(),
         });
         let this = Arc::clone(&secrets);
         tokio::spawn(async move {
@@ -217,6 +221,11 @@ impl Secrets {
     /// Hands service snapshots to delivery from now on.
     pub fn set_deliverer(&self, d: Arc<crate::delivery::Deliverer>) {
         let _ = self.deliverer.set(d);
+    }
+
+    /// Hands `swarm:` consumers' changes to the Swarm secret driver from now on.
+    pub fn set_swarm(&self, tx: tokio::sync::mpsc::UnboundedSender<crate::swarm::Change>) {
+        let _ = self.swarm.set(tx);
     }
 
     /// Delivery, when it runs.
@@ -264,6 +273,25 @@ impl Secrets {
     fn on_event(&self, event: Event) {
         self.publish_health(&event);
         match event {
+            Event::Snapshot(snap) if snap.consumer.starts_with(crate::swarm::CONSUMER) => {
+                // Rotation in Swarm needs the versions only; the values drop (zeroed) here.
+                let change = crate::swarm::Change {
+                    consumer: snap.consumer.clone(),
+                    versions: snap.versions.clone(),
+                    first: snap.first,
+                };
+                match self.swarm.get() {
+                    Some(tx) if tx.send(change).is_ok() => {}
+                    _ => warn!(consumer = %snap.consumer, "swarm snapshot without the swarm driver; dropped"),
+                }
+            }
+            Event::Unusable {
+                consumer,
+                reference,
+                reason,
+            } if consumer.starts_with(crate::swarm::CONSUMER) => {
+                warn!(consumer = %consumer, reference = %reference, reason = %reason, "a Swarm secret's value cannot be used; nothing rolls for it");
+            }
             Event::Snapshot(snap) if crate::delivery::Deliverer::is_service_consumer(&snap.consumer) => {
                 match self.deliverer.get() {
                     Some(d) => d.on_snapshot(snap),

@@ -128,6 +128,9 @@ pub fn render(state: &State) -> String {
     if let Some(r) = crate::reload::get() {
         registry.register_collector(Box::new(crate::reload::ReloadCollector(r)));
     }
+    if let Some(c) = crate::swarm::collector() {
+        registry.register_collector(c);
+    }
     let mut out = String::new();
     prometheus_client::encoding::prometheus_text::encode(&mut out, &registry)
         // Writing to a String cannot fail; a value can only if a u64 gauge passes i64::MAX,

@@ -36,6 +36,8 @@ pub struct FileConfig {
     pub secrets: Option<SecretList>,
     /// Log settings.
     pub logging: Option<LoggingSection>,
+    /// The Docker Swarm secret driver (docs/swarm.md); off when absent.
+    pub swarm: Option<crate::swarm::config::SwarmSection>,
 }
 
 /// `agent:`.

@@ -40,6 +40,8 @@ pub struct Config {
     pub secrets: SecretsConfig,
     /// `logging:`.
     pub logging: LoggingConfig,
+    /// `swarm:`, when the Swarm secret driver is on.
+    pub swarm: Option<crate::swarm::config::SwarmSettings>,
 }
 
 /// Settings of the agent process itself.

@@ -82,6 +82,7 @@ pub fn check(raw: FileConfig, lines: &Lines<'_>) -> Result<Config, ConfigError> 
         listeners,
         secrets: SecretsConfig::default(),
         logging: LoggingConfig::default(),
+        swarm: crate::swarm::config::check(&|k| lines.line(k), raw.swarm)?,
     })
 }
 

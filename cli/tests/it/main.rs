@@ -18,3 +18,4 @@ mod rotate;
 mod secret;
 mod secrets;
 mod setup;
+mod swarm;

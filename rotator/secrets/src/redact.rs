@@ -149,8 +149,14 @@ impl Inner {
         // Longest first, so a value wins over a shorter value it contains.
         let mut pats: Vec<&[u8]> = self.patterns.keys().map(|p| p.0.as_slice()).collect();
         pats.sort_by_key(|p| std::cmp::Reverse(p.len()));
+        // A few large values (hundreds of KiB) would make the automatic choice build a
+        // DFA for minutes while holding the lock every log line waits on; past 64 KiB of
+        // patterns the contiguous NFA is built in linear time instead.
+        let total: usize = pats.iter().map(|p| p.len()).sum();
+        let kind = (total > 64 * 1024).then_some(aho_corasick::AhoCorasickKind::ContiguousNFA);
         self.matcher = AhoCorasick::builder()
             .match_kind(aho_corasick::MatchKind::LeftmostLongest)
+            .kind(kind)
             .build(pats)
             .ok()
             .map(Arc::new);
