@@ -133,6 +133,11 @@ impl WebhookSettings {
         "docker.container",
         "config.reloaded",
         "config.reload_failed",
+        "swarm.secret.read",
+        "swarm.rotation.started",
+        "swarm.service.updated",
+        "swarm.rotation.failed",
+        "swarm.secret.removed",
     ];
 }
 
