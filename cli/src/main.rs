@@ -24,6 +24,7 @@ mod notify;
 mod plugin;
 mod sdnotify;
 mod secrets;
+mod upgrade;
 
 use std::process::ExitCode;
 
