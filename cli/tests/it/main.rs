@@ -17,3 +17,4 @@ mod rotate;
 mod secret;
 mod secrets;
 mod setup;
+mod upgrade;
