@@ -18,7 +18,11 @@ use crate::harness::{Agent, docker, http, poll, stderr, stdout};
 fn pg_bin(tool: &str) -> PathBuf {
     let dir = std::env::var("DSO_PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".to_owned());
     let p = Path::new(&dir).join(tool);
-    assert!(p.exists(), "{} missing: install PostgreSQL or set DSO_PG_BIN", p.display());
+    assert!(
+        p.exists(),
+        "{} missing: install PostgreSQL or set DSO_PG_BIN",
+        p.display()
+    );
     p
 }
 
@@ -38,7 +42,14 @@ impl Postgres {
             c.args(["-u", "postgres", "--"]).arg(cmd);
             c
         };
-        assert!(StdCommand::new("chown").arg("postgres:").arg(dir.path()).status().unwrap().success());
+        assert!(
+            StdCommand::new("chown")
+                .arg("postgres:")
+                .arg(dir.path())
+                .status()
+                .unwrap()
+                .success()
+        );
         let out = as_pg(&pg_bin("initdb"))
             .arg("-D")
             .arg(&data)
@@ -46,7 +57,11 @@ impl Postgres {
             .output()
             .unwrap();
         assert!(out.status.success(), "initdb: {}", stderr(&out));
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let opts = format!(
             "-p {port} -k {} -c listen_addresses=127.0.0.1 -c max_connections=100 -c fsync=off -c synchronous_commit=off",
             dir.path().display()
@@ -62,7 +77,19 @@ impl Postgres {
         assert!(out.status.success(), "pg_ctl start: {}", stderr(&out));
         let pg = Postgres { dir, port };
         let out = StdCommand::new(pg_bin("pgbench"))
-            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "-i", "-s", "1", "-q", "postgres"])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-U",
+                "postgres",
+                "-i",
+                "-s",
+                "1",
+                "-q",
+                "postgres",
+            ])
             .output()
             .unwrap();
         assert!(out.status.success(), "pgbench -i: {}", stderr(&out));
@@ -89,7 +116,15 @@ impl Drop for Postgres {
 /// A pgbench run through `addr` in the background.
 fn pgbench(addr: SocketAddr, args: &[&str]) -> tokio::process::Child {
     tokio::process::Command::new(pg_bin("pgbench"))
-        .args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string(), "-U", "postgres", "-n"])
+        .args([
+            "-h",
+            &addr.ip().to_string(),
+            "-p",
+            &addr.port().to_string(),
+            "-U",
+            "postgres",
+            "-n",
+        ])
         .args(args)
         .arg("postgres")
         .stdout(Stdio::piped())
@@ -107,10 +142,20 @@ async fn assert_clean(run: tokio::process::Child, what: &str) -> u64 {
         .expect("pgbench ended in time")
         .unwrap();
     let (o, e) = (stdout(&out), stderr(&out));
-    assert!(out.status.success(), "{what}: pgbench failed ({}):\n{o}\n{e}", out.status);
-    assert!(o.contains("number of failed transactions: 0 "), "{what}: failed transactions:\n{o}");
+    assert!(
+        out.status.success(),
+        "{what}: pgbench failed ({}):\n{o}\n{e}",
+        out.status
+    );
+    assert!(
+        o.contains("number of failed transactions: 0 "),
+        "{what}: failed transactions:\n{o}"
+    );
     for bad in ["aborted", "error", "could not connect", "connection to server"] {
-        assert!(!e.to_lowercase().contains(bad), "{what}: pgbench reported {bad:?}:\n{e}");
+        assert!(
+            !e.to_lowercase().contains(bad),
+            "{what}: pgbench reported {bad:?}:\n{e}"
+        );
     }
     let processed = o
         .lines()
@@ -272,7 +317,10 @@ async fn ten_upgrades_under_persistent_connections_with_old_processes_draining()
     }
     // The first process still serves the first run's connections while the last serves
     // new ones.
-    assert!(running(pids.0[0]), "the first agent exited before its connections ended");
+    assert!(
+        running(pids.0[0]),
+        "the first agent exited before its connections ended"
+    );
     let a = assert_clean(first, "persistent run").await;
     let b = assert_clean(second.unwrap(), "persistent run started midway").await;
     summary("persistent", &times);
@@ -295,7 +343,11 @@ async fn a_broken_new_binary_leaves_the_agent_serving() {
     let addr = agent.addr("db").await;
     let mut pids = Pids(vec![agent.child.id().unwrap()]);
     let exits = agent.dir.path().join("exits.sh");
-    std::fs::write(&exits, "#!/bin/sh\necho 'dso 9.9: cannot start: something is wrong' >&2\nexit 1\n").unwrap();
+    std::fs::write(
+        &exits,
+        "#!/bin/sh\necho 'dso 9.9: cannot start: something is wrong' >&2\nexit 1\n",
+    )
+    .unwrap();
     let hangs = agent.dir.path().join("hangs.sh");
     std::fs::write(&hangs, "#!/bin/sh\necho $$ > \"$0.pid\"\nexec sleep 60\n").unwrap();
     for f in [&exits, &hangs] {
@@ -312,11 +364,18 @@ async fn a_broken_new_binary_leaves_the_agent_serving() {
         assert!(e.contains("this agent keeps serving"), "{e}");
     }
     let started = Instant::now();
-    let out = upgrade(&agent, &["--binary", hangs.to_str().unwrap(), "--ready-timeout", "2s"]).await;
+    let out = upgrade(
+        &agent,
+        &["--binary", hangs.to_str().unwrap(), "--ready-timeout", "2s"],
+    )
+    .await;
     assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
     let e = stderr(&out);
     assert!(e.contains("not ready within 2000 ms"), "{e}");
-    eprintln!("hanging binary refused after {} ms", started.elapsed().as_millis());
+    eprintln!(
+        "hanging binary refused after {} ms",
+        started.elapsed().as_millis()
+    );
     let hung: u32 = std::fs::read_to_string(hangs.with_extension("sh.pid"))
         .unwrap()
         .trim()
@@ -325,7 +384,11 @@ async fn a_broken_new_binary_leaves_the_agent_serving() {
     assert!(!running(hung), "the hanging binary was not killed");
     let missing = upgrade(&agent, &["--binary", "/nonexistent/dso"]).await;
     assert_eq!(missing.status.code(), Some(1));
-    assert!(stderr(&missing).contains("/nonexistent/dso"), "{}", stderr(&missing));
+    assert!(
+        stderr(&missing).contains("/nonexistent/dso"),
+        "{}",
+        stderr(&missing)
+    );
     // The original agent served throughout and still does.
     assert!(running(pids.0[0]));
     let processed = assert_clean(run, "pgbench -C with broken binaries").await;
@@ -380,7 +443,13 @@ async fn an_upgrade_of_a_docker_agent_rotates_nothing() {
         .subsec_nanos();
     let run = format!("dsoupg{}x{nanos:x}", std::process::id());
     let _cleanup = Cleanup(run.clone());
-    docker(&["network", "create", "--label", &format!("dso.test.run={run}"), &format!("{run}_default")]);
+    docker(&[
+        "network",
+        "create",
+        "--label",
+        &format!("dso.test.run={run}"),
+        &format!("{run}_default"),
+    ]);
     docker(&[
         "run",
         "-d",
@@ -402,7 +471,15 @@ async fn an_upgrade_of_a_docker_agent_rotates_nothing() {
         "--health-retries=1",
         &image,
     ]);
-    let ids = || docker(&["ps", "-aq", "--no-trunc", "--filter", &format!("label=dso.test.run={run}")]);
+    let ids = || {
+        docker(&[
+            "ps",
+            "-aq",
+            "--no-trunc",
+            "--filter",
+            &format!("label=dso.test.run={run}"),
+        ])
+    };
     let before = ids();
     let state = tempfile::tempdir().unwrap();
     let scope = format!("dso.test.run={run}");
@@ -427,15 +504,28 @@ async fn an_upgrade_of_a_docker_agent_rotates_nothing() {
     pids.0.push(pid);
     eprintln!("docker agent: accepting after {accepting} ms");
     // The new process adopted the container: its status shows the service.
-    poll(|| async {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
         let out = agent.dso(&["status", "--json"]).await;
-        out.status.success() && stdout(&out).contains(&format!("{run}/web"))
-    })
-    .await;
+        let text = stdout(&out);
+        if out.status.success() && text.contains(&run) && text.contains("web") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new agent does not show the service: {text}{}\nlog:\n{}",
+            stderr(&out),
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(greeting(addr).await, greeting_before, "another container serves");
     assert_eq!(ids(), before, "containers changed across the upgrade");
     let log = agent.log();
-    assert!(!log.contains("rotation.started") && !log.contains("rotating"), "something rotated:\n{log}");
+    assert!(
+        !log.contains("rotation.started") && !log.contains("rotating"),
+        "something rotated:\n{log}"
+    );
     poll(|| async { !running(pids.0[0]) }).await;
     assert_eq!(greeting(addr).await, greeting_before);
 }
