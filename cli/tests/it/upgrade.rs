@@ -569,3 +569,44 @@ impl Drop for Cleanup {
             .output();
     }
 }
+
+/// Under systemd (`NOTIFY_SOCKET`): the new process announces itself as the main PID with
+/// READY=1 (the unit has NotifyAccess=all), and the old one, which drains and exits, never
+/// says STOPPING=1: for systemd the service did not stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_systemd_the_new_process_becomes_the_main_pid() {
+    let backend = crate::harness::Echo::start("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify");
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    let yaml = format!(
+        "agent:\n  http:\n    listen: off\nproxy:\n  listeners:\n    - name: db\n      listen: 127.0.0.1:0\n      backends: [{}]\n",
+        backend.addr
+    );
+    let agent = Agent::start_env(
+        move |_| yaml,
+        &["--shutdown-timeout", "60s"],
+        "info",
+        &[("NOTIFY_SOCKET", path.to_str().unwrap())],
+    )
+    .await;
+    let old = agent.child.id().unwrap();
+    let mut pids = Pids(vec![old]);
+    let (new, _, _) = upgrade_ok(&agent).await;
+    pids.0.push(new);
+    poll(|| async { !running(old) }).await;
+    let mut messages = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    while let Ok(n) = sock.recv(&mut buf) {
+        messages.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    let ready_from = |pid: u32| {
+        messages
+            .iter()
+            .any(|m| m.contains("READY=1") && m.lines().any(|l| l == format!("MAINPID={pid}")))
+    };
+    assert!(ready_from(old), "{messages:?}");
+    assert!(ready_from(new), "{messages:?}");
+    assert!(!messages.iter().any(|m| m.contains("STOPPING=1")), "{messages:?}");
+}
