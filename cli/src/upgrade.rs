@@ -579,31 +579,6 @@ impl Drop for RemoveOnDrop {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// More descriptors than one SCM_RIGHTS message carries arrive, in order.
-    #[test]
-    fn descriptors_cross_in_batches_and_in_order() {
-        let (a, b) = UnixStream::pair().unwrap();
-        let listeners: Vec<std::net::TcpListener> = (0..300)
-            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-            .collect();
-        let fds: Vec<BorrowedFd<'_>> = listeners.iter().map(AsFd::as_fd).collect();
-        let sender = std::thread::scope(|s| {
-            let h = s.spawn(|| send_fds(&a, &fds));
-            let got = recv_fds(&b, 300).unwrap();
-            h.join().unwrap().unwrap();
-            got
-        });
-        for (l, fd) in listeners.iter().zip(sender) {
-            let got = std::net::TcpListener::from(fd);
-            assert_eq!(got.local_addr().unwrap(), l.local_addr().unwrap());
-        }
-    }
-}
-
 /// Runs one upgrade request for the agent's main loop; `true` when the new process took
 /// over (the caller stops accepting and drains). The outcome goes to the requester, and to
 /// the log either way.
@@ -659,4 +634,29 @@ pub fn command(args: &crate::args::AgentArgs, socket: Option<PathBuf>) -> anyhow
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// More descriptors than one SCM_RIGHTS message carries arrive, in order.
+    #[test]
+    fn descriptors_cross_in_batches_and_in_order() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let listeners: Vec<std::net::TcpListener> = (0..300)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let fds: Vec<BorrowedFd<'_>> = listeners.iter().map(AsFd::as_fd).collect();
+        let sender = std::thread::scope(|s| {
+            let h = s.spawn(|| send_fds(&a, &fds));
+            let got = recv_fds(&b, 300).unwrap();
+            h.join().unwrap().unwrap();
+            got
+        });
+        for (l, fd) in listeners.iter().zip(sender) {
+            let got = std::net::TcpListener::from(fd);
+            assert_eq!(got.local_addr().unwrap(), l.local_addr().unwrap());
+        }
+    }
 }
