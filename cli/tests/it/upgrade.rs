@@ -408,6 +408,9 @@ async fn sigusr2_upgrades_the_agent() {
     let agent = start_agent(backend.addr).await;
     let addr = agent.addr("db").await;
     let mut pids = Pids(vec![agent.child.id().unwrap()]);
+    // A hold in force crosses the upgrade with its remaining time.
+    let paused = agent.dso(&["proxy", "pause", "db", "--max", "20s"]).await;
+    assert!(paused.status.success(), "{}", stderr(&paused));
     agent.signal("USR2");
     let mut new_pid = None;
     poll(|| {
@@ -425,6 +428,12 @@ async fn sigusr2_upgrades_the_agent() {
     let new_pid = new_pid.unwrap();
     pids.0.push(new_pid);
     poll(|| async { !running(pids.0[0]) }).await;
+    let s = agent.status().await;
+    assert_eq!(s["listeners"][0]["mode"], "hold", "{s}");
+    let left = s["listeners"][0]["hold_remaining_ms"].as_u64().unwrap();
+    assert!(left > 5_000 && left < 20_000, "{left}");
+    let resumed = agent.dso(&["proxy", "resume", "db"]).await;
+    assert!(resumed.status.success(), "{}", stderr(&resumed));
     let mut c = crate::harness::Conn::open(addr).await;
     assert_eq!(c.greeting().await, "a");
     let s = agent.status().await;

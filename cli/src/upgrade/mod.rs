@@ -23,10 +23,14 @@
 //! Any failure before 5 (the binary does not start, exits, reports a failure, or is not
 //! ready within the timeout) kills N and leaves O as it was: it never stopped accepting.
 
+mod takeover;
+mod wire;
+
+pub use takeover::take_over;
+
 use std::collections::VecDeque;
 use std::ffi::OsString;
-use std::io::{self, IoSlice, IoSliceMut, Read, Write};
-use std::mem::MaybeUninit;
+use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
@@ -41,6 +45,8 @@ use serde::{Deserialize, Serialize};
 use tokio::io::AsyncBufReadExt;
 use tracing::{info, warn};
 
+use wire::{read_frame, send_fds, write_frame};
+
 /// The variable that tells a starting agent to take over from the agent that started it:
 /// the path of the handover socket.
 pub const ENV: &str = "DSO_UPGRADE_FROM";
@@ -50,12 +56,6 @@ pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Longest the old process waits for running rotations before an upgrade.
 pub const ROTATION_WAIT: Duration = Duration::from_secs(60);
-
-/// SCM_RIGHTS takes at most 253 descriptors per message (SCM_MAX_FD).
-const FDS_PER_MESSAGE: usize = 250;
-
-/// Largest frame either side accepts (an offer with 1024 backends on many listeners).
-const MAX_FRAME: usize = 64 << 20;
 
 /// Lines of the new process's stderr an error quotes.
 const TAIL_LINES: usize = 20;
@@ -416,153 +416,6 @@ async fn copy_stderr(stderr: tokio::process::ChildStderr, tail: Arc<Mutex<VecDeq
     }
 }
 
-/// What a new process received from the agent it takes over from.
-#[derive(Debug)]
-pub struct TakeOver {
-    stream: UnixStream,
-    /// The pid of the agent handing over.
-    pub from_pid: u32,
-    /// The proxy listeners with their sockets.
-    pub listeners: Vec<(ListenerState, OwnedFd)>,
-    /// The control socket (taken by the agent's start-up).
-    pub control: Option<std::os::unix::net::UnixListener>,
-    /// The HTTP listener.
-    pub http: Option<std::net::TcpListener>,
-    /// The old process's stderr, which this one moves onto once ready.
-    stderr: OwnedFd,
-}
-
-/// When started by an upgrade (`DSO_UPGRADE_FROM` set), connects to the handover socket
-/// and receives the sockets and state; `None` for an ordinary start.
-pub fn take_over() -> anyhow::Result<Option<TakeOver>> {
-    let Some(path) = std::env::var_os(ENV).filter(|p| !p.is_empty()) else {
-        return Ok(None);
-    };
-    let path = PathBuf::from(path);
-    let mut stream = UnixStream::connect(&path)
-        .with_context(|| format!("{ENV}: connecting to the handover socket {}", path.display()))?;
-    stream.set_read_timeout(Some(DEFAULT_READY_TIMEOUT))?;
-    let offer: Offer =
-        serde_json::from_slice(&read_frame(&mut stream).context("reading the handover offer")?)
-            .context("decoding the handover offer")?;
-    let mut fds = recv_fds(&stream, offer.fd_count())
-        .context("receiving the sockets")?
-        .into_iter();
-    let mut next = |what: &str| fds.next().with_context(|| format!("the handover lacks {what}"));
-    let stderr = next("stderr")?;
-    let control = Some(std::os::unix::net::UnixListener::from(next(
-        "the control socket",
-    )?));
-    let http = match offer.http {
-        Some(_) => Some(std::net::TcpListener::from(next("the HTTP listener")?)),
-        None => None,
-    };
-    let mut listeners = Vec::with_capacity(offer.listeners.len());
-    for state in offer.listeners {
-        let fd = next(&format!("the socket of listener {}", state.name))?;
-        listeners.push((state, fd));
-    }
-    Ok(Some(TakeOver {
-        stream,
-        from_pid: offer.from_pid,
-        listeners,
-        control,
-        http,
-        stderr,
-    }))
-}
-
-impl TakeOver {
-    /// Tells the old process that the proxy listeners accept here too.
-    pub fn accepting(&mut self) -> anyhow::Result<()> {
-        self.report(&Report::Accepting)
-    }
-
-    /// Moves this process's stderr onto the old one's (the journal, a log file) and tells
-    /// the old process to stop accepting and drain.
-    pub fn ready(mut self) -> anyhow::Result<()> {
-        nix::unistd::dup2_stderr(&self.stderr).context("moving stderr onto the old agent's")?;
-        self.report(&Report::Ready)
-    }
-
-    fn report(&mut self, r: &Report) -> anyhow::Result<()> {
-        let json = serde_json::to_vec(r)?;
-        write_frame(&mut self.stream, &json).context("reporting to the old agent")
-    }
-}
-
-fn write_frame(stream: &mut UnixStream, bytes: &[u8]) -> io::Result<()> {
-    let len = u32::try_from(bytes.len()).map_err(|_| io::Error::other("frame too large"))?;
-    stream.write_all(&len.to_be_bytes())?;
-    stream.write_all(bytes)
-}
-
-fn read_frame(stream: &mut UnixStream) -> io::Result<Vec<u8>> {
-    let mut len = [0u8; 4];
-    stream.read_exact(&mut len)?;
-    let len = u32::from_be_bytes(len) as usize;
-    if len > MAX_FRAME {
-        return Err(io::Error::other(format!(
-            "frame of {len} bytes is over the limit"
-        )));
-    }
-    let mut buf = vec![0; len];
-    stream.read_exact(&mut buf)?;
-    Ok(buf)
-}
-
-/// Sends `fds` in messages of at most [`FDS_PER_MESSAGE`], each with one byte of data.
-fn send_fds(stream: &UnixStream, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
-    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags, sendmsg};
-    for chunk in fds.chunks(FDS_PER_MESSAGE) {
-        let mut space = vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(chunk.len()))];
-        let mut control = SendAncillaryBuffer::new(&mut space);
-        if !control.push(SendAncillaryMessage::ScmRights(chunk)) {
-            return Err(io::Error::other("descriptor buffer too small"));
-        }
-        let sent = sendmsg(stream, &[IoSlice::new(b"F")], &mut control, SendFlags::empty())?;
-        if sent != 1 {
-            return Err(io::Error::other("short send of a descriptor message"));
-        }
-    }
-    Ok(())
-}
-
-/// Receives `n` descriptors sent by [`send_fds`].
-fn recv_fds(stream: &UnixStream, n: usize) -> io::Result<Vec<OwnedFd>> {
-    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, recvmsg};
-    let mut out = Vec::with_capacity(n);
-    while out.len() < n {
-        let mut space = vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(FDS_PER_MESSAGE))];
-        let mut control = RecvAncillaryBuffer::new(&mut space);
-        let mut byte = [0u8; 1];
-        let msg = recvmsg(
-            stream,
-            &mut [IoSliceMut::new(&mut byte)],
-            &mut control,
-            RecvFlags::CMSG_CLOEXEC,
-        )?;
-        if msg.bytes == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!(
-                    "the old agent closed the socket after {} of {n} descriptors",
-                    out.len()
-                ),
-            ));
-        }
-        if msg.flags.contains(rustix::net::ReturnFlags::CTRUNC) {
-            return Err(io::Error::other("descriptors were truncated"));
-        }
-        for m in control.drain() {
-            if let RecvAncillaryMessage::ScmRights(fds) = m {
-                out.extend(fds);
-            }
-        }
-    }
-    Ok(out)
-}
-
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -634,29 +487,4 @@ pub fn command(args: &crate::args::AgentArgs, socket: Option<PathBuf>) -> anyhow
         );
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// More descriptors than one SCM_RIGHTS message carries arrive, in order.
-    #[test]
-    fn descriptors_cross_in_batches_and_in_order() {
-        let (a, b) = UnixStream::pair().unwrap();
-        let listeners: Vec<std::net::TcpListener> = (0..300)
-            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-            .collect();
-        let fds: Vec<BorrowedFd<'_>> = listeners.iter().map(AsFd::as_fd).collect();
-        let sender = std::thread::scope(|s| {
-            let h = s.spawn(|| send_fds(&a, &fds));
-            let got = recv_fds(&b, 300).unwrap();
-            h.join().unwrap().unwrap();
-            got
-        });
-        for (l, fd) in listeners.iter().zip(sender) {
-            let got = std::net::TcpListener::from(fd);
-            assert_eq!(got.local_addr().unwrap(), l.local_addr().unwrap());
-        }
-    }
 }
