@@ -43,17 +43,26 @@ pub struct ListenerState {
 
 /// [`ListenerConfig`]'s settings in milliseconds, the form that crosses a process boundary.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[allow(missing_docs)]
 pub struct ListenerSettings {
+    /// [`ListenerConfig::backlog`].
     pub backlog: u32,
+    /// [`ListenerConfig::drain_timeout`].
     pub drain_timeout_ms: u64,
+    /// [`ListenerConfig::close_window`].
     pub close_window_ms: u64,
+    /// [`ListenerConfig::hold_max`].
     pub hold_max_ms: u64,
+    /// [`ListenerConfig::connect_timeout`].
     pub connect_timeout_ms: u64,
+    /// [`ListenerConfig::dial_attempts`].
     pub dial_attempts: u32,
+    /// [`ListenerConfig::dial_budget`].
     pub dial_budget_ms: u64,
+    /// [`ListenerConfig::idle_timeout`].
     pub idle_timeout_ms: Option<u64>,
+    /// [`ListenerConfig::max_connections`].
     pub max_connections: Option<usize>,
+    /// [`ListenerConfig::keepalive`].
     pub keepalive_ms: Option<u64>,
 }
 

@@ -259,6 +259,11 @@ impl ApiServer {
         }
         if self.handed_over.is_cancelled() {
             info!(socket = %self.path.display(), "control socket handed over; the new agent serves it");
+            // The connections accepted before stay until the agent stops (`stop`); the
+            // answer to the upgrade request is among them, so the process waits for them to
+            // end (each gets [`STOP_GRACE`] to finish its answer) before it exits.
+            stop.cancelled().await;
+            conns.wait_closed(STOP_GRACE + Duration::from_millis(500)).await;
             return;
         }
         if let Err(e) = std::fs::remove_file(&self.path) {
@@ -308,6 +313,14 @@ impl Conns {
                     p = Arc::clone(&self.slots).acquire_owned() => p.ok(),
                 }
             }
+        }
+    }
+
+    /// Waits until every connection has ended, at most `bound`.
+    pub(super) async fn wait_closed(&self, bound: Duration) {
+        let deadline = Instant::now() + bound;
+        while !lock(&self.open).is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 

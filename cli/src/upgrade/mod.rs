@@ -74,10 +74,13 @@ static START: OnceLock<Start> = OnceLock::new();
 pub fn record_start() {
     let mut args = std::env::args_os();
     let argv0 = args.next().map(PathBuf::from);
-    // `current_exe` resolves /proc/self/exe now, while the file is still the one running.
-    let exe = std::env::current_exe()
-        .ok()
-        .or(argv0)
+    // The path as started (`/usr/local/bin/dso`, maybe a symlink a package update moves to
+    // the new version), made absolute; a bare name found through PATH is resolved by
+    // `current_exe` (/proc/self/exe, read now, while the file is the one running).
+    let exe = argv0
+        .filter(|p| p.components().count() > 1)
+        .and_then(|p| std::path::absolute(p).ok())
+        .or_else(|| std::env::current_exe().ok())
         .unwrap_or_else(|| PathBuf::from("dso"));
     let _ = START.set(Start {
         exe,
@@ -214,8 +217,13 @@ impl Handover {
             .map(|e| tokio::spawn(copy_stderr(e, Arc::clone(&tail))));
         let deadline = Instant::now() + ready_timeout;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let mut exchange =
-            tokio::task::spawn_blocking(move || exchange(listener, pid, &offer, &fds, deadline, &tx));
+        // Set when this attempt ends, so that a child that never connected does not keep the
+        // exchange's thread polling until the deadline.
+        let given_up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let _give_up = GiveUp(Arc::clone(&given_up));
+        let mut exchange = tokio::task::spawn_blocking(move || {
+            exchange(listener, pid, &offer, &fds, deadline, &given_up, &tx)
+        });
         let mut accepting_ms = None;
         let mut exited = false;
         let failure = loop {
@@ -336,9 +344,10 @@ fn exchange(
     offer: &Offer,
     fds: &[OwnedFd],
     deadline: Instant,
+    given_up: &std::sync::atomic::AtomicBool,
     reports: &tokio::sync::mpsc::UnboundedSender<Report>,
 ) -> Result<(), String> {
-    let mut stream = accept_child(&listener, pid, deadline)?;
+    let mut stream = accept_child(&listener, pid, deadline, given_up)?;
     let json = serde_json::to_vec(offer).map_err(|e| format!("encoding the offer: {e}"))?;
     write_frame(&mut stream, &json).map_err(|e| format!("sending the offer: {e}"))?;
     let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
@@ -368,7 +377,12 @@ fn exchange(
 }
 
 /// The connection of process `pid` on the handover socket; others are refused.
-fn accept_child(listener: &UnixListener, pid: u32, deadline: Instant) -> Result<UnixStream, String> {
+fn accept_child(
+    listener: &UnixListener,
+    pid: u32,
+    deadline: Instant,
+    given_up: &std::sync::atomic::AtomicBool,
+) -> Result<UnixStream, String> {
     listener
         .set_nonblocking(true)
         .map_err(|e| format!("handover socket: {e}"))?;
@@ -392,6 +406,9 @@ fn accept_child(listener: &UnixListener, pid: u32, deadline: Instant) -> Result<
                 return Ok(stream);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if given_up.load(std::sync::atomic::Ordering::Relaxed) {
+                    return Err("the upgrade was given up".to_owned());
+                }
                 if Instant::now() >= deadline {
                     return Err("the new agent never connected to the handover socket (is it a dso binary of this version or newer?)".to_owned());
                 }
@@ -422,6 +439,14 @@ fn ms(d: Duration) -> u64 {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+struct GiveUp(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for GiveUp {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 struct RemoveOnDrop(PathBuf);
