@@ -23,6 +23,10 @@ use crate::config::{self, Config, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_SOCKET};
 
 /// Runs the agent until a signal ends it.
 pub fn main(args: AgentArgs, socket: Option<PathBuf>) -> anyhow::Result<()> {
+    if args.upgrade {
+        return crate::upgrade::command(&args, socket);
+    }
+    crate::upgrade::record_start();
     let cfg = config::load(&args.config)?;
     init_logging(cfg.logging.default_filter());
     raise_fd_limit();
@@ -73,6 +77,11 @@ async fn run(cfg: Config, args: &AgentArgs, socket: &Path, shutdown: Duration) -
     // SIGHUP reloads the config file (`reload.rs`); installed now, so that one arriving
     // during start-up does not kill the agent (the default action) and is served once ready.
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    // SIGUSR2: hitless upgrade to the binary the agent was started from (`upgrade.rs`).
+    let mut usr2 = signal(SignalKind::user_defined2()).context("installing the SIGUSR2 handler")?;
+    // Started by an upgrade: the previous agent's sockets and state, before anything binds.
+    let mut takeover = crate::upgrade::take_over()?;
+    let takeover_started = takeover.is_some();
 
     api::vault::configure(&cfg);
     let events = crate::events::Bus::new();
@@ -83,7 +92,21 @@ async fn run(cfg: Config, args: &AgentArgs, socket: &Path, shutdown: Duration) -
     let proxy = Proxy::new(cfg.proxy.clone());
     // What a reload diffs against: the config as the agent starts from it.
     let reload_base = cfg.clone();
+    let mut taken_over = std::collections::HashSet::new();
+    if let Some(t) = takeover.as_mut() {
+        for (state, fd) in std::mem::take(&mut t.listeners) {
+            let name = state.name.clone();
+            proxy
+                .import(state, fd)
+                .with_context(|| format!("taking over listener {name} from the previous agent"))?;
+            taken_over.insert(name);
+        }
+    }
     for l in cfg.listeners {
+        if taken_over.contains(&l.name) {
+            // Handed over by the previous agent, running on: its socket, route and hold.
+            continue;
+        }
         let name = l.name.clone();
         proxy
             .add_listener(l)
@@ -95,6 +118,9 @@ async fn run(cfg: Config, args: &AgentArgs, socket: &Path, shutdown: Duration) -
         events.clone(),
         reload_base,
     )));
+    if let Some(t) = takeover.as_mut() {
+        t.accepting()?;
+    }
     let docker_on = args.manages_docker();
     // The state directory holds what root acts on later (journals, locks, versions): refuse
     // one that another user could plant a symlink in, before anything is written there.
@@ -105,7 +131,10 @@ async fn run(cfg: Config, args: &AgentArgs, socket: &Path, shutdown: Duration) -
     {
         dso_rotator::journal::check_state_dir(&args.state_dir)?;
     }
-    let server = api::bind_with_group(socket, cfg.agent.socket_group.as_deref()).await?;
+    let server = match takeover.as_mut().and_then(|t| t.control.take()) {
+        Some(l) => api::inherit(l, socket, cfg.agent.socket_group.as_deref())?,
+        None => api::bind_with_group(socket, cfg.agent.socket_group.as_deref()).await?,
+    };
     api::health::configure(api::health::Expect { docker: docker_on });
     if let Some(file) = &cfg.agent.http.webhook_key_file {
         api::webhook::configure(api::webhook::Webhook::from_file(
@@ -113,7 +142,13 @@ async fn run(cfg: Config, args: &AgentArgs, socket: &Path, shutdown: Duration) -
             cfg.agent.http.webhook_tolerance,
         )?);
     }
+    let inherited_http = takeover.as_mut().and_then(|t| t.http.take());
     let http = match cfg.agent.http.listen {
+        _ if inherited_http.is_some() => {
+            let h = api::http::inherit(inherited_http.expect("checked"))?;
+            api::health::set_http(api::health::HttpListener::Bound(h.addr()));
+            Some(h)
+        }
         None => {
             api::health::set_http(api::health::HttpListener::Off);
             None
@@ -159,6 +194,7 @@ async fn run(cfg: Config, args: &AgentArgs, socket: &Path, shutdown: Duration) -
     let swarm = match &cfg.swarm {
         Some(settings) => Some(
             crate::swarm::start(
+                takeover_started,
                 settings.clone(),
                 secrets.clone(),
                 &cfg.secrets,
@@ -208,6 +244,23 @@ async fn run(cfg: Config, args: &AgentArgs, socket: &Path, shutdown: Duration) -
         secrets,
         events: events.clone(),
     };
+    // What a hitless upgrade hands over (`upgrade.rs`), gathered before the servers start.
+    let handover = crate::upgrade::Handover {
+        proxy: proxy.clone(),
+        control_path: socket.to_owned(),
+        control: server.socket().context("duplicating the control socket")?,
+        http: match &http {
+            Some(h) => Some((h.addr(), h.socket().context("duplicating the HTTP listener")?)),
+            None => None,
+        },
+        docker: state_docker.clone(),
+    };
+    let handed_over = (
+        server.handover_token(),
+        http.as_ref().map(api::http::HttpServer::handover_token),
+    );
+    let (upgrades, mut upgrade_requests) = tokio::sync::mpsc::unbounded_channel();
+    api::upgrade::configure(upgrades);
     let http_addr = http.as_ref().map(|h| h.addr().to_string());
     let http_task = http.map(|h| tokio::spawn(h.serve(state.clone(), stop_api.clone())));
     let api_task = tokio::spawn(server.serve(state, stop_api.clone()));
@@ -226,9 +279,17 @@ async fn run(cfg: Config, args: &AgentArgs, socket: &Path, shutdown: Duration) -
         proxy.listeners().len(),
         socket.display()
     )));
+    if let Some(t) = takeover {
+        let from = t.from_pid;
+        t.ready()?;
+        info!(
+            from_pid = from,
+            "took over from the previous agent, which now drains and exits"
+        );
+    }
 
     let first = loop {
-        tokio::select! {
+        let request = tokio::select! {
             _ = term.recv() => break "SIGTERM",
             _ = int.recv() => break "SIGINT",
             _ = hup.recv() => {
@@ -237,13 +298,42 @@ async fn run(cfg: Config, args: &AgentArgs, socket: &Path, shutdown: Duration) -
                     // A task, so that a signal to stop is not kept waiting by a reload.
                     tokio::spawn(async move { r.reload("SIGHUP").await });
                 }
+                continue;
             }
+            _ = usr2.recv() => crate::upgrade::Request {
+                binary: None,
+                ready_timeout: crate::upgrade::DEFAULT_READY_TIMEOUT,
+                reply: None,
+            },
+            Some(r) = upgrade_requests.recv() => r,
+        };
+        if crate::upgrade::serve_request(&handover, request).await {
+            break "upgrade";
         }
     };
-    info!(signal = first, deadline = ?shutdown, "shutting down gracefully; send the signal again to force");
-    notify(&crate::sdnotify::stopping_message(&format!(
-        "{first}: draining connections for up to {shutdown:?}"
-    )));
+    if first == "upgrade" {
+        // The new agent serves every socket: stop accepting (the sockets stay open in it,
+        // the control socket's file stays), stop the Docker, secret and delivery sides and
+        // the event streams now, then drain. systemd already follows the new MAINPID.
+        info!(deadline = ?shutdown, "handed over: stopped accepting; draining open connections, then exiting");
+        handed_over.0.cancel();
+        if let Some(t) = &handed_over.1 {
+            t.cancel();
+        }
+        stop_docker_retry.cancel();
+        stop_docker.cancel();
+        stop_secrets.cancel();
+        // The new agent's driver socket is already at the path (renamed over this one's);
+        // this one stops rotating Swarm services now and leaves the file alone.
+        stop_swarm.cancel();
+        stop_notify.cancel();
+        events.close();
+    } else {
+        info!(signal = first, deadline = ?shutdown, "shutting down gracefully; send the signal again to force");
+        notify(&crate::sdnotify::stopping_message(&format!(
+            "{first}: draining connections for up to {shutdown:?}"
+        )));
+    }
     // Order: refuse new rotations and route changes (the API answers 409 from here on),
     // let running rotations finish while connections drain, both within the deadline;
     // then stop the Docker watcher and the API.

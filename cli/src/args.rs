@@ -213,6 +213,23 @@ pub struct AgentArgs {
     /// test run on a shared engine.
     #[arg(long, value_name = "LABEL=VALUE", hide = true, value_parser = parse_scope)]
     pub docker_scope: Option<(String, String)>,
+    /// Do not start an agent: ask the running one (on the control socket of --socket or the
+    /// config) for a hitless upgrade to its own binary path (or --binary), wait, and print
+    /// the new PID and the time until it accepted; exits 1 when the upgrade failed (the
+    /// running agent then serves on). Same as SIGUSR2 or `systemctl reload dso-agent`.
+    /// See docs/operations.md.
+    #[arg(long)]
+    pub upgrade: bool,
+    /// With --upgrade: the binary to start instead of the path the agent was started from
+    /// (to roll back, give the old binary's path).
+    #[arg(long, value_name = "PATH", requires = "upgrade")]
+    pub binary: Option<PathBuf>,
+    /// With --upgrade: how long the new process has to report ready [default: 30s].
+    #[arg(long, value_name = "DURATION", requires = "upgrade")]
+    pub ready_timeout: Option<HumanDuration>,
+    /// With --upgrade: print the outcome as JSON.
+    #[arg(long, requires = "upgrade")]
+    pub json: bool,
 }
 
 impl AgentArgs {

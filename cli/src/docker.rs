@@ -552,6 +552,12 @@ impl Docker {
         }
     }
 
+    /// Takes new rotations again after [`Docker::finish`]: an upgrade that failed leaves
+    /// this agent serving as before.
+    pub fn reopen(&self) {
+        self.running.reopen();
+    }
+
     /// The request with this ID.
     pub fn get(&self, id: &str) -> Option<Tracked> {
         self.lock().iter().find(|t| t.id == id).cloned()

@@ -26,6 +26,7 @@ mod reload;
 mod sdnotify;
 mod secrets;
 mod swarm;
+mod upgrade;
 
 use std::process::ExitCode;
 

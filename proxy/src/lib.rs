@@ -11,7 +11,8 @@
 //! and its generations; `conn.rs` takes one connection through hold, dial and retry;
 //! `forward.rs` moves the bytes (bulk data zero-copy through `splice.rs` on Linux);
 //! `stats.rs` has the counters and snapshots; `socket.rs`
-//! keeps socket options (socket2) in one place.
+//! keeps socket options (socket2) in one place; `handover.rs` exports a listener's state
+//! and socket for a new process and imports them there (hitless upgrade).
 //!
 //! Signals and process lifetime are the binary's business: [`Proxy::shutdown`] and
 //! [`Proxy::force_close`] are what it calls.
@@ -20,6 +21,7 @@ mod config;
 mod conn;
 mod error;
 mod forward;
+mod handover;
 mod listener;
 mod proxy;
 mod route;
@@ -33,6 +35,7 @@ pub use config::{ListenerConfig, ProxyConfig};
 #[doc(hidden)]
 pub use conn::accept_path_once;
 pub use error::Error;
+pub use handover::{Exported, ListenerSettings, ListenerState};
 pub use listener::{
     DrainReport, DrainStatus, Listener, MAX_BACKENDS, MAX_WAIT, Swap, check_backends, routes_to_itself,
 };

@@ -105,6 +105,9 @@ pub(crate) struct Shared {
     /// [`Listener::update`]; the accept loop loads it once per connection.
     pub limit: ArcSwapOption<Semaphore>,
     pub connections: TaskTracker,
+    /// A duplicate of the listening socket, for a handover to a new agent process; dropped
+    /// when the listener stops accepting, so that a removed listener's port closes.
+    pub handover: Mutex<Option<std::os::fd::OwnedFd>>,
 }
 
 impl Shared {
@@ -134,6 +137,17 @@ impl Listener {
                 addr: cfg.listen,
                 source,
             })?;
+        Listener::start_on(cfg, socket, parent, 1)
+    }
+
+    /// Starts accepting on `socket`, bound and listening already (by [`Listener::start`], or
+    /// by a previous agent that handed it over), with the first generation numbered `first`.
+    pub(crate) fn start_on(
+        cfg: ListenerConfig,
+        socket: TcpListener,
+        parent: Parent,
+        first: u64,
+    ) -> Result<Listener, Error> {
         let bind = socket.local_addr().map_err(|source| Error::Bind {
             listener: cfg.name.clone(),
             addr: cfg.listen,
@@ -147,21 +161,24 @@ impl Listener {
             .iter()
             .map(|b| backend_state(&mut registry, b.clone(), epoch))
             .collect();
-        let first = Arc::new(Generation::new(1, backends, epoch));
+        let first_generation = Arc::new(Generation::new(first, backends, epoch));
         let route = Route {
-            generation: Arc::clone(&first),
+            generation: Arc::clone(&first_generation),
             mode: Mode::Forward,
         };
+        // A duplicate of the socket for a handover to a new agent process (see `handover.rs`).
+        let handover = std::os::fd::AsFd::as_fd(&socket).try_clone_to_owned().ok();
         let shared = Arc::new(Shared {
             bind,
             route: ArcSwap::from_pointee(route),
             changed: watch::Sender::new(()),
             counters: Counters::default(),
             connect: Latency::default(),
-            generations: Mutex::new(VecDeque::from([first])),
+            generations: Mutex::new(VecDeque::from([first_generation])),
             reports: Mutex::new(VecDeque::new()),
             backends: Mutex::new(registry),
-            next_generation: AtomicU64::new(2),
+            next_generation: AtomicU64::new(first.saturating_add(1)),
+            handover: Mutex::new(handover),
             control: Mutex::new(None),
             epoch,
             stop: parent.stop.child_token(),
@@ -173,6 +190,7 @@ impl Listener {
         });
         info!(listener = %shared.cfg.name, bind = %bind, backends = ?shared.cfg.backends.iter().map(|b| b.addr).collect::<Vec<_>>(), "listening");
         tokio::spawn(accept_loop(Arc::clone(&shared), socket, parent.global_limit));
+        tokio::spawn(drop_handover_socket(Arc::downgrade(&shared)));
         Ok(Listener(shared))
     }
 
@@ -436,6 +454,18 @@ impl Listener {
 
     fn lock_control(&self) -> MutexGuard<'_, Option<CancellationToken>> {
         lock(&self.0.control)
+    }
+}
+
+/// Drops the listener's handover duplicate once it stops accepting (the accept loop drops
+/// its own socket then), so that the port closes as it did before handovers existed.
+async fn drop_handover_socket(shared: Weak<Shared>) {
+    let Some(stop) = shared.upgrade().map(|s| s.stop.clone()) else {
+        return;
+    };
+    stop.cancelled().await;
+    if let Some(s) = shared.upgrade() {
+        lock(&s.handover).take();
     }
 }
 

@@ -81,6 +81,37 @@ impl Proxy {
         Ok(listener)
     }
 
+    /// Starts a listener on `socket`, already bound and listening (one handed over by a
+    /// previous agent process), numbering its first generation `first`. Nothing is bound.
+    pub(crate) fn add_listener_from(
+        &self,
+        cfg: ListenerConfig,
+        socket: tokio::net::TcpListener,
+        first: u64,
+    ) -> Result<Listener, Error> {
+        if self.inner.stop.is_cancelled() {
+            return Err(Error::ShuttingDown);
+        }
+        let mut listeners = self.inner.listeners.write().unwrap_or_else(|e| e.into_inner());
+        if listeners.contains_key(&cfg.name) {
+            return Err(Error::DuplicateListener { name: cfg.name });
+        }
+        let name = cfg.name.clone();
+        let listener = Listener::start_on(
+            cfg,
+            socket,
+            Parent {
+                stop: self.inner.stop.clone(),
+                kill: self.inner.kill.clone(),
+                global_limit: self.inner.global_limit.clone(),
+                connections: self.inner.connections.clone(),
+            },
+            first,
+        )?;
+        listeners.insert(name, listener.clone());
+        Ok(listener)
+    }
+
     /// Closes a listener's socket. Its connections keep flowing until they end; use
     /// [`Listener::swap`] first when they should move.
     pub fn remove_listener(&self, name: &str) -> Result<(), Error> {

@@ -25,6 +25,9 @@ pub const PUBLIC: &[&str] = &["/health", "/metrics", "/v1/events", "/v1/webhook"
 pub struct HttpServer {
     listener: TcpListener,
     addr: SocketAddr,
+    /// Cancelled when a new agent took the socket over: stop accepting, let connections
+    /// finish until `stop`.
+    handed_over: CancellationToken,
 }
 
 /// Binds the HTTP listener at `addr`; the error names `agent.http.listen` and the address.
@@ -33,13 +36,41 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<HttpServer> {
         format!("agent.http.listen: cannot bind {addr} (set another address, or `listen: off`)")
     })?;
     let addr = listener.local_addr().unwrap_or(addr);
-    Ok(HttpServer { listener, addr })
+    Ok(HttpServer {
+        listener,
+        addr,
+        handed_over: CancellationToken::new(),
+    })
+}
+
+/// The HTTP listener handed over by the agent this process replaces (`upgrade.rs`).
+pub fn inherit(listener: std::net::TcpListener) -> anyhow::Result<HttpServer> {
+    listener
+        .set_nonblocking(true)
+        .context("the HTTP listener handed over")?;
+    let addr = listener.local_addr().context("the HTTP listener handed over")?;
+    let listener = TcpListener::from_std(listener).context("the HTTP listener handed over")?;
+    Ok(HttpServer {
+        listener,
+        addr,
+        handed_over: CancellationToken::new(),
+    })
 }
 
 impl HttpServer {
     /// The bound address (the kernel's port when the config gave port 0).
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// A duplicate of the listening socket, for a handover.
+    pub fn socket(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        std::os::fd::AsFd::as_fd(&self.listener).try_clone_to_owned()
+    }
+
+    /// Cancel it once a new agent serves the socket: this one stops accepting.
+    pub fn handover_token(&self) -> CancellationToken {
+        self.handed_over.clone()
     }
 
     /// Serves until `stop` is cancelled.
@@ -51,6 +82,7 @@ impl HttpServer {
         loop {
             let accepted = tokio::select! {
                 () = stop.cancelled() => break,
+                () = self.handed_over.cancelled() => break,
                 r = self.listener.accept() => r,
             };
             let (stream, from) = match accepted {

@@ -42,6 +42,7 @@ mod proxy;
 mod rotations;
 mod secrets;
 mod server;
+pub mod upgrade;
 pub mod vault;
 pub mod webhook;
 
@@ -64,6 +65,7 @@ use serde::de::DeserializeOwned;
 use tracing::debug;
 
 pub use server::bind_with_group;
+pub use server::inherit;
 
 /// Largest request body accepted: a local vault value (`PUT /v1/vault/secrets/{name}`) at
 /// its size limit; beyond it the answer is 413.
@@ -126,6 +128,7 @@ pub fn router() -> axum::Router<State> {
         .route("/v1/delivery", get(rotations::delivery))
         .route("/v1/secrets", get(secrets::status))
         .route("/v1/secrets/notify", post(secrets::notify))
+        .route("/v1/agent/upgrade", post(upgrade::upgrade))
         .route("/v1/vault/secrets", get(vault::list))
         .route(
             "/v1/vault/secrets/{*name}",

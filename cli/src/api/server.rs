@@ -43,6 +43,9 @@ pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1
 /// progress.
 pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// How long a request in progress at shutdown may take to finish its answer.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+
 /// A bound control socket, not yet serving.
 #[derive(Debug)]
 pub struct ApiServer {
@@ -50,6 +53,9 @@ pub struct ApiServer {
     path: PathBuf,
     /// The group whose members may use the socket, and its gid when it exists.
     group: (String, Option<u32>),
+    /// Cancelled when a new agent took the socket over (`upgrade.rs`): stop accepting,
+    /// keep the connections in progress and the socket file.
+    handed_over: CancellationToken,
 }
 
 /// Creates the control socket at `path`: parent directory created, a stale socket file
@@ -115,6 +121,30 @@ pub async fn bind_with_group(path: &Path, group: Option<&str>) -> anyhow::Result
         listener,
         path: path.to_owned(),
         group: (group, gid),
+        handed_over: CancellationToken::new(),
+    })
+}
+
+/// The control socket handed over by the agent this process replaces (`upgrade.rs`):
+/// nothing is bound or changed on disk; `group` is resolved as [`bind_with_group`] does.
+pub fn inherit(
+    listener: std::os::unix::net::UnixListener,
+    path: &Path,
+    group: Option<&str>,
+) -> anyhow::Result<ApiServer> {
+    let (group, gid) = match group {
+        Some(g) => (g.to_owned(), super::peer::group_id(g)),
+        None => (GROUP.to_owned(), super::peer::group_id(GROUP)),
+    };
+    listener
+        .set_nonblocking(true)
+        .context("the control socket handed over")?;
+    let listener = UnixListener::from_std(listener).context("the control socket handed over")?;
+    Ok(ApiServer {
+        listener,
+        path: path.to_owned(),
+        group: (group, gid),
+        handed_over: CancellationToken::new(),
     })
 }
 
@@ -151,6 +181,17 @@ fn check_socket_dir(dir: &Path) -> anyhow::Result<()> {
 }
 
 impl ApiServer {
+    /// A duplicate of the listening socket, for a handover.
+    pub fn socket(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        std::os::fd::AsFd::as_fd(&self.listener).try_clone_to_owned()
+    }
+
+    /// Cancel it once a new agent serves the socket: this one stops accepting, lets its
+    /// connections finish (until `stop`) and leaves the socket file in place.
+    pub fn handover_token(&self) -> CancellationToken {
+        self.handed_over.clone()
+    }
+
     /// Serves the [`super::router`] until `stop` is cancelled, then removes the socket file.
     pub async fn serve(self, state: State, stop: CancellationToken) {
         let access = Arc::new(Access {
@@ -165,6 +206,7 @@ impl ApiServer {
         loop {
             let accepted = tokio::select! {
                 () = stop.cancelled() => break,
+                () = self.handed_over.cancelled() => break,
                 r = self.listener.accept() => r,
             };
             let stream = match accepted {
@@ -214,6 +256,15 @@ impl ApiServer {
                     }
                 }
             });
+        }
+        if self.handed_over.is_cancelled() {
+            info!(socket = %self.path.display(), "control socket handed over; the new agent serves it");
+            // The connections accepted before stay until the agent stops (`stop`); the
+            // answer to the upgrade request is among them, so the process waits for them to
+            // end (each gets [`STOP_GRACE`] to finish its answer) before it exits.
+            stop.cancelled().await;
+            conns.wait_closed(STOP_GRACE + Duration::from_millis(500)).await;
+            return;
         }
         if let Err(e) = std::fs::remove_file(&self.path) {
             warn!(socket = %self.path.display(), error = %e, "cannot remove control socket");
@@ -265,6 +316,14 @@ impl Conns {
         }
     }
 
+    /// Waits until every connection has ended, at most `bound`.
+    pub(super) async fn wait_closed(&self, bound: Duration) {
+        let deadline = Instant::now() + bound;
+        while !lock(&self.open).is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Serves one connection with hyper's HTTP/1.1 in its own task, answering each request
     /// with `answer`, until it ends, is evicted, idles out or `stop` is cancelled.
     pub(super) fn spawn<S, F, Fut>(
@@ -309,7 +368,12 @@ impl Conns {
                 r = conn.as_mut() => if let Err(e) = r {
                     debug!(error = %e, "control connection ended with an error");
                 },
-                () = stop.cancelled() => {}
+                () = stop.cancelled() => {
+                    // A request in progress gets its answer (the answer to `dso agent
+                    // --upgrade` is written after the new agent took over), bounded.
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(STOP_GRACE, conn.as_mut()).await;
+                }
                 () = activity.evicted.cancelled() => debug!("control connection closed: quietest at the connection cap"),
                 () = activity.idle_for(IDLE_TIMEOUT) => debug!("control connection closed: idle"),
             }

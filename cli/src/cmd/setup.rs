@@ -820,7 +820,13 @@ mod tests {
         assert!(unit.contains("\nTimeoutStopSec=75s\n"), "{unit}");
         assert!(unit.contains("\nType=notify\n"));
         assert!(!unit.contains('@'), "every placeholder filled");
-        assert!(!unit.contains("\nExecReload="), "reload is issue 12");
+        assert!(
+            unit.contains("\nExecReload=/usr/local/bin/dso agent --config /etc/dso/dso.yaml --upgrade\n")
+        );
+        assert!(
+            unit.contains("\nNotifyAccess=all\n"),
+            "the new process after an upgrade sends MAINPID="
+        );
     }
 
     #[test]

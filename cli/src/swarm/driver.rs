@@ -91,6 +91,7 @@ struct Answer {
 pub struct DriverSocket {
     listener: UnixListener,
     path: PathBuf,
+    inode: (u64, u64),
 }
 
 /// The socket path of driver `name`.
@@ -100,8 +101,10 @@ pub fn socket_path(name: &str) -> PathBuf {
 
 /// Creates `/run/docker/plugins/<name>.sock` (the directory 0700 when created, the socket
 /// 0600): a socket file left by a dead process is replaced, one that answers is an error
-/// (another agent serves this driver name).
-pub async fn bind(name: &str) -> anyhow::Result<DriverSocket> {
+/// (another agent serves this driver name) unless `take_over` (a hitless upgrade: the
+/// previous agent serves it until the new socket is renamed over its file, so the path
+/// always answers).
+pub async fn bind(name: &str, take_over: bool) -> anyhow::Result<DriverSocket> {
     let path = socket_path(name);
     let dir = path.parent().expect("a plugin socket has a directory");
     std::fs::DirBuilder::new()
@@ -111,6 +114,9 @@ pub async fn bind(name: &str) -> anyhow::Result<DriverSocket> {
         .with_context(|| format!("creating the Docker plugin directory {}", dir.display()))?;
     match std::fs::symlink_metadata(&path) {
         Ok(m) if m.file_type().is_socket() => {
+            if take_over {
+                return bind_over(&path).await;
+            }
             if tokio::net::UnixStream::connect(&path).await.is_ok() {
                 bail!(
                     "swarm.driver: {} already answers (another agent serves driver {name}); stop it or choose another swarm.driver",
@@ -131,7 +137,35 @@ pub async fn bind(name: &str) -> anyhow::Result<DriverSocket> {
     // The directory is root's and 0700: nobody else reaches the socket before this.
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("setting mode 0600 on {}", path.display()))?;
-    Ok(DriverSocket { listener, path })
+    let inode = inode(&path)?;
+    Ok(DriverSocket { listener, path, inode })
+}
+
+/// Binds a socket beside `path` and renames it over the file: Docker's next connection
+/// reaches the new socket, one already open finishes on the old process.
+async fn bind_over(path: &Path) -> anyhow::Result<DriverSocket> {
+    let tmp = path.with_extension(format!("sock.{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp)
+        .with_context(|| format!("binding the secret driver socket {}", tmp.display()))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("setting mode 0600 on {}", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("moving the secret driver socket onto {}", path.display()))?;
+    let inode = inode(path)?;
+    Ok(DriverSocket {
+        listener,
+        path: path.to_owned(),
+        inode,
+    })
+}
+
+/// The (device, inode) of the socket file: at stop, the file is removed only if it is still
+/// this socket's (after an upgrade it is the new agent's).
+fn inode(path: &Path) -> anyhow::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok((m.dev(), m.ino()))
 }
 
 impl DriverSocket {
@@ -153,8 +187,13 @@ impl DriverSocket {
         {
             warn!(socket = %path.display(), error = %e, "secret driver socket failed");
         }
-        let _ = std::fs::remove_file(&path);
-        info!(socket = %path.display(), "secret driver stopped");
+        match inode(&path) {
+            Ok(ino) if ino == self.inode => {
+                let _ = std::fs::remove_file(&path);
+                info!(socket = %path.display(), "secret driver stopped");
+            }
+            _ => info!(socket = %path.display(), "secret driver stopped; the socket file is another agent's now and stays"),
+        }
     }
 }
 

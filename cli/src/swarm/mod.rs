@@ -95,7 +95,9 @@ pub struct Driver {
 
 /// Starts the driver: binds `/run/docker/plugins/<driver>.sock`, serves it, and runs the
 /// rotation loop once the engine answers (retried with backoff). Needs the secret side (providers).
+/// `take_over`: started by a hitless upgrade, so the previous agent's socket is replaced.
 pub async fn start(
+    take_over: bool,
     settings: SwarmSettings,
     secrets: Option<Arc<crate::secrets::Secrets>>,
     secrets_cfg: &SecretsConfig,
@@ -107,7 +109,7 @@ pub async fn start(
             "swarm: the Swarm secret driver reads values from dso's providers, but the config defines none; add one under providers: (e.g. the local vault)"
         );
     };
-    let socket = driver::bind(&settings.driver).await?;
+    let socket = driver::bind(&settings.driver, take_over).await?;
     let stats = STATS.get_or_init(Stats::default);
     let shared = Arc::new(Shared {
         settings,

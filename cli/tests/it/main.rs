@@ -19,3 +19,4 @@ mod secret;
 mod secrets;
 mod setup;
 mod swarm;
+mod upgrade;
