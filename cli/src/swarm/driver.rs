@@ -138,7 +138,11 @@ pub async fn bind(name: &str, take_over: bool) -> anyhow::Result<DriverSocket> {
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("setting mode 0600 on {}", path.display()))?;
     let inode = inode(&path)?;
-    Ok(DriverSocket { listener, path, inode })
+    Ok(DriverSocket {
+        listener,
+        path,
+        inode,
+    })
 }
 
 /// Binds a socket beside `path` and renames it over the file: Docker's next connection
@@ -192,7 +196,9 @@ impl DriverSocket {
                 let _ = std::fs::remove_file(&path);
                 info!(socket = %path.display(), "secret driver stopped");
             }
-            _ => info!(socket = %path.display(), "secret driver stopped; the socket file is another agent's now and stays"),
+            _ => {
+                info!(socket = %path.display(), "secret driver stopped; the socket file is another agent's now and stays")
+            }
         }
     }
 }
@@ -312,6 +318,26 @@ async fn answer(shared: &Shared, req: &GetSecret) -> Answer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A hitless upgrade's driver socket: the new one is renamed onto the path while the old
+    /// one still answers, so the path never stops answering, and the old one can tell the
+    /// file is no longer its own (it must not remove it at stop).
+    #[tokio::test]
+    async fn a_take_over_renames_the_new_socket_onto_the_answering_path() {
+        let name = format!("dso-unit-{}", std::process::id());
+        let old = bind(&name, false).await.unwrap();
+        let err = bind(&name, false).await.unwrap_err().to_string();
+        assert!(err.contains("already answers"), "{err}");
+        let new = bind(&name, true).await.unwrap();
+        assert_eq!(new.path(), old.path());
+        let now = inode(new.path()).unwrap();
+        assert_eq!(now, new.inode);
+        assert_ne!(now, old.inode, "the old socket's check must see another file");
+        tokio::net::UnixStream::connect(new.path()).await.unwrap();
+        let mode = std::fs::metadata(new.path()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let _ = std::fs::remove_file(new.path());
+    }
 
     #[test]
     fn the_request_reads_the_fields_moby_sends() {
