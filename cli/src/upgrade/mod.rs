@@ -252,6 +252,10 @@ impl Handover {
                         info!(pid, binary = %binary.display(), accepting_ms = outcome.accepting_ms, ready_ms, "upgrade: the new agent is ready; this one stops accepting and drains");
                         return Ok(outcome);
                     }
+                    // The exchange gives up at the same deadline: the timeout is the reason.
+                    None if Instant::now() >= deadline => {
+                        break format!("the new agent (pid {pid}) was not ready within {} ms", ms(ready_timeout));
+                    }
                     None => {
                         // The exchange ended without a `ready`: its error says why.
                         let why = match (&mut exchange).await {
