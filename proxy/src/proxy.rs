@@ -60,25 +60,7 @@ impl Proxy {
 
     /// Binds a listener and starts accepting on it. Must run inside a tokio runtime.
     pub fn add_listener(&self, cfg: ListenerConfig) -> Result<Listener, Error> {
-        if self.inner.stop.is_cancelled() {
-            return Err(Error::ShuttingDown);
-        }
-        let mut listeners = self.inner.listeners.write().unwrap_or_else(|e| e.into_inner());
-        if listeners.contains_key(&cfg.name) {
-            return Err(Error::DuplicateListener { name: cfg.name });
-        }
-        let name = cfg.name.clone();
-        let listener = Listener::start(
-            cfg,
-            Parent {
-                stop: self.inner.stop.clone(),
-                kill: self.inner.kill.clone(),
-                global_limit: self.inner.global_limit.clone(),
-                connections: self.inner.connections.clone(),
-            },
-        )?;
-        listeners.insert(name, listener.clone());
-        Ok(listener)
+        self.insert(cfg, |cfg, parent| Listener::start(cfg, parent))
     }
 
     /// Starts a listener on `socket`, already bound and listening (one handed over by a
@@ -89,6 +71,16 @@ impl Proxy {
         socket: tokio::net::TcpListener,
         first: u64,
     ) -> Result<Listener, Error> {
+        self.insert(cfg, |cfg, parent| Listener::start_on(cfg, socket, parent, first))
+    }
+
+    /// Starts a listener with `start` under the registry's lock (refused while shutting
+    /// down or when the name is taken) and records it.
+    fn insert(
+        &self,
+        cfg: ListenerConfig,
+        start: impl FnOnce(ListenerConfig, Parent) -> Result<Listener, Error>,
+    ) -> Result<Listener, Error> {
         if self.inner.stop.is_cancelled() {
             return Err(Error::ShuttingDown);
         }
@@ -97,16 +89,14 @@ impl Proxy {
             return Err(Error::DuplicateListener { name: cfg.name });
         }
         let name = cfg.name.clone();
-        let listener = Listener::start_on(
+        let listener = start(
             cfg,
-            socket,
             Parent {
                 stop: self.inner.stop.clone(),
                 kill: self.inner.kill.clone(),
                 global_limit: self.inner.global_limit.clone(),
                 connections: self.inner.connections.clone(),
             },
-            first,
         )?;
         listeners.insert(name, listener.clone());
         Ok(listener)

@@ -150,21 +150,7 @@ proxy:\n  listeners: []\n",
             .agent
             .as_ref()
             .map_or_else(|| self.vault.path().join("no-agent.sock"), |a| a.socket.clone());
-        let mut child = Command::new(DSO)
-            .arg("--socket")
-            .arg(socket)
-            .args(args)
-            .env("DSO_VAULT_FILE", self.vault.path().join("vault.enc"))
-            .env("DSO_MASTER_KEY_FILE", self.vault.path().join("master.key"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut input = child.stdin.take().unwrap();
-        input.write_all(stdin).await.unwrap();
-        drop(input);
-        child.wait_with_output().await.unwrap()
+        crate::harness::dso_vault(self.vault.path(), Some(&socket), args, stdin).await
     }
 
     async fn set(&self, name: &str, value: &[u8]) {

@@ -6,10 +6,9 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Output, Stdio};
+use std::process::Output;
 
 use tempfile::TempDir;
-use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
 use crate::harness::{Agent, DSO, Echo, listener_yaml, stderr};
@@ -54,19 +53,7 @@ impl Setup {
     }
 
     async fn vault(&self, args: &[&str], stdin: &[u8]) -> Output {
-        let mut child = Command::new(DSO)
-            .args(args)
-            .env("DSO_VAULT_FILE", self.dir.path().join("vault.enc"))
-            .env("DSO_MASTER_KEY_FILE", self.dir.path().join("master.key"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut input = child.stdin.take().unwrap();
-        input.write_all(stdin).await.unwrap();
-        drop(input);
-        child.wait_with_output().await.unwrap()
+        crate::harness::dso_vault(self.dir.path(), None, args, stdin).await
     }
 
     /// The healthy config with `delivery` as the `agent.delivery` lines, `providers` as the

@@ -344,3 +344,25 @@ impl Agent {
         }
     }
 }
+
+/// `dso [--socket SOCKET] ARGS` with the local vault whose `vault.enc` and `master.key` are
+/// in `vault`, and `stdin` written to its standard input (a value never goes in argv).
+pub async fn dso_vault(vault: &Path, socket: Option<&Path>, args: &[&str], stdin: &[u8]) -> Output {
+    let mut cmd = Command::new(DSO);
+    if let Some(socket) = socket {
+        cmd.arg("--socket").arg(socket);
+    }
+    let mut child = cmd
+        .args(args)
+        .env("DSO_VAULT_FILE", vault.join("vault.enc"))
+        .env("DSO_MASTER_KEY_FILE", vault.join("master.key"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin).await.unwrap();
+    drop(input);
+    child.wait_with_output().await.unwrap()
+}

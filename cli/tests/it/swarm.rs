@@ -13,10 +13,8 @@ use std::path::Path;
 use std::process::{Command as StdCommand, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use tokio::io::AsyncWriteExt;
-use tokio::process::Command;
 
-use crate::harness::{Agent, DSO, assert_no_value, docker, http, stderr};
+use crate::harness::{Agent, assert_no_value, docker, http, stderr};
 
 /// Held for a whole swarm test: `flock` on a file every swarm test opens.
 const LOCK: &str = "/tmp/dso-it-swarm.lock";
@@ -115,21 +113,7 @@ impl Vault {
     /// `dso [--socket S] ARGS` with the vault's files and `stdin`.
     async fn dso(&self, socket: Option<&Path>, args: &[&str], stdin: &[u8]) -> Output {
         let no_agent = self.dir.path().join("no-agent.sock");
-        let mut child = Command::new(DSO)
-            .arg("--socket")
-            .arg(socket.unwrap_or(&no_agent))
-            .args(args)
-            .env("DSO_VAULT_FILE", self.dir.path().join("vault.enc"))
-            .env("DSO_MASTER_KEY_FILE", self.dir.path().join("master.key"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut input = child.stdin.take().unwrap();
-        input.write_all(stdin).await.unwrap();
-        drop(input);
-        child.wait_with_output().await.unwrap()
+        crate::harness::dso_vault(self.dir.path(), Some(socket.unwrap_or(&no_agent)), args, stdin).await
     }
 
     /// `dso secret set NAME` (the value on stdin), through the agent when given.
