@@ -314,7 +314,9 @@ impl Core {
                 mut limits,
                 stats,
             } => {
-                self.remove_provider(&name);
+                if self.providers.contains_key(&name) {
+                    self.reset_objects(&name);
+                }
                 if provider.retries_internally() {
                     limits.retry_attempts = 1;
                 }
@@ -332,6 +334,43 @@ impl Core {
                     info!(provider = %name, "provider removed");
                 }
             }
+        }
+    }
+
+    /// Forgets what was read of provider `name`'s objects (a replaced instance): their
+    /// held values drop (zeroed, forgotten by the redactor) and they are polled again at
+    /// once, under new ids so that a call of the old instance still in flight is ignored.
+    /// Consumers stay: a consumer gets a snapshot only if a version differs from the one
+    /// it was handed.
+    fn reset_objects(&mut self, name: &str) {
+        let now = Instant::now();
+        let ids: Vec<ObjId> = self
+            .objects
+            .iter()
+            .filter(|(_, o)| o.provider == name)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            let Some(mut o) = self.objects.remove(&id) else {
+                continue;
+            };
+            let new_id = self.next_id;
+            self.next_id += 1;
+            o.current = None;
+            o.held = None;
+            o.factor = 1;
+            o.period_end = now;
+            o.next_poll = now;
+            o.polling = false;
+            o.fetching = false;
+            o.pending = false;
+            o.failures = 0;
+            o.last_error = None;
+            o.reported = None;
+            o.seen_at = None;
+            self.index.insert(o.probe.object_key(), new_id);
+            self.objects.insert(new_id, o);
+            self.schedule.push(Reverse((now, new_id)));
         }
     }
 

@@ -271,10 +271,11 @@ impl Watcher {
     }
 
     /// Adds provider instance `name` (or replaces the one of that name) with its call
-    /// `limits`. A replaced instance's objects are no longer polled through it: every
-    /// consumer mapping to it stops being watched and its held values are dropped, as in
-    /// [`Watcher::remove_provider`]; watch them again to read them through the new one.
-    /// Other providers' objects, values and counters are untouched.
+    /// `limits`. A replaced instance's objects stay watched by their consumers but are
+    /// read anew through the new instance: the values held drop (zeroed, forgotten by the
+    /// redactor), every object is polled at once, and a consumer gets a snapshot only if
+    /// a version differs from the one it was handed; its counters start from zero. Other
+    /// providers' objects, values and counters are untouched.
     pub fn add_provider(&self, name: &str, provider: Arc<dyn Provider>, limits: Limits) {
         let mut providers = self.providers.write().unwrap_or_else(|e| e.into_inner());
         let stats: Arc<ProviderStats> = Arc::default();

@@ -848,5 +848,32 @@ async fn providers_added_and_removed_live_leave_the_others_state_alone() {
     assert_eq!(snaps[0].consumer, "c");
     assert!(!snaps[0].first);
     assert_eq!(value_of(&snaps[0], "K"), b"kept-provider-value-2");
+    drop(snaps);
+
+    // Replace the kept instance: its consumer stays watched, the old value is dropped and
+    // the object is read anew through the new instance (another version: a snapshot).
+    let replaced = Fake::new();
+    replaced.set("keep", r#"{"k":"replacing-provider-value-1"}"#);
+    let limits = settings(1).limits["fake"].clone();
+    run.watcher
+        .add_provider("fake", Arc::clone(&replaced) as Arc<dyn Provider>, limits);
+    let snaps = snapshots(events_within(&mut run.rx, Duration::from_secs(5)).await);
+    assert_eq!(snaps.len(), 1, "{snaps:?}");
+    assert_eq!(snaps[0].consumer, "c");
+    assert_eq!(value_of(&snaps[0], "K"), b"replacing-provider-value-1");
+    drop(snaps);
+    assert_eq!(
+        Redactor::global().redact("kept-provider-value-2"),
+        "kept-provider-value-2",
+        "the replaced instance's value is still held"
+    );
+    let old_polls = fake.versions("keep");
+    tokio::time::sleep(Duration::from_secs(300)).await;
+    assert_eq!(
+        fake.versions("keep"),
+        old_polls,
+        "the replaced instance is still polled"
+    );
+    assert!(replaced.versions("keep") >= 2);
     run.cancel.cancel();
 }
