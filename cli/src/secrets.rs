@@ -534,6 +534,12 @@ impl Secrets {
                     .strip_prefix("secret:")
                     .unwrap_or(&snap.consumer)
                     .to_string();
+                if !self.sets().secrets.iter().any(|s| s.name == name) {
+                    // Removed by a config reload while this snapshot was on its way: it is
+                    // not recorded (its values drop, zeroed, here).
+                    info!(secret = %name, "snapshot of a secret no longer configured; dropped");
+                    return;
+                }
                 let versions: BTreeMap<String, String> = snap
                     .versions
                     .iter()
