@@ -107,7 +107,8 @@ pub struct Deliverer {
     secrets: Arc<Secrets>,
     docker: Arc<Docker>,
     delivery: Arc<Delivery>,
-    specs: Vec<SecretSpec>,
+    /// The `secrets[]` in force (a config reload replaces them, [`Deliverer::follow_secrets`]).
+    specs: std::sync::RwLock<Vec<SecretSpec>>,
     consumers: Mutex<HashMap<String, Consumer>>,
     status: Mutex<BTreeMap<String, ServiceDelivery>>,
     /// Consumers whose first delivery was asked for and has not ended yet, with when it
@@ -152,7 +153,7 @@ impl Deliverer {
             secrets: Arc::clone(&secrets),
             docker,
             delivery,
-            specs: cfg.secrets,
+            specs: std::sync::RwLock::new(cfg.secrets),
             consumers: Mutex::default(),
             status: Mutex::default(),
             first_asked: Mutex::default(),
@@ -269,6 +270,30 @@ impl Deliverer {
             }
             keep
         });
+    }
+
+    /// A config reload changed the `secrets[]` (to `specs`) and removed `gone_providers`
+    /// (whose consumers the watcher no longer watches): services' consumers are brought in
+    /// line with the new set now, from the last scan, as a scan would. A service that
+    /// consumes a new secret gets it like any change of its secrets (its rotation), the
+    /// same as after an agent restart with the new file.
+    pub fn follow_secrets(&self, specs: Vec<SecretSpec>, gone_providers: &[String]) {
+        self.delivery.set_secrets(specs.clone());
+        *self.specs.write().unwrap_or_else(|e| e.into_inner()) = specs;
+        if !gone_providers.is_empty() {
+            self.consumers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|_, c| {
+                    !c.mappings
+                        .iter()
+                        .any(|(_, r)| gone_providers.contains(&r.provider))
+                });
+        }
+        let scan = self.docker.rotator.subscribe_scans().borrow().clone();
+        if let Some(scan) = scan {
+            self.on_scan(&scan);
+        }
     }
 
     /// The delivery store and planner.
@@ -499,8 +524,8 @@ impl Deliverer {
 
     /// Whether every secret of the service has `rotation.enabled: false`.
     fn rotation_disabled(&self, pairs: &[(String, String)]) -> bool {
-        let mut used = self
-            .specs
+        let specs = self.specs.read().unwrap_or_else(|e| e.into_inner());
+        let mut used = specs
             .iter()
             .filter(|s| pairs.iter().any(|(n, _)| *n == s.name))
             .peekable();
@@ -511,6 +536,8 @@ impl Deliverer {
     /// `signal` (the container's `dso.signal` label still wins).
     fn secret_signal(&self, pairs: &[(String, String)]) -> Option<String> {
         self.specs
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
             .iter()
             .filter(|s| pairs.iter().any(|(n, _)| *n == s.name))
             .find(|s| s.rotation.strategy == SecretStrategy::Signal)
@@ -530,6 +557,8 @@ impl Deliverer {
         let mut best: Option<Strategy> = None;
         for spec in self
             .specs
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
             .iter()
             .filter(|s| pairs.iter().any(|(n, _)| *n == s.name))
         {

@@ -5,14 +5,19 @@
 //! accepting and their connections drain), moved to a new address (a new listener plus a
 //! removed one), their backends swapped (the old generation drains) and their settings
 //! updated for new connections ([`dso_proxy::Listener::update`]). Listeners managed from
-//! Docker labels are never the file's and never touched. Everything else that changed is
-//! reported as needing a restart ([`Plan::restart`]); nothing is ignored silently.
+//! Docker labels are never the file's and never touched. The `providers:` and `secrets:`
+//! added, removed and replaced (settings changed: removed and added again), when the agent
+//! runs a secret side ([`crate::secrets::Secrets::apply`]); untouched providers keep their
+//! values, versions and counters. Everything else that changed is reported as needing a
+//! restart ([`Plan::restart`]); nothing is ignored silently.
 //!
 //! Order: parse and check the file (an invalid file changes nothing), plan the difference
 //! ([`plan`], a pure function), check it against the running proxy (names taken by Docker
-//! listeners, backends, every new address probed for a bind), then apply: adds, moves,
-//! swaps, updates, removals. A failure while applying (a port taken between the probe and
-//! the bind) stops there and the answer lists what was applied and what was not.
+//! listeners, backends, every new address probed for a bind), connect every provider
+//! added or replaced (one that cannot connect fails the reload, nothing changed), then
+//! apply: listener adds, moves, swaps, updates, removals, then the providers and secrets.
+//! A failure while applying (a port taken between the probe and the bind) stops there and
+//! the answer lists what was applied and what was not.
 //!
 //! Reloads are serialized by one async mutex, which also guards the record of the
 //! listeners as applied, so that the next reload diffs against what is in force.
@@ -198,6 +203,14 @@ fn restart_keys(started: &Config, new: &Config) -> Vec<String> {
     check("mode", s.mode == n.mode);
     check("agent.watch", s.watch == n.watch);
     check("agent.rotation", s.rotation == n.rotation);
+    keys
+}
+
+/// The `providers[NAME]` and `secrets[NAME]` that differ from the config the agent started
+/// with, for an agent without a secret side (started with neither): starting one needs a
+/// restart. An agent with one applies them live ([`crate::secrets::Secrets::apply`]).
+fn secret_restart_keys(started: &Config, new: &Config) -> Vec<String> {
+    let mut keys = Vec::new();
     // The provider and secret specs have no `PartialEq` (they hold credentials and
     // references); their `Debug` text names every setting, is compared in memory only and
     // never printed. A credential's `Debug` hides its value, so a changed value behind the
@@ -254,6 +267,10 @@ pub struct Report {
     pub removed: Vec<Removed>,
     /// Listeners whose entry did not change (nothing was done to them).
     pub unchanged: Vec<String>,
+    /// Providers and secrets added, removed and replaced (names only), applied or, when
+    /// the reload failed, planned.
+    #[serde(flatten)]
+    pub secrets: crate::secrets::SecretsDiff,
     /// Keys that changed but need an agent restart; the rest was applied without them.
     pub restart_required: Vec<String>,
     /// Steps planned but not applied, when a step failed (`partial`), or all of them
@@ -324,6 +341,7 @@ impl Report {
             updated: Vec::new(),
             removed: Vec::new(),
             unchanged: Vec::new(),
+            secrets: Default::default(),
             restart_required: Vec::new(),
             not_applied: Vec::new(),
             error: None,
@@ -344,8 +362,23 @@ impl Report {
         part("swapped", self.swapped.iter().map(|s| s.name.as_str()).collect());
         part("updated", self.updated.iter().map(|u| u.name.as_str()).collect());
         part("removed", self.removed.iter().map(|r| r.name.as_str()).collect());
-        if parts.is_empty() {
-            parts.push("no listener changed".to_owned());
+        let listeners = self.added.len()
+            + self.moved.len()
+            + self.swapped.len()
+            + self.updated.len()
+            + self.removed.len();
+        let d = &self.secrets;
+        fn strs(v: &[String]) -> Vec<&str> {
+            v.iter().map(String::as_str).collect()
+        }
+        part("providers added", strs(&d.providers_added));
+        part("providers replaced", strs(&d.providers_replaced));
+        part("providers removed", strs(&d.providers_removed));
+        part("secrets added", strs(&d.secrets_added));
+        part("secrets replaced", strs(&d.secrets_replaced));
+        part("secrets removed", strs(&d.secrets_removed));
+        if listeners == 0 {
+            parts.insert(0, "no listener changed".to_owned());
         }
         if !self.restart_required.is_empty() {
             parts.push(format!(
@@ -390,13 +423,46 @@ impl Reloader {
                 let p = plan(&applied, &self.started, &new);
                 report.unchanged = p.unchanged.clone();
                 report.restart_required = p.restart.clone();
-                match self.check(&applied, &p) {
+                let side = crate::secrets::running();
+                let diff = match &side {
+                    Some(s) => s.diff(&new.secrets),
+                    None => {
+                        report
+                            .restart_required
+                            .extend(secret_restart_keys(&self.started, &new));
+                        Default::default()
+                    }
+                };
+                let checked = match self.check(&applied, &p) {
+                    Err(e) => Err(e),
+                    Ok(()) => match &side {
+                        Some(s) if !diff.is_empty() => s.connect(&new.secrets, &diff).await.map(Some),
+                        _ => Ok(None),
+                    },
+                };
+                match checked {
                     Err(e) => {
                         report.result = Outcome::Failed;
                         report.not_applied = steps(&p);
+                        report.not_applied.extend(diff.steps());
+                        report.secrets = diff;
                         report.error = Some(e);
                     }
-                    Ok(()) => self.apply(&mut applied, p, &mut report),
+                    Ok(connected) => {
+                        self.apply(&mut applied, p, &mut report);
+                        match (side, connected) {
+                            (Some(s), Some(connected)) if report.error.is_none() => {
+                                let failed = s.apply(&new.secrets, &diff, connected);
+                                report.secrets = diff;
+                                if !failed.is_empty() {
+                                    report.result = Outcome::Partial;
+                                    report.error = Some(failed.join("; "));
+                                }
+                            }
+                            // A listener step failed: the providers and secrets stay.
+                            _ => report.not_applied.extend(diff.steps()),
+                        }
+                    }
                 }
             }
         }

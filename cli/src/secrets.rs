@@ -30,27 +30,180 @@ fn consumer_of(secret: &str) -> String {
     format!("secret:{secret}")
 }
 
+/// The secret side of the agent's process, once started (the config reload reads it).
+static RUNNING: Mutex<Option<std::sync::Weak<Secrets>>> = Mutex::new(None);
+
+/// The agent's running secret side, if [`Secrets::start`] started one in this process.
+pub fn running() -> Option<Arc<Secrets>> {
+    RUNNING
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .and_then(std::sync::Weak::upgrade)
+}
+
+/// What follows the config in force: changed together by a reload ([`Secrets::apply`]).
+struct Sets {
+    /// The providers and secrets in force (the last reload's, or the start's).
+    cfg: SecretsConfig,
+    /// Local vault files (canonical paths) and the provider instance reading each.
+    local_vaults: Vec<(PathBuf, String)>,
+    /// The configured secrets, in file order: name, provider, mapping keys and references.
+    secrets: Vec<SecretInfo>,
+    /// The provider instances each secret's references read, for [`Secrets::poke`].
+    providers_of: BTreeMap<String, Vec<String>>,
+    /// Every configured provider (the same connections the watcher polls through), for
+    /// one-off reads ([`Secrets::read_now`]).
+    providers: HashMap<String, Arc<dyn Provider>>,
+}
+
+impl Sets {
+    fn new(cfg: &SecretsConfig, providers: HashMap<String, Arc<dyn Provider>>) -> Sets {
+        let local_vaults = cfg
+            .providers
+            .iter()
+            .filter_map(|spec| match &spec.settings {
+                ProviderSettings::Local(l) => {
+                    let path = std::fs::canonicalize(&l.vault_file).unwrap_or_else(|_| l.vault_file.clone());
+                    Some((path, spec.name.clone()))
+                }
+                _ => None,
+            })
+            .collect();
+        let secrets = cfg
+            .secrets
+            .iter()
+            .map(|s| SecretInfo {
+                name: s.name.clone(),
+                provider: s.provider.clone(),
+                mappings: s
+                    .mappings
+                    .iter()
+                    .map(|(k, r)| (k.clone(), r.raw.clone()))
+                    .collect(),
+            })
+            .collect();
+        let providers_of = cfg
+            .secrets
+            .iter()
+            .map(|s| {
+                let mut p: Vec<String> = s.mappings.iter().map(|(_, r)| r.provider.clone()).collect();
+                p.sort();
+                p.dedup();
+                (s.name.clone(), p)
+            })
+            .collect();
+        Sets {
+            cfg: cfg.clone(),
+            local_vaults,
+            secrets,
+            providers_of,
+            providers,
+        }
+    }
+}
+
+/// What a reload changes of the providers and secrets, by name (never a value). A
+/// provider or secret whose settings changed is replaced: removed and added again.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
+pub struct SecretsDiff {
+    /// `providers[NAME]` new in the file.
+    pub providers_added: Vec<String>,
+    /// `providers[NAME]` no longer in the file.
+    pub providers_removed: Vec<String>,
+    /// `providers[NAME]` whose settings changed.
+    pub providers_replaced: Vec<String>,
+    /// `secrets[NAME]` new in the file.
+    pub secrets_added: Vec<String>,
+    /// `secrets[NAME]` no longer in the file.
+    pub secrets_removed: Vec<String>,
+    /// `secrets[NAME]` whose entry changed.
+    pub secrets_replaced: Vec<String>,
+}
+
+impl SecretsDiff {
+    /// Whether nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self == &SecretsDiff::default()
+    }
+
+    /// The steps, as a reload's answer names them (`add provider NAME`, ...).
+    pub fn steps(&self) -> Vec<String> {
+        let mut s = Vec::new();
+        let mut push = |verb: &str, what: &str, names: &[String]| {
+            s.extend(names.iter().map(|n| format!("{verb} {what} {n}")));
+        };
+        push("add", "provider", &self.providers_added);
+        push("replace", "provider", &self.providers_replaced);
+        push("add", "secret", &self.secrets_added);
+        push("replace", "secret", &self.secrets_replaced);
+        push("remove", "secret", &self.secrets_removed);
+        push("remove", "provider", &self.providers_removed);
+        s
+    }
+}
+
+/// The difference between the providers and secrets of `old` and `new`. Pure.
+///
+/// The provider specs have no `PartialEq` (they hold credentials); their `Debug` text
+/// names every setting, is compared in memory only and never printed. A credential's
+/// `Debug` hides its value, so a changed value behind the same file or variable name is
+/// not a change of the config (it is read when used).
+pub fn diff(old: &SecretsConfig, new: &SecretsConfig) -> SecretsDiff {
+    let mut d = SecretsDiff::default();
+    let text = |c: &SecretsConfig| -> BTreeMap<String, String> {
+        c.providers
+            .iter()
+            .map(|p| (p.name.clone(), format!("{p:?}")))
+            .collect()
+    };
+    let (a, b) = (text(old), text(new));
+    for (name, spec) in &b {
+        match a.get(name) {
+            None => d.providers_added.push(name.clone()),
+            Some(o) if o != spec => d.providers_replaced.push(name.clone()),
+            Some(_) => {}
+        }
+    }
+    d.providers_removed = a.keys().filter(|n| !b.contains_key(*n)).cloned().collect();
+    let by_name = |c: &SecretsConfig| -> BTreeMap<String, dso_secrets::config::SecretSpec> {
+        c.secrets.iter().map(|s| (s.name.clone(), s.clone())).collect()
+    };
+    let (a, b) = (by_name(old), by_name(new));
+    for (name, spec) in &b {
+        match a.get(name) {
+            None => d.secrets_added.push(name.clone()),
+            Some(o) if o != spec => d.secrets_replaced.push(name.clone()),
+            Some(_) => {}
+        }
+    }
+    d.secrets_removed = a.keys().filter(|n| !b.contains_key(*n)).cloned().collect();
+    d
+}
+
+/// The providers a reload connected before changing anything (added and replaced ones).
+pub struct Connected(HashMap<String, Arc<dyn Provider>>);
+
+impl std::fmt::Debug for Connected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.0.keys()).finish()
+    }
+}
+
 /// The running secret side of an agent.
 pub struct Secrets {
     /// The watcher over every secret.
     watcher: Watcher,
-    /// Local vault files (canonical paths) and the provider instance reading each.
-    local_vaults: Vec<(PathBuf, String)>,
     /// What was seen per secret, for the API.
     seen: Arc<Mutex<BTreeMap<String, SecretSeen>>>,
     /// Per-provider counters, for `/metrics`.
     counters: Arc<Mutex<BTreeMap<String, ProviderCounters>>>,
-    /// The configured secrets, in file order: name, provider, mapping keys and references.
-    secrets: Vec<SecretInfo>,
     /// Delivery into containers, when the agent runs with `--docker`.
     deliverer: std::sync::OnceLock<Arc<crate::delivery::Deliverer>>,
-    /// The provider instances each secret's references read, for [`Secrets::poke`].
-    providers_of: BTreeMap<String, Vec<String>>,
     /// The agent's event bus (`secret.changed`, `provider.down`, `provider.up`).
     events: crate::events::Bus,
-    /// Every configured provider (the same connections the watcher polls through), for
-    /// one-off reads ([`Secrets::read_now`]).
-    providers: HashMap<String, Arc<dyn Provider>>,
+    /// The providers and secrets in force, and what is derived from them.
+    sets: std::sync::RwLock<Sets>,
     /// The Swarm secret driver's rotation, when it runs: where `swarm:` consumers'
     /// snapshots go (their values dropped here).
     swarm: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<crate::swarm::Change>>,
@@ -125,12 +278,7 @@ impl Secrets {
         }
         let mut providers: HashMap<String, Arc<dyn Provider>> = HashMap::new();
         let mut limits = HashMap::new();
-        let mut local_vaults = Vec::new();
         for spec in &cfg.providers {
-            if let ProviderSettings::Local(l) = &spec.settings {
-                let path = std::fs::canonicalize(&l.vault_file).unwrap_or_else(|_| l.vault_file.clone());
-                local_vaults.push((path, spec.name.clone()));
-            }
             limits.insert(spec.name.clone(), spec.limits.clone());
             providers.insert(spec.name.clone(), Arc::new(Lazy::new(spec.clone())));
         }
@@ -140,19 +288,6 @@ impl Secrets {
             .map(|s| Watched {
                 consumer: consumer_of(&s.name),
                 mappings: s.mappings.clone(),
-            })
-            .collect();
-        let secrets: Vec<SecretInfo> = cfg
-            .secrets
-            .iter()
-            .map(|s| SecretInfo {
-                name: s.name.clone(),
-                provider: s.provider.clone(),
-                mappings: s
-                    .mappings
-                    .iter()
-                    .map(|(k, r)| (k.clone(), r.raw.clone()))
-                    .collect(),
             })
             .collect();
         let factor = (cfg.watch.max_interval.as_secs_f64()
@@ -181,28 +316,16 @@ impl Secrets {
                 .map(|p| (p.name.clone(), ProviderCounters::default()))
                 .collect(),
         ));
-        let providers_of = cfg
-            .secrets
-            .iter()
-            .map(|s| {
-                let mut p: Vec<String> = s.mappings.iter().map(|(_, r)| r.provider.clone()).collect();
-                p.sort();
-                p.dedup();
-                (s.name.clone(), p)
-            })
-            .collect();
         let secrets = Arc::new(Secrets {
-            providers_of,
             watcher,
-            local_vaults,
             seen: Arc::clone(&seen),
             counters: Arc::clone(&counters),
-            secrets,
             deliverer: std::sync::OnceLock::new(),
             events: bus,
-            providers: own,
+            sets: std::sync::RwLock::new(Sets::new(cfg, own)),
             swarm: std::sync::OnceLock::new(),
         });
+        *RUNNING.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::downgrade(&secrets));
         let this = Arc::clone(&secrets);
         tokio::spawn(async move {
             while let Some(event) = events.recv().await {
@@ -235,7 +358,8 @@ impl Secrets {
 
     /// Every configured provider instance and its kind.
     pub fn provider_kinds(&self) -> BTreeMap<String, ProviderKind> {
-        self.providers
+        self.sets()
+            .providers
             .iter()
             .map(|(n, p)| (n.clone(), p.kind()))
             .collect()
@@ -246,8 +370,10 @@ impl Secrets {
     /// in `dso_secrets_provider_calls_total` like every call. Errors name the provider and
     /// the reference, never a value.
     pub async fn read_now(&self, reference: &Reference) -> Result<(SecretValue, Version), SecretError> {
-        let Some(p) = self.providers.get(&reference.provider) else {
-            let mut known: Vec<&str> = self.providers.keys().map(String::as_str).collect();
+        let found = self.sets().providers.get(&reference.provider).cloned();
+        let Some(p) = found else {
+            let sets = self.sets();
+            let mut known: Vec<&str> = sets.providers.keys().map(String::as_str).collect();
             known.sort_unstable();
             return Err(SecretError::Config {
                 provider: reference.provider.clone(),
@@ -268,6 +394,103 @@ impl Secrets {
     /// The watcher.
     pub fn watcher(&self) -> &Watcher {
         &self.watcher
+    }
+
+    fn sets(&self) -> std::sync::RwLockReadGuard<'_, Sets> {
+        self.sets.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// What a reload to `new` would change of the providers and secrets in force.
+    pub fn diff(&self, new: &SecretsConfig) -> SecretsDiff {
+        diff(&self.sets().cfg, new)
+    }
+
+    /// Connects every provider `d` adds or replaces, before anything is changed: one that
+    /// cannot connect fails the reload with an error naming it and the fix (never a
+    /// value), and the providers in force keep serving their last good values.
+    pub async fn connect(&self, new: &SecretsConfig, d: &SecretsDiff) -> Result<Connected, String> {
+        let mut out = HashMap::new();
+        for name in d.providers_added.iter().chain(&d.providers_replaced) {
+            let Some(spec) = new.providers.iter().find(|p| &p.name == name) else {
+                continue;
+            };
+            match dso_secrets::connect(spec).await {
+                Ok(p) => {
+                    out.insert(
+                        name.clone(),
+                        Arc::new(Lazy::connected(spec.clone(), p)) as Arc<dyn Provider>,
+                    );
+                }
+                Err(e) => {
+                    let what = if d.providers_added.contains(name) {
+                        "is not added"
+                    } else {
+                        "keeps its settings in force"
+                    };
+                    let text = dso_secrets::Redactor::global()
+                        .redact(&e.to_string())
+                        .into_owned();
+                    return Err(format!(
+                        "providers[{name}]: cannot connect ({} provider): {text}; fix its settings (or make it reachable) and reload again; it {what}",
+                        spec.kind().as_str()
+                    ));
+                }
+            }
+        }
+        Ok(Connected(out))
+    }
+
+    /// Applies `d` (checked and connected by [`Secrets::connect`]): providers added and
+    /// replaced, secrets added, replaced and removed, providers removed, in that order;
+    /// then delivery follows the new set of secrets. Providers and secrets `d` does not
+    /// name keep their values, versions and counters. Returns what could not be applied.
+    pub fn apply(&self, new: &SecretsConfig, d: &SecretsDiff, connected: Connected) -> Vec<String> {
+        let mut failed = Vec::new();
+        let mut sets = self.sets.write().unwrap_or_else(|e| e.into_inner());
+        let mut counters = self.counters.lock().unwrap_or_else(|e| e.into_inner());
+        for (name, p) in &connected.0 {
+            let limits = new
+                .providers
+                .iter()
+                .find(|s| &s.name == name)
+                .map(|s| s.limits.clone())
+                .unwrap_or_default();
+            self.watcher.add_provider(name, Arc::clone(p), limits);
+            sets.providers.insert(name.clone(), Arc::clone(p));
+            counters.insert(name.clone(), ProviderCounters::default());
+        }
+        for name in &d.secrets_removed {
+            let consumer = consumer_of(name);
+            self.watcher.unwatch(&consumer);
+            // Added back later, it is read as a new secret (a first snapshot).
+            if let Err(e) = self.watcher.state().forget(&consumer) {
+                warn!(secret = %name, error = %e, "cannot forget the removed secret's applied versions");
+            }
+            self.seen.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
+        }
+        for name in d.secrets_added.iter().chain(&d.secrets_replaced) {
+            let Some(spec) = new.secrets.iter().find(|s| &s.name == name) else {
+                continue;
+            };
+            if let Err(e) = self.watcher.watch(consumer_of(name), spec.mappings.clone()) {
+                failed.push(format!("secret {name}: {e}"));
+            }
+        }
+        for name in &d.providers_removed {
+            self.watcher.remove_provider(name);
+            sets.providers.remove(name);
+            counters.remove(name);
+        }
+        let providers = std::mem::take(&mut sets.providers);
+        *sets = Sets::new(new, providers);
+        drop(counters);
+        drop(sets);
+        if let Some(deliverer) = self.deliverer.get() {
+            // A replaced provider's objects stay watched (read anew through it); a removed
+            // one's consumers were unwatched by the watcher.
+            deliverer.follow_secrets(new.secrets.clone(), &d.providers_removed);
+        }
+        failed
     }
 
     fn on_event(&self, event: Event) {
@@ -311,6 +534,12 @@ impl Secrets {
                     .strip_prefix("secret:")
                     .unwrap_or(&snap.consumer)
                     .to_string();
+                if !self.sets().secrets.iter().any(|s| s.name == name) {
+                    // Removed by a config reload while this snapshot was on its way: it is
+                    // not recorded (its values drop, zeroed, here).
+                    info!(secret = %name, "snapshot of a secret no longer configured; dropped");
+                    return;
+                }
                 let versions: BTreeMap<String, String> = snap
                     .versions
                     .iter()
@@ -427,6 +656,7 @@ impl Secrets {
     pub fn notify_local(&self, vault_file: &Path) -> Vec<String> {
         let path = std::fs::canonicalize(vault_file).unwrap_or_else(|_| vault_file.to_path_buf());
         let hit: Vec<String> = self
+            .sets()
             .local_vaults
             .iter()
             .filter(|(p, _)| *p == path)
@@ -443,9 +673,9 @@ impl Secrets {
     /// secret has that name.
     pub fn poke(&self, name: Option<&str>) -> Option<Vec<String>> {
         let providers = match name {
-            Some(n) => self.providers_of.get(n)?.clone(),
+            Some(n) => self.sets().providers_of.get(n)?.clone(),
             None => {
-                let mut all: Vec<String> = self.providers_of.values().flatten().cloned().collect();
+                let mut all: Vec<String> = self.sets().providers_of.values().flatten().cloned().collect();
                 all.sort();
                 all.dedup();
                 all
@@ -460,15 +690,17 @@ impl Secrets {
     /// What `GET /v1/secrets` answers.
     pub async fn status(&self) -> SecretsStatus {
         let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let secrets = self
+            .sets()
+            .secrets
+            .iter()
+            .map(|info| SecretStatus {
+                info: info.clone(),
+                seen: seen.get(&info.name).cloned().unwrap_or_default(),
+            })
+            .collect();
         SecretsStatus {
-            secrets: self
-                .secrets
-                .iter()
-                .map(|info| SecretStatus {
-                    info: info.clone(),
-                    seen: seen.get(&info.name).cloned().unwrap_or_default(),
-                })
-                .collect(),
+            secrets,
             watcher: self.watcher.status().await,
         }
     }
@@ -482,9 +714,10 @@ impl Secrets {
 
 impl std::fmt::Debug for Secrets {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let sets = self.sets();
         f.debug_struct("Secrets")
-            .field("secrets", &self.secrets.len())
-            .field("local_vaults", &self.local_vaults)
+            .field("secrets", &sets.secrets.len())
+            .field("local_vaults", &sets.local_vaults)
             .finish_non_exhaustive()
     }
 }
@@ -508,6 +741,14 @@ impl Lazy {
         Lazy {
             spec,
             inner: OnceCell::new(),
+        }
+    }
+
+    /// One already connected (by a reload, which checks the connection first).
+    fn connected(spec: ProviderSpec, p: Arc<dyn Provider>) -> Lazy {
+        Lazy {
+            spec,
+            inner: OnceCell::new_with(Some(p)),
         }
     }
 

@@ -112,6 +112,19 @@ fn print_reload(a: &serde_json::Value) {
     }) {
         println!("{line}");
     }
+    for key in [
+        "providers_added",
+        "providers_replaced",
+        "providers_removed",
+        "secrets_added",
+        "secrets_replaced",
+        "secrets_removed",
+    ] {
+        let names = list(key, &|v| v.as_str().unwrap_or("").to_owned());
+        if !names.is_empty() {
+            println!("  {} {}", key.replace('_', " "), names.join(", "));
+        }
+    }
     let unchanged = list("unchanged", &|v| v.as_str().unwrap_or("").to_owned());
     if !unchanged.is_empty() {
         println!("  unchanged {}", unchanged.join(", "));

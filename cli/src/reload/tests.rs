@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use super::plan;
+use super::{plan, secret_restart_keys};
 use crate::config::{Config, parse};
 
 fn cfg(text: &str) -> Config {
@@ -113,7 +113,7 @@ fn socket_settings_and_agent_keys_are_reported_as_needing_a_restart() {
 }
 
 #[test]
-fn providers_and_secrets_added_removed_or_changed_are_named() {
+fn providers_and_secrets_added_removed_or_changed_are_diffed_not_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let vault = |name: &str| dir.path().join(name).display().to_string();
     let with =
@@ -130,9 +130,21 @@ fn providers_and_secrets_added_removed_or_changed_are_named() {
         ),
         "  - name: s2\n    provider: v2\n    mappings: {K: app/y}\n",
     );
+    // An agent with a secret side applies them live: the plan names none as a restart,
+    // the secret side's diff names each.
     let p = plan(&applied(&old), &old, &new);
+    assert!(p.restart.is_empty(), "{:?}", p.restart);
+    let d = crate::secrets::diff(&old.secrets, &new.secrets);
+    assert_eq!(d.providers_added, ["v2"]);
+    assert_eq!(d.providers_replaced, ["v1"]);
+    assert!(d.providers_removed.is_empty());
+    assert_eq!(d.secrets_added, ["s2"]);
+    assert_eq!(d.secrets_removed, ["s1"]);
+    assert!(d.secrets_replaced.is_empty());
+    assert!(crate::secrets::diff(&new.secrets, &new.secrets).is_empty());
+    // An agent started without one needs a restart to start it.
     assert_eq!(
-        p.restart,
+        secret_restart_keys(&old, &new),
         ["providers[v1]", "providers[v2]", "secrets[s1]", "secrets[s2]"]
     );
 }

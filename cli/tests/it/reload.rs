@@ -2,7 +2,7 @@
 //! `dso config reload` or SIGHUP; real echo backends and client connections on loopback.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
@@ -360,32 +360,182 @@ async fn keys_that_cannot_change_live_are_named_and_the_rest_is_applied() {
     assert!(log.contains("need an agent restart"), "{log}");
 }
 
-/// Providers and secrets are not reloaded live yet: a reload that adds a local-vault
-/// provider and a secret names both as needing a restart, applies the listener change
-/// next to them, and starts no secret side.
+/// Runs `dso secret set REF` (value on stdin) on the local vault in `vault`, initialising
+/// the vault first; no agent is told (`--socket` points nowhere).
+async fn vault_set(vault: &Path, reference: &str, value: &[u8]) {
+    use tokio::io::AsyncWriteExt;
+    let nowhere = vault.join("no-agent.sock");
+    for args in [&["init"][..], &["secret", "set", reference][..]] {
+        if args == ["init"] && vault.join("vault.enc").exists() {
+            continue;
+        }
+        let mut child = tokio::process::Command::new(crate::harness::DSO)
+            .arg("--socket")
+            .arg(&nowhere)
+            .args(args)
+            .env("DSO_VAULT_FILE", vault.join("vault.enc"))
+            .env("DSO_MASTER_KEY_FILE", vault.join("master.key"))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut input = child.stdin.take().unwrap();
+        input.write_all(value).await.unwrap();
+        drop(input);
+        let out = child.wait_with_output().await.unwrap();
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+    }
+}
+
+/// A `providers:` entry for the local vault in `vault`.
+fn local_provider(name: &str, vault: &Path) -> String {
+    format!(
+        "  {name}:\n    type: local\n    vault_file: {v}/vault.enc\n    master_key_file: {v}/master.key\n",
+        v = vault.display()
+    )
+}
+
+/// A `secrets:` entry.
+fn secret_entry(name: &str, provider: &str, reference: &str) -> String {
+    format!("  - name: {name}\n    provider: {provider}\n    mappings: {{VALUE: {reference}}}\n")
+}
+
+/// `(version, snapshots)` of secret `name` as `/v1/secrets` shows it, once it shows one;
+/// `None` when the agent has no such secret or has taken no value of it.
+async fn secret_seen(agent: &Agent, name: &str) -> Option<(String, u64)> {
+    let (code, body) = http(&agent.socket, "GET", "/v1/secrets", "").await.unwrap();
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let s = v["secrets"].as_array()?.iter().find(|s| s["name"] == name)?;
+    let version = s["versions"].as_object()?.values().next()?.as_str()?.to_owned();
+    Some((version, s["snapshots"].as_u64()?))
+}
+
+/// Waits until `/v1/secrets` shows a value of secret `name` taken, and returns what it shows.
+async fn taken(agent: &Agent, name: &str) -> (String, u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(seen) = secret_seen(agent, name).await {
+            return seen;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "secret {name} was not taken in time"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The provider names in `/v1/secrets`' watcher view.
+async fn watched_providers(agent: &Agent) -> Vec<String> {
+    let (_, body) = http(&agent.socket, "GET", "/v1/secrets", "").await.unwrap();
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["watcher"]["providers"]
+        .as_array()
+        .map(|p| {
+            p.iter()
+                .filter_map(|p| p["provider"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A reload adds a local-vault provider and a secret of it: the agent reads it (a
+/// version, one snapshot) and names both in the report, not as a restart. A provider
+/// that cannot connect fails the reload and changes nothing. Removing them again drops
+/// the secret and stops polling the provider. The untouched provider's secret keeps its
+/// version and snapshot count throughout, and no value reaches the log or the answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn added_providers_and_secrets_are_named_as_needing_a_restart() {
-    let (e, other) = (Echo::start("e").await, Echo::start("other").await);
-    let agent = Agent::start(&entry("app", "127.0.0.1:0", &[e.addr], ""), &[]).await;
-    let v = agent.dir.path().display().to_string();
+async fn providers_and_secrets_are_added_and_removed_live_and_the_others_keep_their_values() {
+    const KEPT: &[u8] = b"kept-value-Rl0ad!";
+    const ADDED: &[u8] = b"added-value-Rl0ad?";
+    let (kept_vault, added_vault, state) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    vault_set(kept_vault.path(), "app/kept", KEPT).await;
+    vault_set(added_vault.path(), "app/added", ADDED).await;
+    let e = Echo::start("e").await;
+    let listeners = file(&[entry("app", "127.0.0.1:0", &[e.addr], "")]);
+    let base = format!("{listeners}agent:\n  watch:\n    polling_interval: 10m\n    debounce: 0s\n");
+    let start_yaml = format!(
+        "{base}providers:\n{}secrets:\n{}",
+        local_provider("kept", kept_vault.path()),
+        secret_entry("keep", "kept", "app/kept")
+    );
+    let state_arg = state.path().to_str().unwrap().to_owned();
+    let agent = Agent::start_with(|_| start_yaml.clone(), &["--state-dir", &state_arg], "debug").await;
+    let kept = taken(&agent, "keep").await;
+    assert_eq!(kept.1, 1, "the kept secret is taken once");
+
+    // A provider that cannot connect (no vault at that path): the reload fails, naming
+    // it, and nothing changes.
+    let missing = added_vault.path().join("missing");
+    std::fs::create_dir(&missing).unwrap();
     rewrite(
         &agent,
         &format!(
-            "{}providers:\n  vault:\n    type: local\n    vault_file: {v}/vault.enc\n    master_key_file: {v}/master.key\n\
-secrets:\n  - name: app\n    provider: vault\n    mappings: {{DB_PASSWORD: app/db_password}}\n",
-            file(&[entry("app", "127.0.0.1:0", &[other.addr], "")])
+            "{base}providers:\n{}{}secrets:\n{}{}",
+            local_provider("kept", kept_vault.path()),
+            local_provider("broken", &missing),
+            secret_entry("keep", "kept", "app/kept"),
+            secret_entry("new", "broken", "app/added")
         ),
     );
+    let out = agent.dso(&["config", "reload", "--json"]).await;
+    assert!(!out.status.success(), "{}", stdout(&out));
+    let text = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(text.contains("providers[broken]"), "{text}");
+    eprintln!("reload with a provider that cannot connect: {text}");
+    assert_eq!(watched_providers(&agent).await, ["kept"]);
+    assert!(secret_seen(&agent, "new").await.is_none());
+
+    // Added: read at once, named in the report, no restart asked for.
+    rewrite(
+        &agent,
+        &format!(
+            "{base}providers:\n{}{}secrets:\n{}{}",
+            local_provider("kept", kept_vault.path()),
+            local_provider("added", added_vault.path()),
+            secret_entry("keep", "kept", "app/kept"),
+            secret_entry("new", "added", "app/added")
+        ),
+    );
+    let out = agent.dso(&["config", "reload", "--json"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["result"], "ok", "{v}");
+    assert_eq!(v["providers_added"], serde_json::json!(["added"]));
+    assert_eq!(v["secrets_added"], serde_json::json!(["new"]));
+    assert_eq!(v["restart_required"], serde_json::json!([]));
+    let added = taken(&agent, "new").await;
+    assert_eq!(added.1, 1, "the added secret is taken once");
+    let mut providers = watched_providers(&agent).await;
+    providers.sort();
+    assert_eq!(providers, ["added", "kept"]);
+    assert_eq!(secret_seen(&agent, "keep").await, Some(kept.clone()));
+
+    // Removed: gone from the API and the watcher; the kept one still unchanged.
+    rewrite(&agent, &start_yaml);
     let out = agent.dso(&["config", "reload"]).await;
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
-    assert!(text.contains("swapped  app to generation 2"), "{text}");
+    assert!(text.contains("providers removed added"), "{text}");
+    assert!(text.contains("secrets removed new"), "{text}");
+    assert!(secret_seen(&agent, "new").await.is_none());
+    poll(|| async { watched_providers(&agent).await == ["kept"] }).await;
+    let (_, body) = http(&agent.socket, "GET", "/v1/secrets", "").await.unwrap();
     assert!(
-        text.contains("needs a restart (changed, not applied): providers[vault], secrets[app]"),
-        "{text}"
+        !body.contains("app/added"),
+        "the removed secret is still watched: {body}"
     );
-    let (code, body) = http(&agent.socket, "GET", "/v1/secrets", "").await.unwrap();
-    assert_ne!(code, 200, "a secret side started: {body}");
+    assert_eq!(secret_seen(&agent, "keep").await, Some(kept));
+    let log = agent.log();
+    assert!(log.contains("providers added added"), "{log}");
+    crate::harness::assert_no_value("agent log", &log, &[KEPT, ADDED]);
+    crate::harness::assert_no_value("reload answer", &text, &[KEPT, ADDED]);
 }
 
 /// A removed listener's connections drain with its drain deadline: one still open when

@@ -38,6 +38,15 @@ pub(super) enum Command {
     },
     Trigger(Trigger),
     Status(oneshot::Sender<Status>),
+    AddProvider {
+        name: String,
+        provider: Arc<dyn Provider>,
+        limits: crate::spec::Limits,
+        stats: Arc<ProviderStats>,
+    },
+    RemoveProvider {
+        name: String,
+    },
 }
 
 /// What a spawned provider call reports.
@@ -299,7 +308,98 @@ impl Core {
             Command::Status(reply) => {
                 let _ = reply.send(self.status());
             }
+            Command::AddProvider {
+                name,
+                provider,
+                mut limits,
+                stats,
+            } => {
+                if self.providers.contains_key(&name) {
+                    self.reset_objects(&name);
+                }
+                if provider.retries_internally() {
+                    limits.retry_attempts = 1;
+                }
+                info!(provider = %name, "provider added");
+                let st = ProviderState {
+                    gate: Arc::new(Gate::new(&name, limits, Arc::clone(&stats))),
+                    provider,
+                    stats,
+                    last_error: None,
+                };
+                self.providers.insert(name, st);
+            }
+            Command::RemoveProvider { name } => {
+                if self.remove_provider(&name) {
+                    info!(provider = %name, "provider removed");
+                }
+            }
         }
+    }
+
+    /// Forgets what was read of provider `name`'s objects (a replaced instance): their
+    /// held values drop (zeroed, forgotten by the redactor) and they are polled again at
+    /// once, under new ids so that a call of the old instance still in flight is ignored.
+    /// Consumers stay: a consumer gets a snapshot only if a version differs from the one
+    /// it was handed.
+    fn reset_objects(&mut self, name: &str) {
+        let now = Instant::now();
+        let ids: Vec<ObjId> = self
+            .objects
+            .iter()
+            .filter(|(_, o)| o.provider == name)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            let Some(mut o) = self.objects.remove(&id) else {
+                continue;
+            };
+            let new_id = self.next_id;
+            self.next_id += 1;
+            o.current = None;
+            o.held = None;
+            o.factor = 1;
+            o.period_end = now;
+            o.next_poll = now;
+            o.polling = false;
+            o.fetching = false;
+            o.pending = false;
+            o.failures = 0;
+            o.last_error = None;
+            o.reported = None;
+            o.seen_at = None;
+            self.index.insert(o.probe.object_key(), new_id);
+            self.objects.insert(new_id, o);
+            self.schedule.push(Reverse((now, new_id)));
+        }
+    }
+
+    /// Drops provider `name`: every consumer with a mapping to it is unwatched (so that no
+    /// consumer refers to an object that is gone), then any object of it left. Held values
+    /// drop with their objects (zeroed, forgotten by the redactor); calls in flight report
+    /// to an object that is gone and are ignored. Returns whether it was known.
+    fn remove_provider(&mut self, name: &str) -> bool {
+        let users: Vec<String> = self
+            .consumers
+            .iter()
+            .filter(|(_, c)| c.mappings.iter().any(|(_, r)| r.provider == name))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for c in users {
+            self.unwatch(&c);
+        }
+        let ids: Vec<ObjId> = self
+            .objects
+            .iter()
+            .filter(|(_, o)| o.provider == name)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            if let Some(o) = self.objects.remove(&id) {
+                self.index.remove(&o.probe.object_key());
+            }
+        }
+        self.providers.remove(name).is_some()
     }
 
     fn watch(&mut self, consumer: String, mappings: Vec<(String, Reference)>, applied: Option<Applied>) {

@@ -200,12 +200,13 @@ pub struct ObjectStatus {
 pub struct Watcher {
     /// Commands to the watcher task.
     commands: mpsc::UnboundedSender<core::Command>,
-    /// Known provider names, to refuse a mapping to an unknown one synchronously.
-    providers: Arc<HashMap<String, Arc<dyn Provider>>>,
+    /// Known provider names, to refuse a mapping to an unknown one synchronously
+    /// (changed by [`Watcher::add_provider`] and [`Watcher::remove_provider`]).
+    providers: std::sync::RwLock<HashMap<String, Arc<dyn Provider>>>,
     /// The applied-version store.
     state: Arc<StateStore>,
     /// Counters and health per provider instance, written by the watcher task.
-    stats: Arc<BTreeMap<String, Arc<ProviderStats>>>,
+    stats: std::sync::RwLock<Arc<BTreeMap<String, Arc<ProviderStats>>>>,
 }
 
 impl Watcher {
@@ -225,19 +226,18 @@ impl Watcher {
                 .map(|name| (name.clone(), Arc::default()))
                 .collect(),
         );
-        let providers = Arc::new(providers);
         let (events_tx, events_rx) = mpsc::channel(settings.channel_capacity.max(1));
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        let core = core::Core::new(&providers, &stats, settings, events_tx);
         let watcher = Watcher {
             commands: cmd_tx,
-            providers: Arc::clone(&providers),
+            providers: std::sync::RwLock::new(providers),
             state: Arc::clone(&state),
-            stats: Arc::clone(&stats),
+            stats: std::sync::RwLock::new(stats),
         };
         for item in items {
             watcher.watch(item.consumer, item.mappings)?;
         }
-        let core = core::Core::new(&providers, &stats, settings, events_tx);
         tokio::spawn(core.run(cmd_rx, cancel));
         Ok((watcher, events_rx))
     }
@@ -245,9 +245,10 @@ impl Watcher {
     /// Starts (or replaces) watching one consumer's mappings. Its persisted applied
     /// versions decide what is emitted once its objects' versions are known.
     pub fn watch(&self, consumer: String, mappings: Vec<(String, Reference)>) -> Result<(), StartError> {
+        let providers = self.providers.read().unwrap_or_else(|e| e.into_inner());
         for (_, r) in &mappings {
-            if !self.providers.contains_key(&r.provider) {
-                let mut known: Vec<&str> = self.providers.keys().map(String::as_str).collect();
+            if !providers.contains_key(&r.provider) {
+                let mut known: Vec<&str> = providers.keys().map(String::as_str).collect();
                 known.sort_unstable();
                 return Err(StartError::Provider(Error::Config {
                     provider: r.provider.clone(),
@@ -260,12 +261,56 @@ impl Watcher {
             }
         }
         let applied = self.state.load(&consumer)?;
+        // Sent under the lock: a provider removed meanwhile is removed after this watch.
         let _ = self.commands.send(core::Command::Watch {
             consumer,
             mappings,
             applied,
         });
         Ok(())
+    }
+
+    /// Adds provider instance `name` (or replaces the one of that name) with its call
+    /// `limits`. A replaced instance's objects stay watched by their consumers but are
+    /// read anew through the new instance: the values held drop (zeroed, forgotten by the
+    /// redactor), every object is polled at once, and a consumer gets a snapshot only if
+    /// a version differs from the one it was handed; its counters start from zero. Other
+    /// providers' objects, values and counters are untouched.
+    pub fn add_provider(&self, name: &str, provider: Arc<dyn Provider>, limits: Limits) {
+        let mut providers = self.providers.write().unwrap_or_else(|e| e.into_inner());
+        let stats: Arc<ProviderStats> = Arc::default();
+        {
+            let mut all = self.stats.write().unwrap_or_else(|e| e.into_inner());
+            let mut next = BTreeMap::clone(&all);
+            next.insert(name.to_string(), Arc::clone(&stats));
+            *all = Arc::new(next);
+        }
+        providers.insert(name.to_string(), Arc::clone(&provider));
+        let _ = self.commands.send(core::Command::AddProvider {
+            name: name.to_string(),
+            provider,
+            limits,
+            stats,
+        });
+    }
+
+    /// Removes provider instance `name`: its objects are no longer polled, every consumer
+    /// with a mapping to it stops being watched (their applied records stay), and the
+    /// values held for them are dropped (zeroed, forgotten by the redactor). Other
+    /// providers' objects, values and counters are untouched. Returns whether it was known.
+    pub fn remove_provider(&self, name: &str) -> bool {
+        let mut providers = self.providers.write().unwrap_or_else(|e| e.into_inner());
+        let known = providers.remove(name).is_some();
+        {
+            let mut all = self.stats.write().unwrap_or_else(|e| e.into_inner());
+            let mut next = BTreeMap::clone(&all);
+            next.remove(name);
+            *all = Arc::new(next);
+        }
+        let _ = self.commands.send(core::Command::RemoveProvider {
+            name: name.to_string(),
+        });
+        known
     }
 
     /// Stops watching a consumer; values no other consumer needs are dropped. Its applied
@@ -294,8 +339,8 @@ impl Watcher {
 
     /// Counters and health of each provider instance, by name (read without asking the
     /// watcher task, so a scrape never waits on it).
-    pub fn provider_stats(&self) -> &BTreeMap<String, Arc<ProviderStats>> {
-        &self.stats
+    pub fn provider_stats(&self) -> Arc<BTreeMap<String, Arc<ProviderStats>>> {
+        Arc::clone(&self.stats.read().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Current status. `None` when the watcher has stopped.

@@ -767,3 +767,113 @@ async fn calls_changes_errors_and_health_are_counted_per_provider_instance() {
     assert_eq!(sa.calls_failed(Call::Version), 0, "nothing of b's counted on a");
     cancel.cancel();
 }
+
+#[tokio::test(start_paused = true)]
+async fn providers_added_and_removed_live_leave_the_others_state_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Fake::new();
+    fake.set("keep", r#"{"k":"kept-provider-value-1"}"#);
+    let mut run = start(
+        &fake,
+        vec![item("c", &[("K", "keep#k")])],
+        settings(1),
+        dir.path(),
+    );
+    settle(&mut run, 1).await;
+    let kept_before = run.watcher.status().await.unwrap();
+    let calls_before = run.watcher.provider_stats()["fake"].calls_ok(dso_secrets::watcher::Call::Version);
+
+    // Add a second instance and a consumer of it: it is polled, read and handed out.
+    let other = Fake::new();
+    other.set("new", r#"{"k":"added-provider-value-1"}"#);
+    let limits = settings(1).limits["fake"].clone();
+    run.watcher
+        .add_provider("other", Arc::clone(&other) as Arc<dyn Provider>, limits);
+    let added = Reference::parse(ProviderKind::Aws, "other", "new#k").unwrap();
+    run.watcher
+        .watch("d".into(), vec![("N".into(), added.clone())])
+        .unwrap();
+    let snaps = snapshots(events_within(&mut run.rx, Duration::from_secs(5)).await);
+    assert_eq!(snaps.len(), 1, "{snaps:?}");
+    assert_eq!(snaps[0].consumer, "d");
+    assert!(snaps[0].first);
+    assert_eq!(value_of(&snaps[0], "N"), b"added-provider-value-1");
+    assert_eq!(Redactor::global().redact("added-provider-value-1"), "[REDACTED]");
+    assert!(run.watcher.provider_stats().contains_key("other"));
+    drop(snaps);
+
+    // Remove it: its consumer is no longer watched, its value dropped and forgotten,
+    // and it is polled no more.
+    assert!(run.watcher.remove_provider("other"));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(
+        Redactor::global().redact("added-provider-value-1"),
+        "added-provider-value-1"
+    );
+    let polls = other.versions("new");
+    tokio::time::sleep(Duration::from_secs(300)).await;
+    assert_eq!(other.versions("new"), polls, "a removed provider is still polled");
+    assert!(!run.watcher.provider_stats().contains_key("other"));
+    let e = run
+        .watcher
+        .watch("d".into(), vec![("N".into(), added)])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("unknown provider"), "{e}");
+
+    // The untouched provider kept its value, version, counters and polling throughout.
+    let st = run.watcher.status().await.unwrap();
+    assert_eq!(
+        st.providers
+            .iter()
+            .map(|p| p.provider.as_str())
+            .collect::<Vec<_>>(),
+        ["fake"]
+    );
+    assert_eq!(st.objects.len(), 1);
+    assert_eq!(
+        st.objects[0].current_version,
+        kept_before.objects[0].current_version
+    );
+    assert_eq!(Redactor::global().redact("kept-provider-value-1"), "[REDACTED]");
+    assert!(
+        run.watcher.provider_stats()["fake"].calls_ok(dso_secrets::watcher::Call::Version) > calls_before,
+        "the kept provider is still polled"
+    );
+    // A change of the kept provider still reaches its consumer, and nothing else arrived.
+    fake.set("keep", r#"{"k":"kept-provider-value-2"}"#);
+    let snaps = snapshots(events_within(&mut run.rx, Duration::from_secs(300)).await);
+    assert_eq!(snaps.len(), 1, "{snaps:?}");
+    assert_eq!(snaps[0].consumer, "c");
+    assert!(!snaps[0].first);
+    assert_eq!(value_of(&snaps[0], "K"), b"kept-provider-value-2");
+    drop(snaps);
+
+    // Replace the kept instance: its consumer stays watched, the old value is dropped and
+    // the object is read anew through the new instance (another version: a snapshot).
+    let replaced = Fake::new();
+    replaced.set("keep", r#"{"k":"replacing-provider-value-1"}"#);
+    let limits = settings(1).limits["fake"].clone();
+    run.watcher
+        .add_provider("fake", Arc::clone(&replaced) as Arc<dyn Provider>, limits);
+    let snaps = snapshots(events_within(&mut run.rx, Duration::from_secs(5)).await);
+    assert_eq!(snaps.len(), 1, "{snaps:?}");
+    assert_eq!(snaps[0].consumer, "c");
+    assert_eq!(value_of(&snaps[0], "K"), b"replacing-provider-value-1");
+    drop(snaps);
+    assert_eq!(
+        Redactor::global().redact("kept-provider-value-2"),
+        "kept-provider-value-2",
+        "the replaced instance's value is still held"
+    );
+    let old_polls = fake.versions("keep");
+    tokio::time::sleep(Duration::from_secs(300)).await;
+    assert_eq!(
+        fake.versions("keep"),
+        old_polls,
+        "the replaced instance is still polled"
+    );
+    assert!(replaced.versions("keep") >= 2);
+    run.cancel.cancel();
+}
