@@ -60,7 +60,7 @@ impl Proxy {
 
     /// Binds a listener and starts accepting on it. Must run inside a tokio runtime.
     pub fn add_listener(&self, cfg: ListenerConfig) -> Result<Listener, Error> {
-        self.insert(cfg, |cfg, parent| Listener::start(cfg, parent))
+        self.insert(cfg, Listener::start)
     }
 
     /// Starts a listener on `socket`, already bound and listening (one handed over by a
