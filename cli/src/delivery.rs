@@ -272,13 +272,20 @@ impl Deliverer {
         });
     }
 
-    /// A config reload changed the `secrets[]` (to `specs`) and removed `gone_providers`
+    /// A config reload changed the `secrets[]` (to `specs`), the providers in force (to
+    /// `providers`, which containers' `dso.refs` resolve against) and removed `gone_providers`
     /// (whose consumers the watcher no longer watches): services' consumers are brought in
     /// line with the new set now, from the last scan, as a scan would. A service that
     /// consumes a new secret gets it like any change of its secrets (its rotation), the
     /// same as after an agent restart with the new file.
-    pub fn follow_secrets(&self, specs: Vec<SecretSpec>, gone_providers: &[String]) {
+    pub fn follow_secrets(
+        &self,
+        specs: Vec<SecretSpec>,
+        providers: BTreeMap<String, dso_secrets::ProviderKind>,
+        gone_providers: &[String],
+    ) {
         self.delivery.set_secrets(specs.clone());
+        self.delivery.set_providers(providers);
         *self.specs.write().unwrap_or_else(|e| e.into_inner()) = specs;
         if !gone_providers.is_empty() {
             self.consumers

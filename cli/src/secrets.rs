@@ -356,7 +356,13 @@ impl Secrets {
         self.deliverer.get()
     }
 
-    /// Every configured provider instance and its kind.
+    /// The providers and secrets in force (the start's, or the last reload's): what the Swarm
+    /// driver maps labels against.
+    pub fn config(&self) -> SecretsConfig {
+        self.sets().cfg.clone()
+    }
+
+    /// The kind of every provider instance in force.
     pub fn provider_kinds(&self) -> BTreeMap<String, ProviderKind> {
         self.sets()
             .providers
@@ -488,7 +494,8 @@ impl Secrets {
         if let Some(deliverer) = self.deliverer.get() {
             // A replaced provider's objects stay watched (read anew through it); a removed
             // one's consumers were unwatched by the watcher.
-            deliverer.follow_secrets(new.secrets.clone(), &d.providers_removed);
+            // Containers' own `dso.refs` resolve against the providers now in force.
+            deliverer.follow_secrets(new.secrets.clone(), self.provider_kinds(), &d.providers_removed);
         }
         failed
     }

@@ -279,7 +279,7 @@ async fn answer(shared: &Shared, req: &GetSecret) -> Answer {
         record("error", Some(&e));
         deny(format!("dso: {e}"))
     };
-    let reference = match mapping::resolve(&req.secret_name, &req.secret_labels, &shared.secrets_cfg) {
+    let reference = match mapping::resolve(&req.secret_name, &req.secret_labels, &shared.secrets.config()) {
         Ok(r) => r,
         Err(e) => return fail(e),
     };

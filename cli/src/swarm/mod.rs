@@ -37,8 +37,6 @@ pub struct Shared {
     settings: SwarmSettings,
     /// The agent's secret side: providers (reads) and the watcher (changes).
     secrets: Arc<crate::secrets::Secrets>,
-    /// The configured secrets and providers, for label mapping.
-    secrets_cfg: SecretsConfig,
     /// The agent's event bus.
     events: crate::events::Bus,
     /// The counters `/metrics` shows.
@@ -114,7 +112,6 @@ pub async fn start(
     let shared = Arc::new(Shared {
         settings,
         secrets: Arc::clone(&secrets),
-        secrets_cfg: secrets_cfg.clone(),
         events,
         stats,
     });

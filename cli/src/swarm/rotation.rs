@@ -186,7 +186,11 @@ impl Rotation {
         let watcher = self.shared.secrets.watcher();
         for (base, versions) in groups {
             let current = versions.last().expect("a group has a version");
-            let reference = match mapping::resolve(&current.name, &current.labels, &self.shared.secrets_cfg) {
+            let reference = match mapping::resolve(
+                &current.name,
+                &current.labels,
+                &self.shared.secrets.config(),
+            ) {
                 Ok(r) => r,
                 Err(e) => {
                     if self.unmapped.insert(current.id.clone()) {

@@ -13,7 +13,6 @@ use std::path::Path;
 use std::process::{Command as StdCommand, Output, Stdio};
 use std::time::{Duration, Instant};
 
-
 use crate::harness::{Agent, assert_no_value, docker, http, stderr};
 
 /// Held for a whole swarm test: `flock` on a file every swarm test opens.

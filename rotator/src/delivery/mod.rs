@@ -278,8 +278,9 @@ pub struct Delivery {
     store: Store,
     launcher: Option<PathBuf>,
     secrets: RwLock<Vec<SecretSpec>>,
-    /// Provider kinds by instance name, for declared references (`dso.refs`).
-    providers: BTreeMap<String, dso_secrets::ProviderKind>,
+    /// Provider kinds by instance name, for declared references (`dso.refs`); a config
+    /// reload replaces them ([`Delivery::set_providers`]).
+    providers: RwLock<BTreeMap<String, dso_secrets::ProviderKind>>,
     /// The engine does not see this host's directories: volumes and uploads, not binds.
     remote: AtomicBool,
 }
@@ -326,7 +327,7 @@ impl Delivery {
             store,
             launcher: cfg.launcher,
             secrets: RwLock::new(cfg.secrets),
-            providers: cfg.providers,
+            providers: RwLock::new(cfg.providers),
             remote: AtomicBool::new(false),
         })
     }
@@ -350,6 +351,11 @@ impl Delivery {
     /// Replaces the configured secrets (config reload).
     pub fn set_secrets(&self, secrets: Vec<SecretSpec>) {
         *self.secrets.write().unwrap_or_else(|p| p.into_inner()) = secrets;
+    }
+
+    /// Replaces the provider kinds declared references resolve against (config reload).
+    pub fn set_providers(&self, providers: BTreeMap<String, dso_secrets::ProviderKind>) {
+        *self.providers.write().unwrap_or_else(|p| p.into_inner()) = providers;
     }
 
     /// The instance directory a container was created with, from its label.
@@ -403,7 +409,8 @@ impl Delivery {
         let Some(label) = c.labels.get(declared::LABEL_REFS) else {
             return Vec::new();
         };
-        match declared::Declared::parse(label).and_then(|d| d.specs(&self.providers)) {
+        let providers = self.providers.read().unwrap_or_else(|p| p.into_inner());
+        match declared::Declared::parse(label).and_then(|d| d.specs(&providers)) {
             Ok(specs) => specs,
             Err(e) => {
                 warn!(container = %c.name, error = %e, "its declared references are skipped");
