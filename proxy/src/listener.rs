@@ -674,13 +674,16 @@ async fn accept_loop(shared: Arc<Shared>, socket: TcpListener, global: Option<Ar
                 let Some(global_permit) = acquire(&global, &shared.stop).await else {
                     break;
                 };
-                Counters::add(&shared.counters.accepted, 1);
                 let permits = (global_permit, local_permit);
                 let serve = conn::start(Arc::clone(&shared), stream, peer, permits);
                 match crate::worker::pick() {
                     Some(worker) => shared.connections.spawn_on(serve, worker),
                     None => shared.connections.spawn(serve),
                 };
+                // Counted once tracked: whoever sees it counted (a shutdown) also finds the
+                // connection in `connections`. The first `pick` starts the workers, which
+                // takes long enough for a shutdown to slip in between.
+                Counters::add(&shared.counters.accepted, 1);
             }
             Err(e) if retry_at_once(&e) => {
                 debug!(listener = %name, error = %e, "accept: connection gone before it was accepted; retrying");

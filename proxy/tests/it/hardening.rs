@@ -235,7 +235,7 @@ async fn a_forced_shutdown_ends_dials_in_flight() {
     )
     .await
     .expect("shutdown waited for a dial that ignores the kill signal");
-    assert!(!report.drained);
+    assert!(!report.drained, "{report:?} {:#?}", l.snapshot());
     assert_eq!(report.forced, 1);
 }
 
