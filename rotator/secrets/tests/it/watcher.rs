@@ -590,15 +590,15 @@ async fn a_provider_that_retries_itself_is_not_retried_again_by_the_gate() {
     let _ = events_within(&mut run.rx, Duration::from_secs(20)).await;
     // One attempt per poll: the provider's own retry already made its attempts. (With a
     // gate retry on top, the throttled poll would have been retried after 5 s.)
-    // The next poll after a throttled one comes at least half a backoff period later
-    // (jittered); a gate retry would come at the 5 s Retry-After. So no two calls may be
-    // less than 10 s apart.
+    // The next poll after the throttled first call comes at least half a backoff period
+    // later (jittered); a gate retry would come at the 5 s Retry-After. So the second call
+    // is at least 10 s after the first. Later calls are ordinary polls of the backed-off
+    // interval (CI saw one 4.0 s after the second), so only that first gap is the property.
     let times = fake.times("th");
     assert!(!times.is_empty());
-    assert!(
-        times.windows(2).all(|w| w[1] - w[0] >= Duration::from_secs(10)),
-        "{times:?}"
-    );
+    if let [first, second, ..] = times[..] {
+        assert!(second - first >= Duration::from_secs(10), "{times:?}");
+    }
     run.cancel.cancel();
 }
 
