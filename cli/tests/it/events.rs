@@ -24,21 +24,7 @@ const SECOND: &[u8] = b"events second $value \"q\"\nand its second line";
 
 /// Runs `dso ARGS` on the vault in `vault` with `stdin` as input.
 async fn dso_vault(vault: &Path, socket: &Path, args: &[&str], stdin: &[u8]) -> Output {
-    let mut child = Command::new(DSO)
-        .arg("--socket")
-        .arg(socket)
-        .args(args)
-        .env("DSO_VAULT_FILE", vault.join("vault.enc"))
-        .env("DSO_MASTER_KEY_FILE", vault.join("master.key"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut input = child.stdin.take().unwrap();
-    input.write_all(stdin).await.unwrap();
-    drop(input);
-    child.wait_with_output().await.unwrap()
+    crate::harness::dso_vault(vault, Some(socket), args, stdin).await
 }
 
 /// `dso watch ARGS` as a child whose stdout lines arrive on a channel, and the text of

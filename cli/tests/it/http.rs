@@ -205,21 +205,7 @@ async fn run_agent(dir: &Path, config: &Path) -> Output {
 /// Runs `dso ARGS` on the vault in `vault` with `stdin`, telling no agent (the socket
 /// path has none), so only the webhook can make the agent look.
 async fn vault_cmd(vault: &Path, args: &[&str], stdin: &[u8]) {
-    let mut child = Command::new(DSO)
-        .arg("--socket")
-        .arg(vault.join("no-agent.sock"))
-        .args(args)
-        .env("DSO_VAULT_FILE", vault.join("vault.enc"))
-        .env("DSO_MASTER_KEY_FILE", vault.join("master.key"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut input = child.stdin.take().unwrap();
-    input.write_all(stdin).await.unwrap();
-    drop(input);
-    let out = child.wait_with_output().await.unwrap();
+    let out = crate::harness::dso_vault(vault, Some(&vault.join("no-agent.sock")), args, stdin).await;
     assert!(out.status.success(), "{args:?}: {}", stderr(&out));
 }
 

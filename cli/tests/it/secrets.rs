@@ -3,34 +3,19 @@
 //! restart that takes nothing again, and no value anywhere in a trace-level log.
 
 use std::path::Path;
-use std::process::{Output, Stdio};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
-use tokio::process::Command;
 
-use crate::harness::{Agent, DSO, http, poll, stderr};
+use crate::harness::{Agent, http, poll, stderr};
 
 const FIRST: &[u8] = b"first-value-Zq8!";
 const SECOND: &[u8] = b"second $value \"quoted\"\nline two of it";
 
 /// Runs `dso ARGS` on the vault in `vault`, with `stdin` as input.
 async fn dso_vault(vault: &Path, socket: &Path, args: &[&str], stdin: &[u8]) -> Output {
-    let mut child = Command::new(DSO)
-        .arg("--socket")
-        .arg(socket)
-        .args(args)
-        .env("DSO_VAULT_FILE", vault.join("vault.enc"))
-        .env("DSO_MASTER_KEY_FILE", vault.join("master.key"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut input = child.stdin.take().unwrap();
-    input.write_all(stdin).await.unwrap();
-    drop(input);
-    child.wait_with_output().await.unwrap()
+    crate::harness::dso_vault(vault, Some(socket), args, stdin).await
 }
 
 fn config(vault: &Path) -> String {
